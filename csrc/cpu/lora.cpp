@@ -1,0 +1,378 @@
+// CPU kernels for the LoRA-expert part of MoLoRA:
+//   sparse grouped strategy: lora_forward / lora_backward,
+//   dense-gated strategy:    gate_dense / gate_dense_backward (the GEMMs are ATen's).
+//
+// Forward and the input-side backward run token-major: each token's K pairs are
+// computed and combined in k order inside one task, so the output is written once and
+// the sum over K is deterministic with no atomics. The weight gradients run
+// expert-major over the pairs sorted by `align`, each (expert, column block) owned by
+// one task, so they are deterministic too.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "simd.h"
+
+namespace moe_ext {
+namespace cpu {
+namespace {
+
+template <typename scalar_t>
+using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Columns per weight-gradient task: an (R x kColumnBlock) tile stays in L1/L2.
+constexpr int64_t kColumnBlock = 256;
+
+// out[r] = dot(rows[r, :n], v[:n]) for r < R; rows has row stride n.
+template <typename acc_t, typename a_t, typename v_t>
+inline void matvec_rows(const a_t* rows, const v_t* v, int64_t R, int64_t n, acc_t* out) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {  // four rows share each load of v
+    const a_t *a0 = rows + r * n, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
+    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t vi = static_cast<acc_t>(v[i]);
+      s0 += static_cast<acc_t>(a0[i]) * vi;
+      s1 += static_cast<acc_t>(a1[i]) * vi;
+      s2 += static_cast<acc_t>(a2[i]) * vi;
+      s3 += static_cast<acc_t>(a3[i]) * vi;
+    }
+    out[r] = s0; out[r + 1] = s1; out[r + 2] = s2; out[r + 3] = s3;
+  }
+  for (; r < R; ++r) {
+    const a_t* a = rows + r * n;
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(a[i]) * static_cast<acc_t>(v[i]);
+    out[r] = s;
+  }
+}
+
+// acc[:n] += sum_r c[r] * rows[r, :n]; rows has row stride `stride`.
+template <typename acc_t, typename a_t>
+inline void accumulate_rows(acc_t* acc, const acc_t* c, const a_t* rows, int64_t R, int64_t n,
+                            int64_t stride) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {  // four rows per pass over acc
+    const a_t *a0 = rows + r * stride, *a1 = a0 + stride, *a2 = a1 + stride, *a3 = a2 + stride;
+    const acc_t c0 = c[r], c1 = c[r + 1], c2 = c[r + 2], c3 = c[r + 3];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+      acc[i] += c0 * static_cast<acc_t>(a0[i]) + c1 * static_cast<acc_t>(a1[i]) +
+                c2 * static_cast<acc_t>(a2[i]) + c3 * static_cast<acc_t>(a3[i]);
+  }
+  for (; r < R; ++r) {
+    const a_t* a = rows + r * stride;
+    const acc_t cr = c[r];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) acc[i] += cr * static_cast<acc_t>(a[i]);
+  }
+}
+
+template <typename scalar_t>
+struct LoraArgs {
+  using acc_t = acc_of<scalar_t>;
+  const scalar_t* x;      // (T, D)
+  const scalar_t* A;      // (E, R, D)
+  const acc_t* Bt;        // (E, R, O): lora_B transposed so each rank row is contiguous
+  const acc_t* w;         // (T, K)
+  const int64_t* experts; // (T, K)
+  int64_t T, D, O, E, R, K;
+  acc_t scaling;
+};
+
+// y[t] = s * sum_k w[t,k] * B_e h[t,k] with h[t,k] = A_e x[t]; null experts give h = 0.
+template <typename scalar_t>
+MOE_EXT_SIMD_CLONES void lora_forward_tokens(const LoraArgs<scalar_t>& a, int64_t t0, int64_t t1,
+                                             scalar_t* y, acc_of<scalar_t>* h) {
+  using acc_t = acc_of<scalar_t>;
+  std::vector<acc_t> yrow(a.O), g(a.R);
+  for (int64_t t = t0; t < t1; ++t) {
+    std::fill(yrow.begin(), yrow.end(), acc_t(0));
+    for (int64_t k = 0; k < a.K; ++k) {
+      const int64_t p = t * a.K + k, e = a.experts[p];
+      acc_t* hp = h + p * a.R;
+      if (e >= a.E) {
+        std::fill(hp, hp + a.R, acc_t(0));
+        continue;
+      }
+      matvec_rows(a.A + e * a.R * a.D, a.x + t * a.D, a.R, a.D, hp);
+      const acc_t gate = a.scaling * a.w[p];
+      for (int64_t r = 0; r < a.R; ++r) g[r] = gate * hp[r];
+      accumulate_rows(yrow.data(), g.data(), a.Bt + e * a.R * a.O, a.R, a.O, a.O);
+    }
+    scalar_t* yt = y + t * a.O;
+    for (int64_t o = 0; o < a.O; ++o) yt[o] = static_cast<scalar_t>(yrow[o]);
+  }
+}
+
+// Per token: gh = B_e^T dy[t]; dw = s * <gh, h>; dh = s * w * gh; dx[t] = sum_k A_e^T dh.
+template <typename scalar_t>
+MOE_EXT_SIMD_CLONES void lora_backward_tokens(const LoraArgs<scalar_t>& a, const scalar_t* dy,
+                                              const acc_of<scalar_t>* h, int64_t t0, int64_t t1,
+                                              scalar_t* dx, acc_of<scalar_t>* dw,
+                                              acc_of<scalar_t>* dh) {
+  using acc_t = acc_of<scalar_t>;
+  std::vector<acc_t> dxrow(a.D), gh(a.R);
+  for (int64_t t = t0; t < t1; ++t) {
+    std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
+    for (int64_t k = 0; k < a.K; ++k) {
+      const int64_t p = t * a.K + k, e = a.experts[p];
+      acc_t* dhp = dh + p * a.R;
+      if (e >= a.E) {
+        dw[p] = 0;
+        std::fill(dhp, dhp + a.R, acc_t(0));
+        continue;
+      }
+      matvec_rows(a.Bt + e * a.R * a.O, dy + t * a.O, a.R, a.O, gh.data());
+      acc_t dot = 0;
+      for (int64_t r = 0; r < a.R; ++r) dot += gh[r] * h[p * a.R + r];
+      dw[p] = a.scaling * dot;
+      const acc_t gate = a.scaling * a.w[p];
+      for (int64_t r = 0; r < a.R; ++r) dhp[r] = gate * gh[r];
+      accumulate_rows(dxrow.data(), dhp, a.A + e * a.R * a.D, a.R, a.D, a.D);
+    }
+    scalar_t* dxt = dx + t * a.D;
+    for (int64_t d = 0; d < a.D; ++d) dxt[d] = static_cast<scalar_t>(dxrow[d]);
+  }
+}
+
+// For one expert e and columns [c0, c1): tile[r, c] = sum over e's pairs p (sorted order)
+// of coef[p, r] * coef_scale(p) * rows[token(p), c]. This is both weight gradients:
+//   dA_e = sum_p dh[p] x[t]^T            (coef = dh, rows = x)
+//   dB_e^T = sum_p (s w_p h[p]) dy[t]^T  (coef = h scaled by s w_p, rows = dy)
+template <typename scalar_t>
+MOE_EXT_SIMD_CLONES void outer_sum_expert(const int64_t* order, int64_t begin, int64_t end,
+                                          int64_t K, const acc_of<scalar_t>* coef,
+                                          const acc_of<scalar_t>* pair_scale,
+                                          acc_of<scalar_t> scaling, const scalar_t* rows,
+                                          int64_t row_stride, int64_t R, int64_t c0, int64_t c1,
+                                          acc_of<scalar_t>* tile) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t n = c1 - c0;
+  std::fill(tile, tile + R * n, acc_t(0));
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t p = order[i];
+    const scalar_t* v = rows + (p / K) * row_stride + c0;
+    const acc_t scale = pair_scale ? scaling * pair_scale[p] : acc_t(1);
+    for (int64_t r = 0; r < R; ++r) {
+      const acc_t c = scale * coef[p * R + r];
+      acc_t* out = tile + r * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] += c * static_cast<acc_t>(v[j]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
+                                                    const at::Tensor& B_in, const at::Tensor& w_in,
+                                                    const at::Tensor& experts_in, double scaling,
+                                                    int64_t num_null_experts) {
+  check_lora(x_in, A_in, B_in);
+  check_routing(w_in, experts_in, x_in.size(0), x_in, "x");
+  TORCH_CHECK_VALUE(num_null_experts >= 0, "num_null_experts must be >= 0, got ", num_null_experts);
+  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), w = w_in.contiguous(),
+                   experts = experts_in.contiguous();
+  const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), O = B_in.size(1),
+                K = experts.size(1);
+  const int64_t bad = first_bad_expert_id(experts.data_ptr<int64_t>(), T * K, E + num_null_experts);
+  TORCH_CHECK_VALUE(bad < 0, "experts holds id ", bad < 0 ? 0 : experts.data_ptr<int64_t>()[bad],
+                    " outside [0, ", E + num_null_experts, ") (E=", E,
+                    " LoRA experts + num_null_experts=", num_null_experts, ")");
+  const auto acc = acc_type_of(x.scalar_type());
+  const at::Tensor Bt = B_in.transpose(1, 2).to(acc).contiguous();
+  at::Tensor y = at::empty({T, O}, x.options());
+  at::Tensor h = at::empty({T * K, R}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_forward_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const LoraArgs<scalar_t> args{x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+                                  Bt.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
+                                  experts.data_ptr<int64_t>(), T, D, O, E, R, K,
+                                  static_cast<acc_t>(scaling)};
+    at::parallel_for(0, T, kTokenGrain, [&](int64_t t0, int64_t t1) {
+      lora_forward_tokens<scalar_t>(args, t0, t1, y.data_ptr<scalar_t>(), h.data_ptr<acc_t>());
+    });
+  });
+  return {y, h};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& A_in,
+    const at::Tensor& B_in, const at::Tensor& w_in, const at::Tensor& experts_in,
+    const at::Tensor& order_in, const at::Tensor& offsets_in, const at::Tensor& h_in,
+    double scaling, int64_t num_null_experts) {
+  check_lora(x_in, A_in, B_in);
+  check_routing(w_in, experts_in, x_in.size(0), x_in, "x");
+  const int64_t T = x_in.size(0), D = x_in.size(1), E = A_in.size(0), R = A_in.size(1),
+                O = B_in.size(1), K = experts_in.size(1);
+  TORCH_CHECK_VALUE(grad_y_in.dim() == 2 && grad_y_in.size(0) == T && grad_y_in.size(1) == O,
+                    "grad_y must have shape (", T, ", ", O, "), got ", grad_y_in.sizes());
+  TORCH_CHECK_VALUE(h_in.dim() == 2 && h_in.size(0) == T * K && h_in.size(1) == R,
+                    "h must have shape (", T * K, ", ", R, "), got ", h_in.sizes());
+  TORCH_CHECK_VALUE(order_in.dim() == 1 && order_in.size(0) == T * K, "order must have shape (",
+                    T * K, ",), got ", order_in.sizes());
+  TORCH_CHECK_VALUE(offsets_in.dim() == 1 && offsets_in.size(0) == E + num_null_experts + 1,
+                    "offsets must have shape (", E + num_null_experts + 1, ",), got ",
+                    offsets_in.sizes());
+  const auto acc = acc_type_of(x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), w = w_in.contiguous(),
+                   experts = experts_in.contiguous(), order = order_in.contiguous(),
+                   offsets = offsets_in.contiguous(), h = h_in.to(acc).contiguous(),
+                   dy = grad_y_in.to(x.scalar_type()).contiguous();
+  const at::Tensor Bt = B_in.transpose(1, 2).to(acc).contiguous();
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw = at::empty({T, K}, w.options());
+  at::Tensor dh = at::empty({T * K, R}, w.options());
+  at::Tensor dA = at::empty_like(A);
+  at::Tensor dB = at::empty({E, O, R}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_backward_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const LoraArgs<scalar_t> args{x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+                                  Bt.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
+                                  experts.data_ptr<int64_t>(), T, D, O, E, R, K,
+                                  static_cast<acc_t>(scaling)};
+    at::parallel_for(0, T, kTokenGrain, [&](int64_t t0, int64_t t1) {
+      lora_backward_tokens<scalar_t>(args, dy.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), t0, t1,
+                                     dx.data_ptr<scalar_t>(), dw.data_ptr<acc_t>(),
+                                     dh.data_ptr<acc_t>());
+    });
+    // Weight gradients: tasks are (expert, column block) for dA, then the same for dB.
+    const int64_t* ord = order.data_ptr<int64_t>();
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    const int64_t blocks_a = (D + kColumnBlock - 1) / kColumnBlock;
+    const int64_t blocks_b = (O + kColumnBlock - 1) / kColumnBlock;
+    at::parallel_for(0, E * (blocks_a + blocks_b), 1, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> tile(R * kColumnBlock);
+      for (int64_t i = i0; i < i1; ++i) {
+        const bool is_a = i < E * blocks_a;
+        const int64_t j = is_a ? i : i - E * blocks_a;
+        const int64_t blocks = is_a ? blocks_a : blocks_b, width = is_a ? D : O;
+        const int64_t e = j / blocks, c0 = (j % blocks) * kColumnBlock;
+        const int64_t c1 = std::min(width, c0 + kColumnBlock), n = c1 - c0;
+        if (is_a) {
+          outer_sum_expert<scalar_t>(ord, off[e], off[e + 1], K, dh.data_ptr<acc_t>(), nullptr,
+                                     acc_t(1), x.data_ptr<scalar_t>(), D, R, c0, c1, tile.data());
+          scalar_t* out = dA.data_ptr<scalar_t>() + e * R * D;
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t c = 0; c < n; ++c) out[r * D + c0 + c] = static_cast<scalar_t>(tile[r * n + c]);
+        } else {
+          outer_sum_expert<scalar_t>(ord, off[e], off[e + 1], K, h.data_ptr<acc_t>(),
+                                     w.data_ptr<acc_t>(), static_cast<acc_t>(scaling),
+                                     dy.data_ptr<scalar_t>(), O, R, c0, c1, tile.data());
+          scalar_t* out = dB.data_ptr<scalar_t>() + e * O * R;
+          for (int64_t c = 0; c < n; ++c)
+            for (int64_t r = 0; r < R; ++r) out[(c0 + c) * R + r] = static_cast<scalar_t>(tile[r * n + c]);
+        }
+      }
+    });
+  });
+  return {dx, dw, dA, dB};
+}
+
+// gated[t, e*R:(e+1)*R] = s * w[t,k] * h_all[t, e*R:(e+1)*R] for each chosen LoRA expert
+// e = experts[t,k]; zero for experts not chosen (and nothing for null experts).
+at::Tensor gate_dense_cpu(const at::Tensor& h_all_in, const at::Tensor& w_in,
+                          const at::Tensor& experts_in, int64_t E, int64_t num_null_experts,
+                          double scaling) {
+  check_dim(h_all_in, 2, "h_all");
+  check_float(h_all_in, "h_all");
+  check_routing(w_in, experts_in, h_all_in.size(0), h_all_in, "h_all");
+  TORCH_CHECK_VALUE(E >= 1 && h_all_in.size(1) % E == 0, "h_all width ", h_all_in.size(1),
+                    " must be a multiple of num_experts=", E);
+  const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous();
+  const int64_t T = h.size(0), ER = h.size(1), R = ER / E, K = ex.size(1);
+  const int64_t bad = first_bad_expert_id(ex.data_ptr<int64_t>(), T * K, E + num_null_experts);
+  TORCH_CHECK_VALUE(bad < 0, "experts holds id ", bad < 0 ? 0 : ex.data_ptr<int64_t>()[bad],
+                    " outside [0, ", E + num_null_experts, ")");
+  at::Tensor out = at::zeros_like(h);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "gate_dense_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    const acc_t* wp = w.data_ptr<acc_t>();
+    const int64_t* ep = ex.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t e = ep[t * K + k];
+          if (e >= E) continue;
+          const acc_t g = static_cast<acc_t>(scaling) * wp[t * K + k];
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t i = t * ER + e * R + r;
+            op[i] = static_cast<scalar_t>(static_cast<acc_t>(op[i]) + g * static_cast<acc_t>(hp[i]));  // sums repeated ids
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gate_dense_backward_cpu(const at::Tensor& grad_in,
+                                                           const at::Tensor& h_all_in,
+                                                           const at::Tensor& w_in,
+                                                           const at::Tensor& experts_in, int64_t E,
+                                                           int64_t num_null_experts, double scaling) {
+  check_dim(h_all_in, 2, "h_all");
+  check_float(h_all_in, "h_all");
+  check_routing(w_in, experts_in, h_all_in.size(0), h_all_in, "h_all");
+  TORCH_CHECK_VALUE(grad_in.sizes() == h_all_in.sizes(), "grad_gated shape ", grad_in.sizes(),
+                    " must equal h_all shape ", h_all_in.sizes());
+  TORCH_CHECK_VALUE(E >= 1 && h_all_in.size(1) % E == 0, "h_all width ", h_all_in.size(1),
+                    " must be a multiple of num_experts=", E);
+  const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous(),
+                   g = grad_in.to(h.scalar_type()).contiguous();
+  const int64_t T = h.size(0), ER = h.size(1), R = ER / E, K = ex.size(1);
+  const int64_t bad = first_bad_expert_id(ex.data_ptr<int64_t>(), T * K, E + num_null_experts);
+  TORCH_CHECK_VALUE(bad < 0, "experts holds id ", bad < 0 ? 0 : ex.data_ptr<int64_t>()[bad],
+                    " outside [0, ", E + num_null_experts, ")");
+  at::Tensor dh = at::zeros_like(h);
+  at::Tensor dw = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "gate_dense_backward_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const scalar_t *hp = h.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
+    const acc_t* wp = w.data_ptr<acc_t>();
+    const int64_t* ep = ex.data_ptr<int64_t>();
+    scalar_t* dhp = dh.data_ptr<scalar_t>();
+    acc_t* dwp = dw.data_ptr<acc_t>();
+    const acc_t s = static_cast<acc_t>(scaling);
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t e = ep[t * K + k];
+          if (e >= E) {
+            dwp[t * K + k] = 0;
+            continue;
+          }
+          const acc_t gate = s * wp[t * K + k];
+          acc_t dot = 0;
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t i = t * ER + e * R + r;
+            const acc_t gi = static_cast<acc_t>(gp[i]);
+            dot += gi * static_cast<acc_t>(hp[i]);
+            dhp[i] = static_cast<scalar_t>(static_cast<acc_t>(dhp[i]) + gate * gi);
+          }
+          dwp[t * K + k] = s * dot;
+        }
+      }
+    });
+  });
+  return {dh, dw};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace moe_ext
+
+TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
+  m.impl("lora_forward", &moe_ext::cpu::lora_forward_cpu);
+  m.impl("lora_backward", &moe_ext::cpu::lora_backward_cpu);
+  m.impl("gate_dense", &moe_ext::cpu::gate_dense_cpu);
+  m.impl("gate_dense_backward", &moe_ext::cpu::gate_dense_backward_cpu);
+}

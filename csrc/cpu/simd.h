@@ -1,0 +1,29 @@
+// CPU code generation helpers. The wheel is built for baseline x86-64, so hot loops are
+// compiled three times (AVX-512, AVX2+FMA, baseline) and the loader picks the best clone
+// for the running CPU (GCC function multi-versioning).
+#pragma once
+#include <cstdint>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MOE_EXT_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MOE_EXT_SIMD_CLONES
+#endif
+
+namespace moe_ext {
+namespace cpu {
+
+// Work splitting: at::parallel_for grain sizes that keep per-task overhead small.
+constexpr int64_t kTokenGrain = 16;
+
+// Checks that every expert id lies in [0, num_ids); returns the first bad one or -1.
+inline int64_t first_bad_expert_id(const int64_t* ids, int64_t n, int64_t num_ids) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (ids[i] < 0 || ids[i] >= num_ids) return i;
+  }
+  return -1;
+}
+
+}  // namespace cpu
+}  // namespace moe_ext

@@ -1,0 +1,34 @@
+// The one schema file of moe_ext: every op's signature lives here; kernels register
+// themselves per device in csrc/cpu/*.cpp and csrc/cuda/*.cpp.
+//
+// Notation (DESIGN.md): T tokens, D in features, O out features, E LoRA experts,
+// N null experts, M = E + N router outputs, K experts per token, R LoRA rank,
+// P = T * K (token, k) pairs.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(moe_ext, m) {
+  // probs (T, M), weights (T, K), experts (T, K) int64, counts (M,) int64.
+  m.def("route(Tensor router_logits, Tensor? logit_bias, int top_k, float temperature, "
+        "bool normalize_weights) -> (Tensor probs, Tensor weights, Tensor experts, Tensor counts)");
+  // grad_router_logits (T, M) in the probs' dtype.
+  m.def("route_backward(Tensor? grad_probs, Tensor grad_weights, Tensor probs, Tensor weights, "
+        "Tensor experts, float temperature, bool normalize_weights) -> Tensor");
+  // Stable counting sort of the P pairs by expert: order (P,), offsets (num_bins + 1,).
+  m.def("align(Tensor experts, int num_bins) -> (Tensor order, Tensor offsets)");
+  // Sparse grouped strategy: y (T, O) and the per-pair shrink h (P, R) kept for backward.
+  m.def("lora_forward(Tensor x, Tensor lora_A, Tensor lora_B, Tensor weights, Tensor experts, "
+        "float scaling, int num_null_experts) -> (Tensor y, Tensor h)");
+  m.def("lora_backward(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor weights, "
+        "Tensor experts, Tensor order, Tensor offsets, Tensor h, float scaling, "
+        "int num_null_experts) -> (Tensor grad_x, Tensor grad_weights, Tensor grad_A, Tensor grad_B)");
+  // Dense-gated strategy: masks the all-expert shrink h_all (T, E*R) to the chosen experts.
+  m.def("gate_dense(Tensor h_all, Tensor weights, Tensor experts, int num_experts, "
+        "int num_null_experts, float scaling) -> Tensor");
+  m.def("gate_dense_backward(Tensor grad_gated, Tensor h_all, Tensor weights, Tensor experts, "
+        "int num_experts, int num_null_experts, float scaling) -> (Tensor grad_h_all, Tensor grad_weights)");
+}
+
+// `import moe_ext._C` loads this library, which runs the registrations above.
+static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,65 @@
+"""Builds moe_ext._C: the C++ CPU kernels always, the CUDA kernels in csrc/cuda/ when nvcc
+and a CUDA build of torch are present (MOE_EXT_CUDA=0|1 forces the choice)."""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+
+
+def find_cuda_home():
+    """torch guesses CUDA_HOME from the nvcc on PATH; a wrapper such as /usr/local/bin/nvcc
+    makes it guess /usr/local, which has no CUDA libraries. Prefer a real toolkit folder."""
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc") or "/x/y")))]
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and glob.glob(os.path.join(home, "lib*", "libcudart.so*")):
+            return home
+    return None
+
+
+if "CUDA_HOME" not in os.environ and find_cuda_home():
+    os.environ["CUDA_HOME"] = find_cuda_home()
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("MOE_EXT_CUDA")
+    if forced is not None:
+        return forced == "1"
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp"]
+    if not want_cuda():
+        return cpp_extension.CppExtension(
+            "moe_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+        )
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    # sm_80 (A100) and sm_90a (H100/H200, Hopper-only instructions) unless the user asks
+    # for their own list through TORCH_CUDA_ARCH_LIST.
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    if not arch_list:
+        nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+    return cpp_extension.CUDAExtension(
+        "moe_ext._C",
+        sources,
+        define_macros=[("MOE_EXT_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
