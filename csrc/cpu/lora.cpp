@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../checks.h"
@@ -87,66 +88,159 @@ struct LoraArgs {
   acc_t scaling;
 };
 
+// Tokens per block in the token-major kernels: a block's pairs are grouped by expert so
+// each expert's A and B rows are read once per block instead of once per pair.
+constexpr int64_t kTokenBlock = 32;
+
+// The block's LoRA pairs (expert < E) sorted by (expert, pair); returns their count.
+// Each token's pairs are then summed in expert-id order, whatever the blocking, so the
+// result does not depend on the thread count.
+inline int64_t sorted_block_pairs(const int64_t* experts, int64_t t0, int64_t t1, int64_t K,
+                                  int64_t E, std::vector<int64_t>& pairs) {
+  pairs.clear();
+  for (int64_t p = t0 * K; p < t1 * K; ++p)
+    if (experts[p] < E) pairs.push_back(p);
+  std::sort(pairs.begin(), pairs.end(), [experts](int64_t a, int64_t b) {
+    return experts[a] < experts[b] || (experts[a] == experts[b] && a < b);
+  });
+  return static_cast<int64_t>(pairs.size());
+}
+
+// Calls f(e, first, last) for each run [first, last) of equal experts in `pairs`.
+template <typename F>
+inline void for_each_expert_run(const std::vector<int64_t>& pairs, const int64_t* experts, F f) {
+  for (size_t i = 0; i < pairs.size();) {
+    size_t j = i;
+    while (j < pairs.size() && experts[pairs[j]] == experts[pairs[i]]) ++j;
+    f(experts[pairs[i]], i, j);
+    i = j;
+  }
+}
+
 // y[t] = s * sum_k w[t,k] * B_e h[t,k] with h[t,k] = A_e x[t]; null experts give h = 0.
 template <typename scalar_t>
 MOE_EXT_SIMD_CLONES void lora_forward_tokens(const LoraArgs<scalar_t>& a, int64_t t0, int64_t t1,
                                              scalar_t* y, acc_of<scalar_t>* h) {
   using acc_t = acc_of<scalar_t>;
-  std::vector<acc_t> yrow(a.O), g(a.R);
-  for (int64_t t = t0; t < t1; ++t) {
-    std::fill(yrow.begin(), yrow.end(), acc_t(0));
-    for (int64_t k = 0; k < a.K; ++k) {
-      const int64_t p = t * a.K + k, e = a.experts[p];
-      acc_t* hp = h + p * a.R;
-      if (e >= a.E) {
-        std::fill(hp, hp + a.R, acc_t(0));
-        continue;
+  std::vector<acc_t> yblock(kTokenBlock * a.O), g(a.R);
+  std::vector<int64_t> pairs;
+  for (int64_t b0 = t0; b0 < t1; b0 += kTokenBlock) {
+    const int64_t b1 = std::min(t1, b0 + kTokenBlock);
+    std::fill(h + b0 * a.K * a.R, h + b1 * a.K * a.R, acc_t(0));  // null pairs stay 0
+    std::fill(yblock.begin(), yblock.end(), acc_t(0));
+    sorted_block_pairs(a.experts, b0, b1, a.K, a.E, pairs);
+    for_each_expert_run(pairs, a.experts, [&](int64_t e, size_t i0, size_t i1) {
+      const scalar_t* Ae = a.A + e * a.R * a.D;
+      const acc_t* Bte = a.Bt + e * a.R * a.O;
+      for (size_t i = i0; i < i1; ++i) {  // A_e's rows stay in cache across the run
+        const int64_t p = pairs[i];
+        matvec_rows(Ae, a.x + (p / a.K) * a.D, a.R, a.D, h + p * a.R);
       }
-      matvec_rows(a.A + e * a.R * a.D, a.x + t * a.D, a.R, a.D, hp);
-      const acc_t gate = a.scaling * a.w[p];
-      for (int64_t r = 0; r < a.R; ++r) g[r] = gate * hp[r];
-      accumulate_rows(yrow.data(), g.data(), a.Bt + e * a.R * a.O, a.R, a.O, a.O);
+      for (size_t i = i0; i < i1; ++i) {
+        const int64_t p = pairs[i];
+        const acc_t gate = a.scaling * a.w[p];
+        for (int64_t r = 0; r < a.R; ++r) g[r] = gate * h[p * a.R + r];
+        accumulate_rows(yblock.data() + (p / a.K - b0) * a.O, g.data(), Bte, a.R, a.O, a.O);
+      }
+    });
+    for (int64_t t = b0; t < b1; ++t) {
+      const acc_t* src = yblock.data() + (t - b0) * a.O;
+      scalar_t* dst = y + t * a.O;
+      for (int64_t o = 0; o < a.O; ++o) dst[o] = static_cast<scalar_t>(src[o]);
     }
-    scalar_t* yt = y + t * a.O;
-    for (int64_t o = 0; o < a.O; ++o) yt[o] = static_cast<scalar_t>(yrow[o]);
   }
 }
 
-// Per token: gh = B_e^T dy[t]; dw = s * <gh, h>; dh = s * w * gh; dx[t] = sum_k A_e^T dh.
+// Per pair: gh = B_e^T dy[t]; dw = s * <gh, h>; dh = s * w * gh; dx[t] = sum_k A_e^T dh.
 template <typename scalar_t>
 MOE_EXT_SIMD_CLONES void lora_backward_tokens(const LoraArgs<scalar_t>& a, const scalar_t* dy,
                                               const acc_of<scalar_t>* h, int64_t t0, int64_t t1,
                                               scalar_t* dx, acc_of<scalar_t>* dw,
                                               acc_of<scalar_t>* dh) {
   using acc_t = acc_of<scalar_t>;
-  std::vector<acc_t> dxrow(a.D), gh(a.R);
-  for (int64_t t = t0; t < t1; ++t) {
-    std::fill(dxrow.begin(), dxrow.end(), acc_t(0));
-    for (int64_t k = 0; k < a.K; ++k) {
-      const int64_t p = t * a.K + k, e = a.experts[p];
-      acc_t* dhp = dh + p * a.R;
-      if (e >= a.E) {
-        dw[p] = 0;
-        std::fill(dhp, dhp + a.R, acc_t(0));
-        continue;
+  std::vector<acc_t> dxblock(kTokenBlock * a.D), gh(a.R);
+  std::vector<int64_t> pairs;
+  for (int64_t b0 = t0; b0 < t1; b0 += kTokenBlock) {
+    const int64_t b1 = std::min(t1, b0 + kTokenBlock);
+    std::fill(dh + b0 * a.K * a.R, dh + b1 * a.K * a.R, acc_t(0));  // null pairs stay 0
+    std::fill(dw + b0 * a.K, dw + b1 * a.K, acc_t(0));
+    std::fill(dxblock.begin(), dxblock.end(), acc_t(0));
+    sorted_block_pairs(a.experts, b0, b1, a.K, a.E, pairs);
+    for_each_expert_run(pairs, a.experts, [&](int64_t e, size_t i0, size_t i1) {
+      const acc_t* Bte = a.Bt + e * a.R * a.O;
+      for (size_t i = i0; i < i1; ++i) {
+        const int64_t p = pairs[i];
+        matvec_rows(Bte, dy + (p / a.K) * a.O, a.R, a.O, gh.data());
+        acc_t dot = 0;
+        for (int64_t r = 0; r < a.R; ++r) dot += gh[r] * h[p * a.R + r];
+        dw[p] = a.scaling * dot;
+        const acc_t gate = a.scaling * a.w[p];
+        for (int64_t r = 0; r < a.R; ++r) dh[p * a.R + r] = gate * gh[r];
       }
-      matvec_rows(a.Bt + e * a.R * a.O, dy + t * a.O, a.R, a.O, gh.data());
-      acc_t dot = 0;
-      for (int64_t r = 0; r < a.R; ++r) dot += gh[r] * h[p * a.R + r];
-      dw[p] = a.scaling * dot;
-      const acc_t gate = a.scaling * a.w[p];
-      for (int64_t r = 0; r < a.R; ++r) dhp[r] = gate * gh[r];
-      accumulate_rows(dxrow.data(), dhp, a.A + e * a.R * a.D, a.R, a.D, a.D);
+      const scalar_t* Ae = a.A + e * a.R * a.D;
+      for (size_t i = i0; i < i1; ++i) {
+        const int64_t p = pairs[i];
+        accumulate_rows(dxblock.data() + (p / a.K - b0) * a.D, dh + p * a.R, Ae, a.R, a.D, a.D);
+      }
+    });
+    for (int64_t t = b0; t < b1; ++t) {
+      const acc_t* src = dxblock.data() + (t - b0) * a.D;
+      scalar_t* dst = dx + t * a.D;
+      for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<scalar_t>(src[d]);
     }
-    scalar_t* dxt = dx + t * a.D;
-    for (int64_t d = 0; d < a.D; ++d) dxt[d] = static_cast<scalar_t>(dxrow[d]);
   }
 }
 
-// For one expert e and columns [c0, c1): tile[r, c] = sum over e's pairs p (sorted order)
-// of coef[p, r] * coef_scale(p) * rows[token(p), c]. This is both weight gradients:
-//   dA_e = sum_p dh[p] x[t]^T            (coef = dh, rows = x)
-//   dB_e^T = sum_p (s w_p h[p]) dy[t]^T  (coef = h scaled by s w_p, rows = dy)
+// For one expert and columns [c0, c1): tile[r, c] = sum over the expert's pairs
+// order[begin:end] (sorted, so deterministic) of coef[p, r] * scale(p) * rows[token(p), c0+c].
+// This is both weight gradients:
+//   dA_e   = sum_p dh[p] x[t]^T            (coef = dh, rows = x)
+//   dB_e^T = sum_p (s w_p h[p]) dy[t]^T    (coef = h scaled by s w_p, rows = dy)
+// Register tiles of kRows x kCols accumulators run over a chunk of pairs at a time.
+template <typename T>
+struct Vec {  // 32-byte GCC vector: one AVX2 register, two SSE registers
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 32 / sizeof(T);
+};
+constexpr int64_t kRows = 4, kPairChunk = 64;
+
+template <typename acc_t, typename scalar_t>
+inline typename Vec<acc_t>::type load_vec(const scalar_t* p) {
+  typename Vec<acc_t>::type v;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    for (int64_t i = 0; i < Vec<acc_t>::lanes; ++i) v[i] = static_cast<acc_t>(p[i]);
+  }
+  return v;
+}
+
+// tile[rr, c:c+2*lanes] += sum_i cbuf[i, rr] * vrow[i][c:c+2*lanes] for rr < kRows, with
+// the kRows x 2 vector accumulators held in registers over the m pairs.
+template <typename scalar_t>
+inline void outer_tile(const acc_of<scalar_t>* cbuf, const scalar_t* const* vrow, int64_t m,
+                       int64_t c, acc_of<scalar_t>* tile, int64_t n) {
+  using acc_t = acc_of<scalar_t>;
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = Vec<acc_t>::lanes;
+  V a00 = load_vec<acc_t>(tile), a01 = load_vec<acc_t>(tile + L);
+  V a10 = load_vec<acc_t>(tile + n), a11 = load_vec<acc_t>(tile + n + L);
+  V a20 = load_vec<acc_t>(tile + 2 * n), a21 = load_vec<acc_t>(tile + 2 * n + L);
+  V a30 = load_vec<acc_t>(tile + 3 * n), a31 = load_vec<acc_t>(tile + 3 * n + L);
+  for (int64_t i = 0; i < m; ++i) {
+    const V v0 = load_vec<acc_t>(vrow[i] + c), v1 = load_vec<acc_t>(vrow[i] + c + L);
+    const acc_t* cf = cbuf + i * kRows;
+    a00 += cf[0] * v0; a01 += cf[0] * v1;
+    a10 += cf[1] * v0; a11 += cf[1] * v1;
+    a20 += cf[2] * v0; a21 += cf[2] * v1;
+    a30 += cf[3] * v0; a31 += cf[3] * v1;
+  }
+  std::memcpy(tile, &a00, sizeof(V)); std::memcpy(tile + L, &a01, sizeof(V));
+  std::memcpy(tile + n, &a10, sizeof(V)); std::memcpy(tile + n + L, &a11, sizeof(V));
+  std::memcpy(tile + 2 * n, &a20, sizeof(V)); std::memcpy(tile + 2 * n + L, &a21, sizeof(V));
+  std::memcpy(tile + 3 * n, &a30, sizeof(V)); std::memcpy(tile + 3 * n + L, &a31, sizeof(V));
+}
+
 template <typename scalar_t>
 MOE_EXT_SIMD_CLONES void outer_sum_expert(const int64_t* order, int64_t begin, int64_t end,
                                           int64_t K, const acc_of<scalar_t>* coef,
@@ -157,15 +251,28 @@ MOE_EXT_SIMD_CLONES void outer_sum_expert(const int64_t* order, int64_t begin, i
   using acc_t = acc_of<scalar_t>;
   const int64_t n = c1 - c0;
   std::fill(tile, tile + R * n, acc_t(0));
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t p = order[i];
-    const scalar_t* v = rows + (p / K) * row_stride + c0;
-    const acc_t scale = pair_scale ? scaling * pair_scale[p] : acc_t(1);
-    for (int64_t r = 0; r < R; ++r) {
-      const acc_t c = scale * coef[p * R + r];
-      acc_t* out = tile + r * n;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) out[j] += c * static_cast<acc_t>(v[j]);
+  constexpr int64_t kCols = 2 * Vec<acc_t>::lanes;
+  acc_t cbuf[kPairChunk * kRows];
+  const scalar_t* vrow[kPairChunk];
+  for (int64_t i0 = begin; i0 < end; i0 += kPairChunk) {
+    const int64_t m = std::min(kPairChunk, end - i0);
+    for (int64_t i = 0; i < m; ++i) vrow[i] = rows + (order[i0 + i] / K) * row_stride + c0;
+    for (int64_t r0 = 0; r0 < R; r0 += kRows) {
+      const int64_t rb = std::min(kRows, R - r0);
+      for (int64_t i = 0; i < m; ++i) {  // this chunk's coefficients for rows r0..r0+rb
+        const int64_t p = order[i0 + i];
+        const acc_t scale = pair_scale ? scaling * pair_scale[p] : acc_t(1);
+        for (int64_t rr = 0; rr < kRows; ++rr)
+          cbuf[i * kRows + rr] = rr < rb ? scale * coef[p * R + r0 + rr] : acc_t(0);
+      }
+      int64_t c = 0;
+      if (rb == kRows) {
+        for (; c + kCols <= n; c += kCols) outer_tile<scalar_t>(cbuf, vrow, m, c, tile + r0 * n + c, n);
+      }
+      for (; c < n; ++c)  // leftover columns
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t rr = 0; rr < rb; ++rr)
+            tile[(r0 + rr) * n + c] += cbuf[i * kRows + rr] * static_cast<acc_t>(vrow[i][c]);
     }
   }
 }
@@ -195,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
                                   Bt.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
                                   experts.data_ptr<int64_t>(), T, D, O, E, R, K,
                                   static_cast<acc_t>(scaling)};
-    at::parallel_for(0, T, kTokenGrain, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, kTokenBlock, [&](int64_t t0, int64_t t1) {
       lora_forward_tokens<scalar_t>(args, t0, t1, y.data_ptr<scalar_t>(), h.data_ptr<acc_t>());
     });
   });
@@ -237,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
                                   Bt.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
                                   experts.data_ptr<int64_t>(), T, D, O, E, R, K,
                                   static_cast<acc_t>(scaling)};
-    at::parallel_for(0, T, kTokenGrain, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, kTokenBlock, [&](int64_t t0, int64_t t1) {
       lora_backward_tokens<scalar_t>(args, dy.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), t0, t1,
                                      dx.data_ptr<scalar_t>(), dw.data_ptr<acc_t>(),
                                      dh.data_ptr<acc_t>());
