@@ -38,22 +38,28 @@ def want_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp"]
+    import torch
+
+    macros = [("MOE_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx = ["-O3", "-fopenmp", "-Wno-psabi"]  # psabi: internal 32-byte vector helpers
     if not want_cuda():
         return cpp_extension.CppExtension(
-            "moe_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+            "moe_ext._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
         )
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     # sm_80 (A100) and sm_90a (H100/H200, Hopper-only instructions) unless the user asks
     # for their own list through TORCH_CUDA_ARCH_LIST.
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    archs = arch_list or "sm_80;sm_90a"
     if not arch_list:
         nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+    macros += [("MOE_EXT_WITH_CUDA", "1"), ("MOE_EXT_CUDA_ARCHS", f'"{archs}"')]
     return cpp_extension.CUDAExtension(
         "moe_ext._C",
         sources,
-        define_macros=[("MOE_EXT_WITH_CUDA", "1")],
+        define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=["-fopenmp"],
     )

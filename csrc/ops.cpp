@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 TORCH_LIBRARY(moe_ext, m) {
   // probs (T, M), weights (T, K), experts (T, K) int64, counts (M,) int64.
   m.def("route(Tensor router_logits, Tensor? logit_bias, int top_k, float temperature, "
@@ -29,6 +31,29 @@ TORCH_LIBRARY(moe_ext, m) {
         "int num_experts, int num_null_experts, float scaling) -> (Tensor grad_h_all, Tensor grad_weights)");
 }
 
+// Build facts for `moe-ext info`, as JSON. The macros come from setup.py.
+#ifndef MOE_EXT_CUDA_ARCHS
+#define MOE_EXT_CUDA_ARCHS ""
+#endif
+#ifndef MOE_EXT_TORCH_VERSION
+#define MOE_EXT_TORCH_VERSION "unknown"
+#endif
+static PyObject* build_info(PyObject*, PyObject*) {
+#ifdef MOE_EXT_WITH_CUDA
+  const char* with_cuda = "true";
+#else
+  const char* with_cuda = "false";
+#endif
+  std::string json = std::string("{\"with_cuda\": ") + with_cuda + ", \"cuda_archs\": \"" +
+                     MOE_EXT_CUDA_ARCHS + "\", \"torch_version\": \"" MOE_EXT_TORCH_VERSION
+                     "\", \"compiler\": \"gcc/clang " __VERSION__ "\"}";
+  return PyUnicode_FromString(json.c_str());
+}
+
+static PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "Build facts (JSON): CUDA, archs, torch, compiler."},
+    {nullptr, nullptr, 0, nullptr}};
+
 // `import moe_ext._C` loads this library, which runs the registrations above.
-static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,38 @@
+# make test: set up from nothing (venv, torch, deps), build the extension, run the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+EDIT   := $(VENV)/.editable-installed
+export MAX_JOBS ?= 2
+
+.PHONY: all build test info bench-cpu clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): $(BIN)/python requirements-dev.txt
+	$(BIN)/pip install -r requirements-dev.txt
+	touch $@
+
+# Editable install once (entry point `moe-ext`); later builds are incremental (ninja, build/).
+$(EDIT): $(DEPS) pyproject.toml setup.py
+	$(BIN)/pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(EDIT)
+	$(BIN)/python setup.py -q build_ext --inplace
+
+test: build
+	$(BIN)/python -m pytest -q tests
+
+info: build
+	$(BIN)/moe-ext info
+
+bench-cpu: build
+	$(BIN)/python benchmarks/bench_cpu.py
+
+clean:
+	rm -rf build moe_ext/*.so *.egg-info .pytest_cache
