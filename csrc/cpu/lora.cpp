@@ -31,7 +31,7 @@ constexpr int64_t kColumnBlock = 256;
 
 // out[r] = dot(rows[r, :n], v[:n]) for r < R; rows has row stride n.
 template <typename acc_t, typename a_t, typename v_t>
-inline void matvec_rows(const a_t* rows, const v_t* v, int64_t R, int64_t n, acc_t* out) {
+MOE_EXT_INLINE void matvec_rows(const a_t* rows, const v_t* v, int64_t R, int64_t n, acc_t* out) {
   int64_t r = 0;
   for (; r + 4 <= R; r += 4) {  // four rows share each load of v
     const a_t *a0 = rows + r * n, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
@@ -57,7 +57,7 @@ inline void matvec_rows(const a_t* rows, const v_t* v, int64_t R, int64_t n, acc
 
 // acc[:n] += sum_r c[r] * rows[r, :n]; rows has row stride `stride`.
 template <typename acc_t, typename a_t>
-inline void accumulate_rows(acc_t* acc, const acc_t* c, const a_t* rows, int64_t R, int64_t n,
+MOE_EXT_INLINE void accumulate_rows(acc_t* acc, const acc_t* c, const a_t* rows, int64_t R, int64_t n,
                             int64_t stride) {
   int64_t r = 0;
   for (; r + 4 <= R; r += 4) {  // four rows per pass over acc
@@ -73,6 +73,90 @@ inline void accumulate_rows(acc_t* acc, const acc_t* c, const a_t* rows, int64_t
     const acc_t cr = c[r];
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) acc[i] += cr * static_cast<acc_t>(a[i]);
+  }
+}
+
+template <typename T>
+struct Vec {  // 32-byte GCC vector: one AVX2 register, two SSE registers
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 32 / sizeof(T);
+};
+template <typename acc_t, typename scalar_t>
+MOE_EXT_INLINE typename Vec<acc_t>::type load_vec(const scalar_t* p) {
+  typename Vec<acc_t>::type v;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    for (int64_t i = 0; i < Vec<acc_t>::lanes; ++i) v[i] = static_cast<acc_t>(p[i]);
+  }
+  return v;
+}
+
+template <typename acc_t>
+MOE_EXT_INLINE acc_t hsum(typename Vec<acc_t>::type v) {
+  acc_t s = 0;
+  for (int64_t i = 0; i < Vec<acc_t>::lanes; ++i) s += v[i];
+  return s;
+}
+
+// Two pairs at once (their vectors v0, v1 share each load of `rows`):
+// out0[r] = dot(rows[r], v0), out1[r] = dot(rows[r], v1) for r < R.
+template <typename acc_t, typename a_t, typename v_t>
+MOE_EXT_INLINE void matvec_rows_x2(const a_t* rows, const v_t* v0, const v_t* v1, int64_t R, int64_t n,
+                           acc_t* out0, acc_t* out1) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = Vec<acc_t>::lanes;
+  const int64_t nv = n - n % L;
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {
+    const a_t *a0 = rows + r * n, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
+    V s00 = {}, s01 = {}, s02 = {}, s03 = {}, s10 = {}, s11 = {}, s12 = {}, s13 = {};
+    for (int64_t i = 0; i < nv; i += L) {
+      const V x0 = load_vec<acc_t>(v0 + i), x1 = load_vec<acc_t>(v1 + i);
+      const V b0 = load_vec<acc_t>(a0 + i), b1 = load_vec<acc_t>(a1 + i);
+      const V b2 = load_vec<acc_t>(a2 + i), b3 = load_vec<acc_t>(a3 + i);
+      s00 += b0 * x0; s01 += b1 * x0; s02 += b2 * x0; s03 += b3 * x0;
+      s10 += b0 * x1; s11 += b1 * x1; s12 += b2 * x1; s13 += b3 * x1;
+    }
+    acc_t t0[4] = {hsum<acc_t>(s00), hsum<acc_t>(s01), hsum<acc_t>(s02), hsum<acc_t>(s03)};
+    acc_t t1[4] = {hsum<acc_t>(s10), hsum<acc_t>(s11), hsum<acc_t>(s12), hsum<acc_t>(s13)};
+    for (int64_t i = nv; i < n; ++i) {
+      const acc_t x0 = static_cast<acc_t>(v0[i]), x1 = static_cast<acc_t>(v1[i]);
+      const acc_t b[4] = {static_cast<acc_t>(a0[i]), static_cast<acc_t>(a1[i]),
+                          static_cast<acc_t>(a2[i]), static_cast<acc_t>(a3[i])};
+      for (int q = 0; q < 4; ++q) { t0[q] += b[q] * x0; t1[q] += b[q] * x1; }
+    }
+    for (int q = 0; q < 4; ++q) { out0[r + q] = t0[q]; out1[r + q] = t1[q]; }
+  }
+  if (r < R) {
+    matvec_rows(rows + r * n, v0, R - r, n, out0 + r);
+    matvec_rows(rows + r * n, v1, R - r, n, out1 + r);
+  }
+}
+
+// Two pairs at once (they share each load of `rows`):
+// acc0[:n] += sum_r c0[r] rows[r, :n]; acc1[:n] += sum_r c1[r] rows[r, :n].
+template <typename acc_t, typename a_t>
+MOE_EXT_INLINE void accumulate_rows_x2(acc_t* acc0, acc_t* acc1, const acc_t* c0, const acc_t* c1,
+                               const a_t* rows, int64_t R, int64_t n, int64_t stride) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = Vec<acc_t>::lanes;
+  const int64_t nv = n - n % (2 * L);
+  for (int64_t i = 0; i < nv; i += 2 * L) {
+    V y00 = load_vec<acc_t>(acc0 + i), y01 = load_vec<acc_t>(acc0 + i + L);
+    V y10 = load_vec<acc_t>(acc1 + i), y11 = load_vec<acc_t>(acc1 + i + L);
+    for (int64_t r = 0; r < R; ++r) {
+      const a_t* a = rows + r * stride + i;
+      const V b0 = load_vec<acc_t>(a), b1 = load_vec<acc_t>(a + L);
+      y00 += c0[r] * b0; y01 += c0[r] * b1;
+      y10 += c1[r] * b0; y11 += c1[r] * b1;
+    }
+    std::memcpy(acc0 + i, &y00, sizeof(V)); std::memcpy(acc0 + i + L, &y01, sizeof(V));
+    std::memcpy(acc1 + i, &y10, sizeof(V)); std::memcpy(acc1 + i + L, &y11, sizeof(V));
+  }
+  if (nv < n) {
+    accumulate_rows(acc0 + nv, c0, rows + nv, R, n - nv, stride);
+    accumulate_rows(acc1 + nv, c1, rows + nv, R, n - nv, stride);
   }
 }
 
@@ -106,49 +190,60 @@ inline int64_t sorted_block_pairs(const int64_t* experts, int64_t t0, int64_t t1
   return static_cast<int64_t>(pairs.size());
 }
 
-// Calls f(e, first, last) for each run [first, last) of equal experts in `pairs`.
-template <typename F>
-inline void for_each_expert_run(const std::vector<int64_t>& pairs, const int64_t* experts, F f) {
-  for (size_t i = 0; i < pairs.size();) {
-    size_t j = i;
-    while (j < pairs.size() && experts[pairs[j]] == experts[pairs[i]]) ++j;
-    f(experts[pairs[i]], i, j);
-    i = j;
-  }
-}
-
 // y[t] = s * sum_k w[t,k] * B_e h[t,k] with h[t,k] = A_e x[t]; null experts give h = 0.
 template <typename scalar_t>
 MOE_EXT_SIMD_CLONES void lora_forward_tokens(const LoraArgs<scalar_t>& a, int64_t t0, int64_t t1,
                                              scalar_t* y, acc_of<scalar_t>* h) {
   using acc_t = acc_of<scalar_t>;
-  std::vector<acc_t> yblock(kTokenBlock * a.O), g(a.R);
+  std::vector<acc_t> yblock(kTokenBlock * a.O), g(a.R), g2(a.R);
   std::vector<int64_t> pairs;
   for (int64_t b0 = t0; b0 < t1; b0 += kTokenBlock) {
     const int64_t b1 = std::min(t1, b0 + kTokenBlock);
     std::fill(h + b0 * a.K * a.R, h + b1 * a.K * a.R, acc_t(0));  // null pairs stay 0
     std::fill(yblock.begin(), yblock.end(), acc_t(0));
     sorted_block_pairs(a.experts, b0, b1, a.K, a.E, pairs);
-    for_each_expert_run(pairs, a.experts, [&](int64_t e, size_t i0, size_t i1) {
+    for (size_t i0 = 0, i1 = 0; i0 < pairs.size(); i0 = i1) {  // each run of one expert
+      const int64_t e = a.experts[pairs[i0]];
+      for (i1 = i0; i1 < pairs.size() && a.experts[pairs[i1]] == e; ++i1) {
+      }
       const scalar_t* Ae = a.A + e * a.R * a.D;
       const acc_t* Bte = a.Bt + e * a.R * a.O;
-      for (size_t i = i0; i < i1; ++i) {  // A_e's rows stay in cache across the run
+      size_t i = i0;
+      for (; i + 2 <= i1; i += 2) {  // two pairs share each load of A_e and B_e
+        const int64_t p = pairs[i], q = pairs[i + 1];
+        acc_t *hp = h + p * a.R, *hq = h + q * a.R;
+        matvec_rows_x2(Ae, a.x + (p / a.K) * a.D, a.x + (q / a.K) * a.D, a.R, a.D, hp, hq);
+        const acc_t gp = a.scaling * a.w[p], gq = a.scaling * a.w[q];
+        for (int64_t r = 0; r < a.R; ++r) { g[r] = gp * hp[r]; g2[r] = gq * hq[r]; }
+        accumulate_rows_x2(yblock.data() + (p / a.K - b0) * a.O,
+                           yblock.data() + (q / a.K - b0) * a.O, g.data(), g2.data(), Bte, a.R,
+                           a.O, a.O);
+      }
+      if (i < i1) {
         const int64_t p = pairs[i];
         matvec_rows(Ae, a.x + (p / a.K) * a.D, a.R, a.D, h + p * a.R);
-      }
-      for (size_t i = i0; i < i1; ++i) {
-        const int64_t p = pairs[i];
         const acc_t gate = a.scaling * a.w[p];
         for (int64_t r = 0; r < a.R; ++r) g[r] = gate * h[p * a.R + r];
         accumulate_rows(yblock.data() + (p / a.K - b0) * a.O, g.data(), Bte, a.R, a.O, a.O);
       }
-    });
+    }
     for (int64_t t = b0; t < b1; ++t) {
       const acc_t* src = yblock.data() + (t - b0) * a.O;
       scalar_t* dst = y + t * a.O;
       for (int64_t o = 0; o < a.O; ++o) dst[o] = static_cast<scalar_t>(src[o]);
     }
   }
+}
+
+// From gh = B_e^T dy[t] of pair p: dw[p] = s * <gh, h[p]> and dh[p] = s * w[p] * gh.
+template <typename scalar_t>
+MOE_EXT_INLINE void gate_grads(const LoraArgs<scalar_t>& a, int64_t p, const acc_of<scalar_t>* gh,
+                       const acc_of<scalar_t>* h, acc_of<scalar_t>* dw, acc_of<scalar_t>* dh) {
+  acc_of<scalar_t> dot = 0;
+  for (int64_t r = 0; r < a.R; ++r) dot += gh[r] * h[p * a.R + r];
+  dw[p] = a.scaling * dot;
+  const acc_of<scalar_t> gate = a.scaling * a.w[p];
+  for (int64_t r = 0; r < a.R; ++r) dh[p * a.R + r] = gate * gh[r];
 }
 
 // Per pair: gh = B_e^T dy[t]; dw = s * <gh, h>; dh = s * w * gh; dx[t] = sum_k A_e^T dh.
@@ -158,7 +253,7 @@ MOE_EXT_SIMD_CLONES void lora_backward_tokens(const LoraArgs<scalar_t>& a, const
                                               scalar_t* dx, acc_of<scalar_t>* dw,
                                               acc_of<scalar_t>* dh) {
   using acc_t = acc_of<scalar_t>;
-  std::vector<acc_t> dxblock(kTokenBlock * a.D), gh(a.R);
+  std::vector<acc_t> dxblock(kTokenBlock * a.D), gh(a.R), gh2(a.R);
   std::vector<int64_t> pairs;
   for (int64_t b0 = t0; b0 < t1; b0 += kTokenBlock) {
     const int64_t b1 = std::min(t1, b0 + kTokenBlock);
@@ -166,23 +261,36 @@ MOE_EXT_SIMD_CLONES void lora_backward_tokens(const LoraArgs<scalar_t>& a, const
     std::fill(dw + b0 * a.K, dw + b1 * a.K, acc_t(0));
     std::fill(dxblock.begin(), dxblock.end(), acc_t(0));
     sorted_block_pairs(a.experts, b0, b1, a.K, a.E, pairs);
-    for_each_expert_run(pairs, a.experts, [&](int64_t e, size_t i0, size_t i1) {
+    for (size_t i0 = 0, i1 = 0; i0 < pairs.size(); i0 = i1) {  // each run of one expert
+      const int64_t e = a.experts[pairs[i0]];
+      for (i1 = i0; i1 < pairs.size() && a.experts[pairs[i1]] == e; ++i1) {
+      }
       const acc_t* Bte = a.Bt + e * a.R * a.O;
-      for (size_t i = i0; i < i1; ++i) {
-        const int64_t p = pairs[i];
-        matvec_rows(Bte, dy + (p / a.K) * a.O, a.R, a.O, gh.data());
-        acc_t dot = 0;
-        for (int64_t r = 0; r < a.R; ++r) dot += gh[r] * h[p * a.R + r];
-        dw[p] = a.scaling * dot;
-        const acc_t gate = a.scaling * a.w[p];
-        for (int64_t r = 0; r < a.R; ++r) dh[p * a.R + r] = gate * gh[r];
+      // gh = B_e^T dy per pair (two pairs share each load of B_e); dw, dh from gh.
+      size_t i = i0;
+      for (; i + 2 <= i1; i += 2) {
+        const int64_t p = pairs[i], q = pairs[i + 1];
+        matvec_rows_x2(Bte, dy + (p / a.K) * a.O, dy + (q / a.K) * a.O, a.R, a.O, gh.data(),
+                       gh2.data());
+        gate_grads(a, p, gh.data(), h, dw, dh);
+        gate_grads(a, q, gh2.data(), h, dw, dh);
+      }
+      if (i < i1) {
+        matvec_rows(Bte, dy + (pairs[i] / a.K) * a.O, a.R, a.O, gh.data());
+        gate_grads(a, pairs[i], gh.data(), h, dw, dh);
       }
       const scalar_t* Ae = a.A + e * a.R * a.D;
-      for (size_t i = i0; i < i1; ++i) {
+      for (i = i0; i + 2 <= i1; i += 2) {
+        const int64_t p = pairs[i], q = pairs[i + 1];
+        accumulate_rows_x2(dxblock.data() + (p / a.K - b0) * a.D,
+                           dxblock.data() + (q / a.K - b0) * a.D, dh + p * a.R, dh + q * a.R, Ae,
+                           a.R, a.D, a.D);
+      }
+      if (i < i1) {
         const int64_t p = pairs[i];
         accumulate_rows(dxblock.data() + (p / a.K - b0) * a.D, dh + p * a.R, Ae, a.R, a.D, a.D);
       }
-    });
+    }
     for (int64_t t = b0; t < b1; ++t) {
       const acc_t* src = dxblock.data() + (t - b0) * a.D;
       scalar_t* dst = dx + t * a.D;
@@ -197,28 +305,13 @@ MOE_EXT_SIMD_CLONES void lora_backward_tokens(const LoraArgs<scalar_t>& a, const
 //   dA_e   = sum_p dh[p] x[t]^T            (coef = dh, rows = x)
 //   dB_e^T = sum_p (s w_p h[p]) dy[t]^T    (coef = h scaled by s w_p, rows = dy)
 // Register tiles of kRows x kCols accumulators run over a chunk of pairs at a time.
-template <typename T>
-struct Vec {  // 32-byte GCC vector: one AVX2 register, two SSE registers
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int64_t lanes = 32 / sizeof(T);
-};
 constexpr int64_t kRows = 4, kPairChunk = 64;
 
-template <typename acc_t, typename scalar_t>
-inline typename Vec<acc_t>::type load_vec(const scalar_t* p) {
-  typename Vec<acc_t>::type v;
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    std::memcpy(&v, p, sizeof(v));
-  } else {
-    for (int64_t i = 0; i < Vec<acc_t>::lanes; ++i) v[i] = static_cast<acc_t>(p[i]);
-  }
-  return v;
-}
 
 // tile[rr, c:c+2*lanes] += sum_i cbuf[i, rr] * vrow[i][c:c+2*lanes] for rr < kRows, with
 // the kRows x 2 vector accumulators held in registers over the m pairs.
 template <typename scalar_t>
-inline void outer_tile(const acc_of<scalar_t>* cbuf, const scalar_t* const* vrow, int64_t m,
+MOE_EXT_INLINE void outer_tile(const acc_of<scalar_t>* cbuf, const scalar_t* const* vrow, int64_t m,
                        int64_t c, acc_of<scalar_t>* tile, int64_t n) {
   using acc_t = acc_of<scalar_t>;
   using V = typename Vec<acc_t>::type;

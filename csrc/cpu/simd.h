@@ -11,6 +11,10 @@
 #define MOE_EXT_SIMD_CLONES
 #endif
 
+// Helpers called from a cloned kernel must be inlined into it to be compiled for the
+// clone's instruction set; an out-of-line helper would run the baseline code.
+#define MOE_EXT_INLINE inline __attribute__((always_inline))
+
 namespace moe_ext {
 namespace cpu {
 
