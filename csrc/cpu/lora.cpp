@@ -395,8 +395,10 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
                                   Bt.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
                                   experts.data_ptr<int64_t>(), T, D, O, E, R, K,
                                   static_cast<acc_t>(scaling)};
-    at::parallel_for(0, T, kTokenBlock, [&](int64_t t0, int64_t t1) {
-      lora_forward_tokens<scalar_t>(args, t0, t1, y.data_ptr<scalar_t>(), h.data_ptr<acc_t>());
+    // Tasks are whole token blocks so that a block's contents (and so every bit of the
+    // result) do not depend on the thread count.
+    at::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
+      lora_forward_tokens<scalar_t>(args, b0 * kTokenBlock, std::min(T, b1 * kTokenBlock), y.data_ptr<scalar_t>(), h.data_ptr<acc_t>());
     });
   });
   return {y, h};
@@ -437,8 +439,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
                                   Bt.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
                                   experts.data_ptr<int64_t>(), T, D, O, E, R, K,
                                   static_cast<acc_t>(scaling)};
-    at::parallel_for(0, T, kTokenBlock, [&](int64_t t0, int64_t t1) {
-      lora_backward_tokens<scalar_t>(args, dy.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), t0, t1,
+    at::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
+      lora_backward_tokens<scalar_t>(args, dy.data_ptr<scalar_t>(), h.data_ptr<acc_t>(),
+                                     b0 * kTokenBlock, std::min(T, b1 * kTokenBlock),
                                      dx.data_ptr<scalar_t>(), dw.data_ptr<acc_t>(),
                                      dh.data_ptr<acc_t>());
     });
