@@ -138,6 +138,7 @@ def test_strategies_agree_and_auto_is_one_of_them():
     torch.testing.assert_close(ys["sparse"], ys["dense"], atol=1e-5, rtol=1e-5)
     assert functional.choose_strategy(6, 3, 4, x.device) in ("sparse", "dense")
     assert functional.choose_strategy(4, 4, 4, x.device) == "dense"
+    assert functional.choose_strategy(8, 2, 16, x.device) == "sparse"
 
 
 def test_results_independent_of_thread_count_bitwise():
