@@ -1,302 +1,209 @@
-// CPU kernels for the LoRA-expert part of MoLoRA:
-//   sparse grouped strategy: lora_forward / lora_backward,
-//   dense-gated strategy:    gate_dense / gate_dense_backward (the GEMMs are ATen's).
+// CPU kernels for the sparse grouped strategy of MoLoRA: lora_forward / lora_backward.
 //
-// Forward and the input-side backward run token-major: each token's K pairs are
-// computed and combined in k order inside one task, so the output is written once and
-// the sum over K is deterministic with no atomics. The weight gradients run
-// expert-major over the pairs sorted by `align`, each (expert, column block) owned by
-// one task, so they are deterministic too.
+// Forward and the input-side backward run over blocks of kTokenBlock tokens. A block's
+// (token, k) pairs are sorted into runs of one expert, and the feature dimension is cut
+// into chunks of kFeatureChunk columns, so an expert's rows for one chunk stay in L1
+// while every pair of its run uses them (two pairs per pass, sharing each load). Each
+// token's output row lives in the block's buffer and is written once; its K pairs are
+// added in expert-id order, so the result is deterministic and, as tasks are whole
+// blocks, the same for any thread count. No atomics.
+//
+// The weight gradients run expert-major over the pairs sorted by `align`, each
+// (expert, column block) owned by one task: deterministic too.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "../checks.h"
 #include "simd.h"
+#include "vec.h"
 
 namespace moe_ext {
 namespace cpu {
 namespace {
 
-template <typename scalar_t>
-using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+constexpr int64_t kTokenBlock = 128;   // tokens per task
+constexpr int64_t kFeatureChunk = 256; // columns of expert rows kept in L1 at a time
+constexpr int64_t kColumnBlock = 256;  // weight gradients: an (R x kColumnBlock) tile per task
 
-// Columns per weight-gradient task: an (R x kColumnBlock) tile stays in L1/L2.
-constexpr int64_t kColumnBlock = 256;
-
-// out[r] = dot(rows[r, :n], v[:n]) for r < R; rows has row stride n.
-template <typename acc_t, typename a_t, typename v_t>
-MOE_EXT_INLINE void matvec_rows(const a_t* rows, const v_t* v, int64_t R, int64_t n, acc_t* out) {
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4) {  // four rows share each load of v
-    const a_t *a0 = rows + r * n, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
-    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t vi = static_cast<acc_t>(v[i]);
-      s0 += static_cast<acc_t>(a0[i]) * vi;
-      s1 += static_cast<acc_t>(a1[i]) * vi;
-      s2 += static_cast<acc_t>(a2[i]) * vi;
-      s3 += static_cast<acc_t>(a3[i]) * vi;
-    }
-    out[r] = s0; out[r + 1] = s1; out[r + 2] = s2; out[r + 3] = s3;
-  }
-  for (; r < R; ++r) {
-    const a_t* a = rows + r * n;
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(a[i]) * static_cast<acc_t>(v[i]);
-    out[r] = s;
-  }
+// Expert weights as panels: (E, chunks, R, kFeatureChunk) in the accumulation dtype, the
+// last chunk zero-padded. A chunk's R rows then sit 1 KiB apart (fp32) instead of D or O
+// elements apart: power-of-two row strides map every row to the same L1 sets and evict
+// the chunk while it is being reused.
+at::Tensor pack_panels(const at::Tensor& rows /* (E, R, n) */, at::ScalarType acc) {
+  const int64_t E = rows.size(0), R = rows.size(1), n = rows.size(2);
+  const int64_t chunks = (n + kFeatureChunk - 1) / kFeatureChunk;
+  at::Tensor padded = at::zeros({E, R, chunks * kFeatureChunk}, rows.options().dtype(acc));
+  padded.narrow(2, 0, n).copy_(rows);
+  return padded.view({E, R, chunks, kFeatureChunk}).permute({0, 2, 1, 3}).contiguous();
 }
 
-// acc[:n] += sum_r c[r] * rows[r, :n]; rows has row stride `stride`.
-template <typename acc_t, typename a_t>
-MOE_EXT_INLINE void accumulate_rows(acc_t* acc, const acc_t* c, const a_t* rows, int64_t R, int64_t n,
-                            int64_t stride) {
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4) {  // four rows per pass over acc
-    const a_t *a0 = rows + r * stride, *a1 = a0 + stride, *a2 = a1 + stride, *a3 = a2 + stride;
-    const acc_t c0 = c[r], c1 = c[r + 1], c2 = c[r + 2], c3 = c[r + 3];
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-      acc[i] += c0 * static_cast<acc_t>(a0[i]) + c1 * static_cast<acc_t>(a1[i]) +
-                c2 * static_cast<acc_t>(a2[i]) + c3 * static_cast<acc_t>(a3[i]);
-  }
-  for (; r < R; ++r) {
-    const a_t* a = rows + r * stride;
-    const acc_t cr = c[r];
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) acc[i] += cr * static_cast<acc_t>(a[i]);
-  }
-}
-
-template <typename T>
-struct Vec {  // 32-byte GCC vector: one AVX2 register, two SSE registers
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int64_t lanes = 32 / sizeof(T);
-};
-template <typename acc_t, typename scalar_t>
-MOE_EXT_INLINE typename Vec<acc_t>::type load_vec(const scalar_t* p) {
-  typename Vec<acc_t>::type v;
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    std::memcpy(&v, p, sizeof(v));
-  } else {
-    for (int64_t i = 0; i < Vec<acc_t>::lanes; ++i) v[i] = static_cast<acc_t>(p[i]);
-  }
-  return v;
-}
-
+// Rows of chunk c of expert e in a panel tensor of n columns.
 template <typename acc_t>
-MOE_EXT_INLINE acc_t hsum(typename Vec<acc_t>::type v) {
-  acc_t s = 0;
-  for (int64_t i = 0; i < Vec<acc_t>::lanes; ++i) s += v[i];
-  return s;
-}
-
-// Two pairs at once (their vectors v0, v1 share each load of `rows`):
-// out0[r] = dot(rows[r], v0), out1[r] = dot(rows[r], v1) for r < R.
-template <typename acc_t, typename a_t, typename v_t>
-MOE_EXT_INLINE void matvec_rows_x2(const a_t* rows, const v_t* v0, const v_t* v1, int64_t R, int64_t n,
-                           acc_t* out0, acc_t* out1) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int64_t L = Vec<acc_t>::lanes;
-  const int64_t nv = n - n % L;
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4) {
-    const a_t *a0 = rows + r * n, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
-    V s00 = {}, s01 = {}, s02 = {}, s03 = {}, s10 = {}, s11 = {}, s12 = {}, s13 = {};
-    for (int64_t i = 0; i < nv; i += L) {
-      const V x0 = load_vec<acc_t>(v0 + i), x1 = load_vec<acc_t>(v1 + i);
-      const V b0 = load_vec<acc_t>(a0 + i), b1 = load_vec<acc_t>(a1 + i);
-      const V b2 = load_vec<acc_t>(a2 + i), b3 = load_vec<acc_t>(a3 + i);
-      s00 += b0 * x0; s01 += b1 * x0; s02 += b2 * x0; s03 += b3 * x0;
-      s10 += b0 * x1; s11 += b1 * x1; s12 += b2 * x1; s13 += b3 * x1;
-    }
-    acc_t t0[4] = {hsum<acc_t>(s00), hsum<acc_t>(s01), hsum<acc_t>(s02), hsum<acc_t>(s03)};
-    acc_t t1[4] = {hsum<acc_t>(s10), hsum<acc_t>(s11), hsum<acc_t>(s12), hsum<acc_t>(s13)};
-    for (int64_t i = nv; i < n; ++i) {
-      const acc_t x0 = static_cast<acc_t>(v0[i]), x1 = static_cast<acc_t>(v1[i]);
-      const acc_t b[4] = {static_cast<acc_t>(a0[i]), static_cast<acc_t>(a1[i]),
-                          static_cast<acc_t>(a2[i]), static_cast<acc_t>(a3[i])};
-      for (int q = 0; q < 4; ++q) { t0[q] += b[q] * x0; t1[q] += b[q] * x1; }
-    }
-    for (int q = 0; q < 4; ++q) { out0[r + q] = t0[q]; out1[r + q] = t1[q]; }
-  }
-  if (r < R) {
-    matvec_rows(rows + r * n, v0, R - r, n, out0 + r);
-    matvec_rows(rows + r * n, v1, R - r, n, out1 + r);
-  }
-}
-
-// Two pairs at once (they share each load of `rows`):
-// acc0[:n] += sum_r c0[r] rows[r, :n]; acc1[:n] += sum_r c1[r] rows[r, :n].
-template <typename acc_t, typename a_t>
-MOE_EXT_INLINE void accumulate_rows_x2(acc_t* acc0, acc_t* acc1, const acc_t* c0, const acc_t* c1,
-                               const a_t* rows, int64_t R, int64_t n, int64_t stride) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int64_t L = Vec<acc_t>::lanes;
-  const int64_t nv = n - n % (2 * L);
-  for (int64_t i = 0; i < nv; i += 2 * L) {
-    V y00 = load_vec<acc_t>(acc0 + i), y01 = load_vec<acc_t>(acc0 + i + L);
-    V y10 = load_vec<acc_t>(acc1 + i), y11 = load_vec<acc_t>(acc1 + i + L);
-    for (int64_t r = 0; r < R; ++r) {
-      const a_t* a = rows + r * stride + i;
-      const V b0 = load_vec<acc_t>(a), b1 = load_vec<acc_t>(a + L);
-      y00 += c0[r] * b0; y01 += c0[r] * b1;
-      y10 += c1[r] * b0; y11 += c1[r] * b1;
-    }
-    std::memcpy(acc0 + i, &y00, sizeof(V)); std::memcpy(acc0 + i + L, &y01, sizeof(V));
-    std::memcpy(acc1 + i, &y10, sizeof(V)); std::memcpy(acc1 + i + L, &y11, sizeof(V));
-  }
-  if (nv < n) {
-    accumulate_rows(acc0 + nv, c0, rows + nv, R, n - nv, stride);
-    accumulate_rows(acc1 + nv, c1, rows + nv, R, n - nv, stride);
-  }
+MOE_EXT_INLINE const acc_t* panel(const acc_t* panels, int64_t e, int64_t c0, int64_t R,
+                                  int64_t n) {
+  const int64_t chunks = (n + kFeatureChunk - 1) / kFeatureChunk;
+  return panels + (e * chunks + c0 / kFeatureChunk) * R * kFeatureChunk;
 }
 
 template <typename scalar_t>
 struct LoraArgs {
   using acc_t = acc_of<scalar_t>;
   const scalar_t* x;      // (T, D)
+  const acc_t* Ap;        // lora_A as panels over D
   const scalar_t* A;      // (E, R, D)
-  const acc_t* Bt;        // (E, R, O): lora_B transposed so each rank row is contiguous
+  const acc_t* Bp;        // lora_B^T (E, R, O) as panels over O
   const acc_t* w;         // (T, K)
   const int64_t* experts; // (T, K)
   int64_t T, D, O, E, R, K;
   acc_t scaling;
 };
 
-// Tokens per block in the token-major kernels: a block's pairs are grouped by expert so
-// each expert's A and B rows are read once per block instead of once per pair.
-constexpr int64_t kTokenBlock = 32;
-
-// The block's LoRA pairs (expert < E) sorted by (expert, pair); returns their count.
-// Each token's pairs are then summed in expert-id order, whatever the blocking, so the
-// result does not depend on the thread count.
-inline int64_t sorted_block_pairs(const int64_t* experts, int64_t t0, int64_t t1, int64_t K,
-                                  int64_t E, std::vector<int64_t>& pairs) {
-  pairs.clear();
-  for (int64_t p = t0 * K; p < t1 * K; ++p)
-    if (experts[p] < E) pairs.push_back(p);
-  std::sort(pairs.begin(), pairs.end(), [experts](int64_t a, int64_t b) {
-    return experts[a] < experts[b] || (experts[a] == experts[b] && a < b);
-  });
-  return static_cast<int64_t>(pairs.size());
-}
-
-// y[t] = s * sum_k w[t,k] * B_e h[t,k] with h[t,k] = A_e x[t]; null experts give h = 0.
-template <typename scalar_t>
-MOE_EXT_SIMD_CLONES void lora_forward_tokens(const LoraArgs<scalar_t>& a, int64_t t0, int64_t t1,
-                                             scalar_t* y, acc_of<scalar_t>* h) {
-  using acc_t = acc_of<scalar_t>;
-  std::vector<acc_t> yblock(kTokenBlock * a.O), g(a.R), g2(a.R);
+// The LoRA pairs (expert < E) of tokens [t0, t1), sorted by (expert, pair), and the runs
+// [begin, end) of equal experts in that order.
+struct BlockPairs {
   std::vector<int64_t> pairs;
-  for (int64_t b0 = t0; b0 < t1; b0 += kTokenBlock) {
-    const int64_t b1 = std::min(t1, b0 + kTokenBlock);
-    std::fill(h + b0 * a.K * a.R, h + b1 * a.K * a.R, acc_t(0));  // null pairs stay 0
-    std::fill(yblock.begin(), yblock.end(), acc_t(0));
-    sorted_block_pairs(a.experts, b0, b1, a.K, a.E, pairs);
-    for (size_t i0 = 0, i1 = 0; i0 < pairs.size(); i0 = i1) {  // each run of one expert
-      const int64_t e = a.experts[pairs[i0]];
-      for (i1 = i0; i1 < pairs.size() && a.experts[pairs[i1]] == e; ++i1) {
-      }
-      const scalar_t* Ae = a.A + e * a.R * a.D;
-      const acc_t* Bte = a.Bt + e * a.R * a.O;
-      size_t i = i0;
-      for (; i + 2 <= i1; i += 2) {  // two pairs share each load of A_e and B_e
-        const int64_t p = pairs[i], q = pairs[i + 1];
-        acc_t *hp = h + p * a.R, *hq = h + q * a.R;
-        matvec_rows_x2(Ae, a.x + (p / a.K) * a.D, a.x + (q / a.K) * a.D, a.R, a.D, hp, hq);
-        const acc_t gp = a.scaling * a.w[p], gq = a.scaling * a.w[q];
-        for (int64_t r = 0; r < a.R; ++r) { g[r] = gp * hp[r]; g2[r] = gq * hq[r]; }
-        accumulate_rows_x2(yblock.data() + (p / a.K - b0) * a.O,
-                           yblock.data() + (q / a.K - b0) * a.O, g.data(), g2.data(), Bte, a.R,
-                           a.O, a.O);
-      }
-      if (i < i1) {
-        const int64_t p = pairs[i];
-        matvec_rows(Ae, a.x + (p / a.K) * a.D, a.R, a.D, h + p * a.R);
-        const acc_t gate = a.scaling * a.w[p];
-        for (int64_t r = 0; r < a.R; ++r) g[r] = gate * h[p * a.R + r];
-        accumulate_rows(yblock.data() + (p / a.K - b0) * a.O, g.data(), Bte, a.R, a.O, a.O);
+  std::vector<int64_t> run_expert, run_begin;  // run_begin has one extra entry: the end
+
+  void build(const int64_t* experts, int64_t t0, int64_t t1, int64_t K, int64_t E) {
+    pairs.clear();
+    run_expert.clear();
+    run_begin.clear();
+    for (int64_t p = t0 * K; p < t1 * K; ++p)
+      if (experts[p] < E) pairs.push_back(p);
+    std::sort(pairs.begin(), pairs.end(), [experts](int64_t a, int64_t b) {
+      return experts[a] < experts[b] || (experts[a] == experts[b] && a < b);
+    });
+    for (size_t i = 0; i < pairs.size(); ++i) {
+      if (i == 0 || experts[pairs[i]] != experts[pairs[i - 1]]) {
+        run_expert.push_back(experts[pairs[i]]);
+        run_begin.push_back(static_cast<int64_t>(i));
       }
     }
-    for (int64_t t = b0; t < b1; ++t) {
-      const acc_t* src = yblock.data() + (t - b0) * a.O;
-      scalar_t* dst = y + t * a.O;
-      for (int64_t o = 0; o < a.O; ++o) dst[o] = static_cast<scalar_t>(src[o]);
+    run_begin.push_back(static_cast<int64_t>(pairs.size()));
+  }
+};
+
+// out[p - pair0, :] += rows_e vecs[token(p)] for each pair p of the block, where
+// panels (pack_panels) hold each expert's R rows of n columns and vecs (T, n) one row
+// per token.
+template <typename acc_t, typename v_t>
+MOE_EXT_INLINE void block_shrink(const BlockPairs& bp, int64_t K, const acc_t* panels,
+                                 const v_t* vecs, int64_t R, int64_t n, int64_t pair0, acc_t* out) {
+  for (int64_t c0 = 0; c0 < n; c0 += kFeatureChunk) {
+    const int64_t nc = std::min(kFeatureChunk, n - c0);
+    for (size_t run = 0; run + 1 < bp.run_begin.size(); ++run) {
+      const acc_t* re = panel(panels, bp.run_expert[run], c0, R, n);
+      int64_t i = bp.run_begin[run];
+      const int64_t end = bp.run_begin[run + 1];
+      for (; i + 2 <= end; i += 2) {
+        const int64_t p = bp.pairs[i], q = bp.pairs[i + 1];
+        dots_x2(re, kFeatureChunk, vecs + (p / K) * n + c0, vecs + (q / K) * n + c0, R, nc,
+                out + (p - pair0) * R, out + (q - pair0) * R);
+      }
+      if (i < end) {
+        const int64_t p = bp.pairs[i];
+        dots_x1(re, kFeatureChunk, vecs + (p / K) * n + c0, R, nc, out + (p - pair0) * R);
+      }
     }
   }
 }
 
-// From gh = B_e^T dy[t] of pair p: dw[p] = s * <gh, h[p]> and dh[p] = s * w[p] * gh.
-template <typename scalar_t>
-MOE_EXT_INLINE void gate_grads(const LoraArgs<scalar_t>& a, int64_t p, const acc_of<scalar_t>* gh,
-                       const acc_of<scalar_t>* h, acc_of<scalar_t>* dw, acc_of<scalar_t>* dh) {
-  acc_of<scalar_t> dot = 0;
-  for (int64_t r = 0; r < a.R; ++r) dot += gh[r] * h[p * a.R + r];
-  dw[p] = a.scaling * dot;
-  const acc_of<scalar_t> gate = a.scaling * a.w[p];
-  for (int64_t r = 0; r < a.R; ++r) dh[p * a.R + r] = gate * gh[r];
-}
-
-// Per pair: gh = B_e^T dy[t]; dw = s * <gh, h>; dh = s * w * gh; dx[t] = sum_k A_e^T dh.
-template <typename scalar_t>
-MOE_EXT_SIMD_CLONES void lora_backward_tokens(const LoraArgs<scalar_t>& a, const scalar_t* dy,
-                                              const acc_of<scalar_t>* h, int64_t t0, int64_t t1,
-                                              scalar_t* dx, acc_of<scalar_t>* dw,
-                                              acc_of<scalar_t>* dh) {
-  using acc_t = acc_of<scalar_t>;
-  std::vector<acc_t> dxblock(kTokenBlock * a.D), gh(a.R), gh2(a.R);
-  std::vector<int64_t> pairs;
-  for (int64_t b0 = t0; b0 < t1; b0 += kTokenBlock) {
-    const int64_t b1 = std::min(t1, b0 + kTokenBlock);
-    std::fill(dh + b0 * a.K * a.R, dh + b1 * a.K * a.R, acc_t(0));  // null pairs stay 0
-    std::fill(dw + b0 * a.K, dw + b1 * a.K, acc_t(0));
-    std::fill(dxblock.begin(), dxblock.end(), acc_t(0));
-    sorted_block_pairs(a.experts, b0, b1, a.K, a.E, pairs);
-    for (size_t i0 = 0, i1 = 0; i0 < pairs.size(); i0 = i1) {  // each run of one expert
-      const int64_t e = a.experts[pairs[i0]];
-      for (i1 = i0; i1 < pairs.size() && a.experts[pairs[i1]] == e; ++i1) {
+// acc[token(p) - t0, :] += sum_r coef[p - pair0, r] rows_e[r, :] for each pair p of the block;
+// panels hold each expert's R rows of n columns, acc is (tokens of the block, n).
+template <typename acc_t>
+MOE_EXT_INLINE void block_expand(const BlockPairs& bp, int64_t K, const acc_t* coef,
+                                 const acc_t* panels, int64_t R, int64_t n, int64_t t0,
+                                 int64_t pair0, acc_t* acc) {
+  for (int64_t c0 = 0; c0 < n; c0 += kFeatureChunk) {
+    const int64_t nc = std::min(kFeatureChunk, n - c0);
+    for (size_t run = 0; run + 1 < bp.run_begin.size(); ++run) {
+      const acc_t* re = panel(panels, bp.run_expert[run], c0, R, n);
+      int64_t i = bp.run_begin[run];
+      const int64_t end = bp.run_begin[run + 1];
+      for (; i + 2 <= end; i += 2) {
+        const int64_t p = bp.pairs[i], q = bp.pairs[i + 1];
+        axpys_x2(acc + (p / K - t0) * n + c0, acc + (q / K - t0) * n + c0,
+                 coef + (p - pair0) * R, coef + (q - pair0) * R, re, kFeatureChunk, R, nc);
       }
-      const acc_t* Bte = a.Bt + e * a.R * a.O;
-      // gh = B_e^T dy per pair (two pairs share each load of B_e); dw, dh from gh.
-      size_t i = i0;
-      for (; i + 2 <= i1; i += 2) {
-        const int64_t p = pairs[i], q = pairs[i + 1];
-        matvec_rows_x2(Bte, dy + (p / a.K) * a.O, dy + (q / a.K) * a.O, a.R, a.O, gh.data(),
-                       gh2.data());
-        gate_grads(a, p, gh.data(), h, dw, dh);
-        gate_grads(a, q, gh2.data(), h, dw, dh);
+      if (i < end) {
+        const int64_t p = bp.pairs[i];
+        axpys_x1(acc + (p / K - t0) * n + c0, coef + (p - pair0) * R, re, kFeatureChunk, R, nc);
       }
-      if (i < i1) {
-        matvec_rows(Bte, dy + (pairs[i] / a.K) * a.O, a.R, a.O, gh.data());
-        gate_grads(a, pairs[i], gh.data(), h, dw, dh);
-      }
-      const scalar_t* Ae = a.A + e * a.R * a.D;
-      for (i = i0; i + 2 <= i1; i += 2) {
-        const int64_t p = pairs[i], q = pairs[i + 1];
-        accumulate_rows_x2(dxblock.data() + (p / a.K - b0) * a.D,
-                           dxblock.data() + (q / a.K - b0) * a.D, dh + p * a.R, dh + q * a.R, Ae,
-                           a.R, a.D, a.D);
-      }
-      if (i < i1) {
-        const int64_t p = pairs[i];
-        accumulate_rows(dxblock.data() + (p / a.K - b0) * a.D, dh + p * a.R, Ae, a.R, a.D, a.D);
-      }
-    }
-    for (int64_t t = b0; t < b1; ++t) {
-      const acc_t* src = dxblock.data() + (t - b0) * a.D;
-      scalar_t* dst = dx + t * a.D;
-      for (int64_t d = 0; d < a.D; ++d) dst[d] = static_cast<scalar_t>(src[d]);
     }
   }
+}
+
+// Per-task scratch, reused across the task's blocks (fresh large buffers per block would
+// cost page faults).
+template <typename acc_t>
+struct BlockScratch {
+  BlockPairs bp;
+  std::vector<acc_t> coef, rows;  // (pairs of the block, R) and (tokens of the block, D or O)
+};
+
+// Converts the block's accumulator rows to the output dtype.
+template <typename scalar_t, typename acc_t>
+MOE_EXT_INLINE void store_rows(const acc_t* src, int64_t rows, int64_t n, scalar_t* dst) {
+  for (int64_t i = 0; i < rows * n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// Tokens [t0, t1) (one block): h[p] = A_e x[t] (0 for null experts) and
+// y[t] = s * sum_k w[t,k] * B_e h[t,k].
+template <typename scalar_t>
+MOE_EXT_SIMD_CLONES void lora_forward_block(const LoraArgs<scalar_t>& a, int64_t t0, int64_t t1,
+                                            scalar_t* y, acc_of<scalar_t>* h,
+                                            BlockScratch<acc_of<scalar_t>>& s) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t nt = t1 - t0, pair0 = t0 * a.K, np = nt * a.K;
+  BlockPairs& bp = s.bp;
+  bp.build(a.experts, t0, t1, a.K, a.E);
+  acc_t* hb = h + pair0 * a.R;
+  std::fill(hb, hb + np * a.R, acc_t(0));
+  block_shrink(bp, a.K, a.Ap, a.x, a.R, a.D, pair0, hb);
+  std::vector<acc_t>&g = s.coef, &yblock = s.rows;
+  g.resize(np * a.R);
+  yblock.assign(nt * a.O, acc_t(0));
+  for (int64_t p = pair0; p < pair0 + np; ++p) {
+    const acc_t gate = a.scaling * a.w[p];
+    for (int64_t r = 0; r < a.R; ++r) g[(p - pair0) * a.R + r] = gate * hb[(p - pair0) * a.R + r];
+  }
+  block_expand(bp, a.K, g.data(), a.Bp, a.R, a.O, t0, pair0, yblock.data());
+  store_rows(yblock.data(), nt, a.O, y + t0 * a.O);
+}
+
+// Tokens [t0, t1): gh = B_e^T dy[t]; dw = s * <gh, h>; dh = s * w * gh;
+// dx[t] = sum_k A_e^T dh[t,k]. Null-expert pairs get dw = 0, dh = 0.
+template <typename scalar_t>
+MOE_EXT_SIMD_CLONES void lora_backward_block(const LoraArgs<scalar_t>& a, const scalar_t* dy,
+                                             const acc_of<scalar_t>* h, int64_t t0, int64_t t1,
+                                             scalar_t* dx, acc_of<scalar_t>* dw,
+                                             acc_of<scalar_t>* dh,
+                                             BlockScratch<acc_of<scalar_t>>& s) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t nt = t1 - t0, pair0 = t0 * a.K, np = nt * a.K;
+  BlockPairs& bp = s.bp;
+  bp.build(a.experts, t0, t1, a.K, a.E);
+  std::vector<acc_t>&gh = s.coef, &dxblock = s.rows;
+  gh.assign(np * a.R, acc_t(0));
+  dxblock.assign(nt * a.D, acc_t(0));
+  block_shrink(bp, a.K, a.Bp, dy, a.R, a.O, pair0, gh.data());
+  acc_t* dhb = dh + pair0 * a.R;
+  for (int64_t i = 0; i < np; ++i) {
+    const int64_t p = pair0 + i;
+    const bool lora = a.experts[p] < a.E;
+    acc_t dot = 0;
+    for (int64_t r = 0; r < a.R; ++r) dot += gh[i * a.R + r] * h[p * a.R + r];
+    dw[p] = lora ? a.scaling * dot : acc_t(0);
+    const acc_t gate = lora ? a.scaling * a.w[p] : acc_t(0);
+    for (int64_t r = 0; r < a.R; ++r) dhb[i * a.R + r] = gate * gh[i * a.R + r];
+  }
+  block_expand(bp, a.K, dhb, a.Ap, a.R, a.D, t0, pair0, dxblock.data());
+  store_rows(dxblock.data(), nt, a.D, dx + t0 * a.D);
 }
 
 // For one expert and columns [c0, c1): tile[r, c] = sum over the expert's pairs
@@ -312,6 +219,7 @@ constexpr int64_t kRows = 4, kPairChunk = 64;
 // the kRows x 2 vector accumulators held in registers over the m pairs.
 template <typename scalar_t>
 MOE_EXT_INLINE void outer_tile(const acc_of<scalar_t>* cbuf, const scalar_t* const* vrow, int64_t m,
+                               const scalar_t* const* prefetch_rows, int64_t prefetch_m,
                        int64_t c, acc_of<scalar_t>* tile, int64_t n) {
   using acc_t = acc_of<scalar_t>;
   using V = typename Vec<acc_t>::type;
@@ -321,6 +229,8 @@ MOE_EXT_INLINE void outer_tile(const acc_of<scalar_t>* cbuf, const scalar_t* con
   V a20 = load_vec<acc_t>(tile + 2 * n), a21 = load_vec<acc_t>(tile + 2 * n + L);
   V a30 = load_vec<acc_t>(tile + 3 * n), a31 = load_vec<acc_t>(tile + 3 * n + L);
   for (int64_t i = 0; i < m; ++i) {
+    // The pairs' rows are scattered tokens: fetch the next chunk's while this one computes.
+    if (i < prefetch_m) __builtin_prefetch(prefetch_rows[i] + c);
     const V v0 = load_vec<acc_t>(vrow[i] + c), v1 = load_vec<acc_t>(vrow[i] + c + L);
     const acc_t* cf = cbuf + i * kRows;
     a00 += cf[0] * v0; a01 += cf[0] * v1;
@@ -328,10 +238,10 @@ MOE_EXT_INLINE void outer_tile(const acc_of<scalar_t>* cbuf, const scalar_t* con
     a20 += cf[2] * v0; a21 += cf[2] * v1;
     a30 += cf[3] * v0; a31 += cf[3] * v1;
   }
-  std::memcpy(tile, &a00, sizeof(V)); std::memcpy(tile + L, &a01, sizeof(V));
-  std::memcpy(tile + n, &a10, sizeof(V)); std::memcpy(tile + n + L, &a11, sizeof(V));
-  std::memcpy(tile + 2 * n, &a20, sizeof(V)); std::memcpy(tile + 2 * n + L, &a21, sizeof(V));
-  std::memcpy(tile + 3 * n, &a30, sizeof(V)); std::memcpy(tile + 3 * n + L, &a31, sizeof(V));
+  store_vec<acc_t>(tile, a00); store_vec<acc_t>(tile + L, a01);
+  store_vec<acc_t>(tile + n, a10); store_vec<acc_t>(tile + n + L, a11);
+  store_vec<acc_t>(tile + 2 * n, a20); store_vec<acc_t>(tile + 2 * n + L, a21);
+  store_vec<acc_t>(tile + 3 * n, a30); store_vec<acc_t>(tile + 3 * n + L, a31);
 }
 
 template <typename scalar_t>
@@ -346,10 +256,13 @@ MOE_EXT_SIMD_CLONES void outer_sum_expert(const int64_t* order, int64_t begin, i
   std::fill(tile, tile + R * n, acc_t(0));
   constexpr int64_t kCols = 2 * Vec<acc_t>::lanes;
   acc_t cbuf[kPairChunk * kRows];
-  const scalar_t* vrow[kPairChunk];
+  const scalar_t *vrow[kPairChunk], *next_vrow[kPairChunk];
   for (int64_t i0 = begin; i0 < end; i0 += kPairChunk) {
     const int64_t m = std::min(kPairChunk, end - i0);
+    const int64_t next_m = std::max<int64_t>(0, std::min(kPairChunk, end - i0 - kPairChunk));
     for (int64_t i = 0; i < m; ++i) vrow[i] = rows + (order[i0 + i] / K) * row_stride + c0;
+    for (int64_t i = 0; i < next_m; ++i)
+      next_vrow[i] = rows + (order[i0 + kPairChunk + i] / K) * row_stride + c0;
     for (int64_t r0 = 0; r0 < R; r0 += kRows) {
       const int64_t rb = std::min(kRows, R - r0);
       for (int64_t i = 0; i < m; ++i) {  // this chunk's coefficients for rows r0..r0+rb
@@ -360,7 +273,9 @@ MOE_EXT_SIMD_CLONES void outer_sum_expert(const int64_t* order, int64_t begin, i
       }
       int64_t c = 0;
       if (rb == kRows) {
-        for (; c + kCols <= n; c += kCols) outer_tile<scalar_t>(cbuf, vrow, m, c, tile + r0 * n + c, n);
+        for (; c + kCols <= n; c += kCols)
+          outer_tile<scalar_t>(cbuf, vrow, m, next_vrow, r0 == 0 ? next_m : 0, c,
+                               tile + r0 * n + c, n);
       }
       for (; c < n; ++c)  // leftover columns
         for (int64_t i = 0; i < m; ++i)
@@ -386,19 +301,22 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
                     " outside [0, ", E + num_null_experts, ") (E=", E,
                     " LoRA experts + num_null_experts=", num_null_experts, ")");
   const auto acc = acc_type_of(x.scalar_type());
-  const at::Tensor Bt = B_in.transpose(1, 2).to(acc).contiguous();
+  const at::Tensor Ap = pack_panels(A, acc), Bp = pack_panels(B_in.transpose(1, 2), acc);
   at::Tensor y = at::empty({T, O}, x.options());
   at::Tensor h = at::empty({T * K, R}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_forward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
-    const LoraArgs<scalar_t> args{x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                                  Bt.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
+    const LoraArgs<scalar_t> args{x.data_ptr<scalar_t>(), Ap.data_ptr<acc_t>(),
+                                  A.data_ptr<scalar_t>(), Bp.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
                                   experts.data_ptr<int64_t>(), T, D, O, E, R, K,
                                   static_cast<acc_t>(scaling)};
     // Tasks are whole token blocks so that a block's contents (and so every bit of the
     // result) do not depend on the thread count.
     at::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
-      lora_forward_tokens<scalar_t>(args, b0 * kTokenBlock, std::min(T, b1 * kTokenBlock), y.data_ptr<scalar_t>(), h.data_ptr<acc_t>());
+      BlockScratch<acc_t> scratch;
+      for (int64_t b = b0; b < b1; ++b)
+        lora_forward_block<scalar_t>(args, b * kTokenBlock, std::min(T, (b + 1) * kTokenBlock),
+                                     y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), scratch);
     });
   });
   return {y, h};
@@ -427,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
                    experts = experts_in.contiguous(), order = order_in.contiguous(),
                    offsets = offsets_in.contiguous(), h = h_in.to(acc).contiguous(),
                    dy = grad_y_in.to(x.scalar_type()).contiguous();
-  const at::Tensor Bt = B_in.transpose(1, 2).to(acc).contiguous();
+  const at::Tensor Ap = pack_panels(A, acc), Bp = pack_panels(B_in.transpose(1, 2), acc);
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw = at::empty({T, K}, w.options());
   at::Tensor dh = at::empty({T * K, R}, w.options());
@@ -435,15 +353,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   at::Tensor dB = at::empty({E, O, R}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_backward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
-    const LoraArgs<scalar_t> args{x.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                                  Bt.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
+    const LoraArgs<scalar_t> args{x.data_ptr<scalar_t>(), Ap.data_ptr<acc_t>(),
+                                  A.data_ptr<scalar_t>(), Bp.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
                                   experts.data_ptr<int64_t>(), T, D, O, E, R, K,
                                   static_cast<acc_t>(scaling)};
     at::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
-      lora_backward_tokens<scalar_t>(args, dy.data_ptr<scalar_t>(), h.data_ptr<acc_t>(),
-                                     b0 * kTokenBlock, std::min(T, b1 * kTokenBlock),
-                                     dx.data_ptr<scalar_t>(), dw.data_ptr<acc_t>(),
-                                     dh.data_ptr<acc_t>());
+      BlockScratch<acc_t> scratch;
+      for (int64_t b = b0; b < b1; ++b)
+        lora_backward_block<scalar_t>(args, dy.data_ptr<scalar_t>(), h.data_ptr<acc_t>(),
+                                      b * kTokenBlock, std::min(T, (b + 1) * kTokenBlock),
+                                      dx.data_ptr<scalar_t>(), dw.data_ptr<acc_t>(),
+                                      dh.data_ptr<acc_t>(), scratch);
     });
     // Weight gradients: tasks are (expert, column block) for dA, then the same for dB.
     const int64_t* ord = order.data_ptr<int64_t>();
@@ -478,97 +398,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   return {dx, dw, dA, dB};
 }
 
-// gated[t, e*R:(e+1)*R] = s * w[t,k] * h_all[t, e*R:(e+1)*R] for each chosen LoRA expert
-// e = experts[t,k]; zero for experts not chosen (and nothing for null experts).
-at::Tensor gate_dense_cpu(const at::Tensor& h_all_in, const at::Tensor& w_in,
-                          const at::Tensor& experts_in, int64_t E, int64_t num_null_experts,
-                          double scaling) {
-  check_dim(h_all_in, 2, "h_all");
-  check_float(h_all_in, "h_all");
-  check_routing(w_in, experts_in, h_all_in.size(0), h_all_in, "h_all");
-  TORCH_CHECK_VALUE(E >= 1 && h_all_in.size(1) % E == 0, "h_all width ", h_all_in.size(1),
-                    " must be a multiple of num_experts=", E);
-  const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous();
-  const int64_t T = h.size(0), ER = h.size(1), R = ER / E, K = ex.size(1);
-  const int64_t bad = first_bad_expert_id(ex.data_ptr<int64_t>(), T * K, E + num_null_experts);
-  TORCH_CHECK_VALUE(bad < 0, "experts holds id ", bad < 0 ? 0 : ex.data_ptr<int64_t>()[bad],
-                    " outside [0, ", E + num_null_experts, ")");
-  at::Tensor out = at::zeros_like(h);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "gate_dense_cpu", [&] {
-    using acc_t = acc_of<scalar_t>;
-    const scalar_t* hp = h.data_ptr<scalar_t>();
-    const acc_t* wp = w.data_ptr<acc_t>();
-    const int64_t* ep = ex.data_ptr<int64_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t e = ep[t * K + k];
-          if (e >= E) continue;
-          const acc_t g = static_cast<acc_t>(scaling) * wp[t * K + k];
-          for (int64_t r = 0; r < R; ++r) {
-            const int64_t i = t * ER + e * R + r;
-            op[i] = static_cast<scalar_t>(static_cast<acc_t>(op[i]) + g * static_cast<acc_t>(hp[i]));  // sums repeated ids
-          }
-        }
-      }
-    });
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> gate_dense_backward_cpu(const at::Tensor& grad_in,
-                                                           const at::Tensor& h_all_in,
-                                                           const at::Tensor& w_in,
-                                                           const at::Tensor& experts_in, int64_t E,
-                                                           int64_t num_null_experts, double scaling) {
-  check_dim(h_all_in, 2, "h_all");
-  check_float(h_all_in, "h_all");
-  check_routing(w_in, experts_in, h_all_in.size(0), h_all_in, "h_all");
-  TORCH_CHECK_VALUE(grad_in.sizes() == h_all_in.sizes(), "grad_gated shape ", grad_in.sizes(),
-                    " must equal h_all shape ", h_all_in.sizes());
-  TORCH_CHECK_VALUE(E >= 1 && h_all_in.size(1) % E == 0, "h_all width ", h_all_in.size(1),
-                    " must be a multiple of num_experts=", E);
-  const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous(),
-                   g = grad_in.to(h.scalar_type()).contiguous();
-  const int64_t T = h.size(0), ER = h.size(1), R = ER / E, K = ex.size(1);
-  const int64_t bad = first_bad_expert_id(ex.data_ptr<int64_t>(), T * K, E + num_null_experts);
-  TORCH_CHECK_VALUE(bad < 0, "experts holds id ", bad < 0 ? 0 : ex.data_ptr<int64_t>()[bad],
-                    " outside [0, ", E + num_null_experts, ")");
-  at::Tensor dh = at::zeros_like(h);
-  at::Tensor dw = at::empty_like(w);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "gate_dense_backward_cpu", [&] {
-    using acc_t = acc_of<scalar_t>;
-    const scalar_t *hp = h.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
-    const acc_t* wp = w.data_ptr<acc_t>();
-    const int64_t* ep = ex.data_ptr<int64_t>();
-    scalar_t* dhp = dh.data_ptr<scalar_t>();
-    acc_t* dwp = dw.data_ptr<acc_t>();
-    const acc_t s = static_cast<acc_t>(scaling);
-    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t e = ep[t * K + k];
-          if (e >= E) {
-            dwp[t * K + k] = 0;
-            continue;
-          }
-          const acc_t gate = s * wp[t * K + k];
-          acc_t dot = 0;
-          for (int64_t r = 0; r < R; ++r) {
-            const int64_t i = t * ER + e * R + r;
-            const acc_t gi = static_cast<acc_t>(gp[i]);
-            dot += gi * static_cast<acc_t>(hp[i]);
-            dhp[i] = static_cast<scalar_t>(static_cast<acc_t>(dhp[i]) + gate * gi);
-          }
-          dwp[t * K + k] = s * dot;
-        }
-      }
-    });
-  });
-  return {dh, dw};
-}
-
 }  // namespace
 }  // namespace cpu
 }  // namespace moe_ext
@@ -576,6 +405,4 @@ std::tuple<at::Tensor, at::Tensor> gate_dense_backward_cpu(const at::Tensor& gra
 TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("lora_forward", &moe_ext::cpu::lora_forward_cpu);
   m.impl("lora_backward", &moe_ext::cpu::lora_backward_cpu);
-  m.impl("gate_dense", &moe_ext::cpu::gate_dense_cpu);
-  m.impl("gate_dense_backward", &moe_ext::cpu::gate_dense_backward_cpu);
 }
