@@ -2,6 +2,10 @@
 from . import functional, ops, reference
 from .config import MoLoRAConfig
 from .layers import MoLoRALinear
+from .model import (disable_adapters, get_molora_model, last_routing, load_molora, molora_layers,
+                    save_molora, set_group_bias)
 
 __version__ = "0.1.0"
-__all__ = ["MoLoRAConfig", "MoLoRALinear", "functional", "ops", "reference", "__version__"]
+__all__ = ["MoLoRAConfig", "MoLoRALinear", "functional", "ops", "reference", "get_molora_model",
+           "save_molora", "load_molora", "disable_adapters", "molora_layers", "last_routing",
+           "set_group_bias", "__version__"]

@@ -1,6 +1,8 @@
 """MoLoRALinear: a frozen base linear layer plus E LoRA experts chosen per token by a router.
 
     y = base(x) + s * sum_{k<K} w_k * B_{e_k} A_{e_k} dropout(x)
+
+The base is an nn.Linear or a GPT-2 style Conv1D (weight stored as (D, O)).
 """
 from __future__ import annotations
 
@@ -18,22 +20,38 @@ class LastRouting(NamedTuple):
     probs: torch.Tensor    # (T, E + N), keeps its graph so router losses can train the router
     experts: torch.Tensor  # (T, K)
     counts: torch.Tensor   # (E + N,)
+    logits: torch.Tensor   # (T, E + N) router logits before bias and temperature (z-loss)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 Conv1D: y = x @ weight + bias with weight (D, O)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(D, O) of an nn.Linear or Conv1D; ValueError for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise ValueError(f"base must be an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
 
 
 class MoLoRALinear(nn.Module):
-    """Wraps `base` (nn.Linear D -> O). Parameters: lora_A (E, R, D), lora_B (E, O, R)
-    (zeros, so a fresh layer equals its base), router (nn.Linear D -> E + N, no bias).
-    Buffer logit_bias (E + N,) is added to the router logits (steering; zeros by default).
-    After each forward, `last_routing` holds that call's routing."""
+    """Wraps `base` (nn.Linear or Conv1D, D -> O). Parameters: lora_A (E, R, D), lora_B
+    (E, O, R) (zeros, so a fresh layer equals its base), router (nn.Linear D -> E + N, no
+    bias). Buffer logit_bias (E + N,) is added to the router logits (steering; zeros by
+    default). After each forward, `last_routing` holds that call's routing.
+    `adapters_enabled = False` makes the layer exactly its base (see disable_adapters)."""
 
-    def __init__(self, base: nn.Linear, config: MoLoRAConfig):
+    def __init__(self, base: nn.Module, config: MoLoRAConfig):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"base must be an nn.Linear, got {type(base).__name__}")
         if not isinstance(config, MoLoRAConfig):
             raise ValueError(f"config must be a MoLoRAConfig, got {type(config).__name__}")
+        D, O = linear_features(base)
         self.base, self.config = base, config
-        D, O = base.in_features, base.out_features
+        self.in_features, self.out_features = D, O
+        self.adapters_enabled = True
         E, R, M = config.num_experts, config.r, config.num_experts + config.num_null_experts
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(E, R, D, **kw))
@@ -54,20 +72,30 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., O)."""
-        out = self.molora_output(x)
-        return self.base(x) + out.delta.to(self.base.weight.dtype)
+        y = self.base(x)
+        if not self.adapters_enabled:
+            return y
+        return y + self.molora_output(x).delta.to(y.dtype)
 
     def molora_output(self, x: torch.Tensor):
         """The experts' delta (..., O) and this call's routing; records `last_routing`."""
         c = self.config
+        A, B = self.lora_A, self.lora_B
+        if torch.is_autocast_enabled(x.device.type):  # run the experts in the autocast dtype
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
+        elif x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        logits = self.router(x)
         out = molora_with_routing(
-            self.dropout(x), self.router(x), self.lora_A, self.lora_B, c.top_k, c.scaling,
-            c.num_null_experts, c.normalize_weights, temperature=c.router_temperature,
-            logit_bias=self.logit_bias, strategy=c.strategy)
-        self.last_routing = LastRouting(out.probs, out.experts, out.counts)
+            self.dropout(x), logits, A, B, c.top_k, c.scaling, c.num_null_experts,
+            c.normalize_weights, temperature=c.router_temperature, logit_bias=self.logit_bias,
+            strategy=c.strategy)
+        self.last_routing = LastRouting(out.probs, out.experts, out.counts,
+                                        logits.reshape(-1, logits.shape[-1]))
         return out
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"in={self.base.in_features}, out={self.base.out_features}, E={c.num_experts}, "
+        return (f"in={self.in_features}, out={self.out_features}, E={c.num_experts}, "
                 f"N={c.num_null_experts}, K={c.top_k}, r={c.r}, scaling={c.scaling:g}")

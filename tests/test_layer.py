@@ -70,7 +70,7 @@ def test_config_expert_groups_checked_and_json_round_trip():
 
 
 def test_layer_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="base"):
+    with pytest.raises(ValueError, match="base must be"):
         MoLoRALinear(nn.Conv1d(3, 3, 1), MoLoRAConfig())
     with pytest.raises(ValueError, match="config"):
         MoLoRALinear(nn.Linear(3, 3), {"r": 2})

@@ -1,0 +1,175 @@
+"""A small, complete training loop shared by PMoL and reward-model training: AdamW over the
+trainable parameters, gradient accumulation, progress bar, bf16 autocast on GPU, atomic
+checkpoints that resume with identical results, and DDP under torchrun.
+
+The caller gives two functions:
+  batch_fn(step, micro, rank, world) -> batch   (deterministic in its arguments, so a
+                                                 resumed run sees the same data)
+  loss_fn(model, raw_model, batch) -> (loss, {name: float})
+where `model` may be the DDP wrapper (use it for the trained forward) and `raw_model` the
+module itself (use it for anything else, e.g. a reference forward under disable_adapters).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    grad_accum: int = 1            # micro-batches per optimizer step
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0     # 0 disables clipping
+    seed: int = 0
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 50     # steps; a final checkpoint is always written
+    resume: bool = True            # continue from checkpoint_dir when it holds a checkpoint
+    progress: bool = True
+    amp: str = "auto"              # "auto": bf16 autocast on CUDA, none on CPU; "bf16"; "none"
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.amp not in ("auto", "bf16", "none"):
+            raise ValueError(f"TrainConfig.amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one row per optimizer step
+    resumed_from: int = 0
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world): joins the torchrun process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, history) -> None:
+    """Tensors to ckpt-<step>.safetensors, then trainer_state.json naming it (both atomic), so
+    a crash at any point leaves the previous checkpoint intact."""
+    from .model import atomic_write
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).contiguous().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    name = f"ckpt-{step}.safetensors"
+    atomic_write(os.path.join(directory, name), lambda tmp: save_file(tensors, tmp))
+    meta = {"step": step, "tensors": name, "param_groups": opt["param_groups"], "history": history}
+    atomic_write(os.path.join(directory, STATE_NAME),
+                 lambda tmp: open(tmp, "w").write(json.dumps(meta)))
+    for old in os.listdir(directory):  # keep only the checkpoint the state points to
+        if old.startswith("ckpt-") and old.endswith(".safetensors") and old != name:
+            os.remove(os.path.join(directory, old))
+
+
+def load_checkpoint(directory: str, model: nn.Module, optimizer) -> tuple[int, list]:
+    """Restores parameters, optimizer state and RNG; returns (step, history)."""
+    meta = json.load(open(os.path.join(directory, STATE_NAME)))
+    tensors = load_file(os.path.join(directory, meta["tensors"]))
+    params = dict(trainable_parameters(model))
+    with torch.no_grad():
+        for name, p in params.items():
+            key = f"param.{name}"
+            if key not in tensors or tensors[key].shape != p.shape:
+                raise ValueError(f"checkpoint in {directory!r} does not match the model at {name}")
+            p.copy_(tensors[key])
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value.to(next(iter(params.values())).device) \
+                if name != "step" else value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta["step"], meta["history"]
+
+
+def has_checkpoint(directory: Optional[str]) -> bool:
+    return bool(directory) and os.path.isfile(os.path.join(directory, STATE_NAME))
+
+
+# ---------------------------------------------------------------- the loop
+def train(model: nn.Module, batch_fn: Callable, loss_fn: Callable, config: TrainConfig,
+          describe: str = "train") -> TrainResult:
+    rank, world = init_distributed()
+    torch.manual_seed(config.seed + rank)
+    params = [p for _, p in trainable_parameters(model)]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    result = TrainResult()
+    start = 0
+    if config.resume and has_checkpoint(config.checkpoint_dir):
+        start, result.history = load_checkpoint(config.checkpoint_dir, model, optimizer)
+        result.resumed_from = start
+    wrapped = model
+    if world > 1:
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    device = params[0].device
+    use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, config.steps), desc=describe, initial=start, total=config.steps,
+               disable=not config.progress or rank != 0, dynamic_ncols=True)
+    model.train()
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro in range(config.grad_accum):
+            batch = batch_fn(step, micro, rank, world)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, metrics = loss_fn(wrapped, model, batch)
+            (loss / config.grad_accum).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / config.grad_accum
+        if config.max_grad_norm > 0:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        optimizer.step()
+        if world > 1:  # average the metrics so every rank logs the same numbers
+            t = torch.tensor([totals[k] for k in sorted(totals)], device=device)
+            dist.all_reduce(t)
+            totals = {k: float(v) / world for k, v in zip(sorted(totals), t)}
+        result.history.append({"step": step + 1, **totals})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in list(totals.items())[:3]})
+        done = step + 1
+        if config.checkpoint_dir and rank == 0 and (done % config.checkpoint_every == 0
+                                                    or done == config.steps):
+            save_checkpoint(config.checkpoint_dir, done, model, optimizer, result.history)
+        if world > 1 and config.checkpoint_dir:
+            dist.barrier()
+    bar.close()
+    return result
