@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
@@ -35,21 +34,6 @@ VARIANTS = {  # name: (top_k, FitConfig overrides)
     "ablation: no diversity": (1, dict(diversity_coef=0.0)),
     "ablation: no regularizer": (1, dict(sparsity_coef=0.0, balance_coef=0.0, diversity_coef=0.0)),
 }
-
-
-def purity_nmi(pred: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
-    """Cluster purity and NMI (arithmetic normalisation) of predicted vs true labels."""
-    n = len(truth)
-    table = torch.zeros(int(truth.max()) + 1, int(pred.max()) + 1)
-    table.index_put_((truth, pred), torch.ones(n), accumulate=True)
-    purity = table.max(1).values.sum().item() / n
-    p = table / n
-    pt, pp = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
-    nz = p > 0
-    mi = (p[nz] * torch.log(p[nz] / (pt @ pp)[nz])).sum().item()
-    h = lambda q: -(q[q > 0] * torch.log(q[q > 0])).sum().item()  # noqa: E731
-    denom = (h(pt) + h(pp)) / 2
-    return purity, (mi / denom if denom > 0 else 1.0)
 
 
 def finetune_universal(universal, pairs, steps=50, lr=0.01):
@@ -98,7 +82,7 @@ def run_seed(seed, args):
         reward.fit(model, train.prompt, train.chosen, train.rejected, epochs=args.epochs,
                    progress=False, **overrides)
         routed = model.route(test.prompt).argmax(-1)
-        purity, nmi = purity_nmi(routed, test.label)
+        purity, nmi = reward.purity_nmi(routed, test.label)
         row = {"purity": purity, "nmi": nmi,
                "category_accuracy": reward.pairwise_accuracy(model, test.prompt, test.chosen,
                                                              test.rejected),

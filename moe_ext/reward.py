@@ -287,6 +287,27 @@ def pairwise_accuracy(model: nn.Module, prompt_emb: torch.Tensor, chosen_emb: to
     return (rc > rr).float().mean().item()
 
 
+def purity_nmi(pred: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """Cluster purity (each predicted cluster counted as its majority category) and NMI
+    (arithmetic normalisation) of predicted vs true labels (n,): how well the router's top
+    expert recovers known categories."""
+    n = len(truth)
+    table = torch.zeros(int(truth.max()) + 1, int(pred.max()) + 1)
+    table.index_put_((truth.long(), pred.long()), torch.ones(n), accumulate=True)
+    purity = table.max(0).values.sum().item() / n
+    p = table / n
+    pt, pp = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+    nz = p > 0
+    mi = (p[nz] * torch.log(p[nz] / (pt @ pp)[nz])).sum().item()
+
+    def entropy(q):
+        q = q[q > 0]
+        return -(q * torch.log(q)).sum().item()
+
+    denom = (entropy(pt) + entropy(pp)) / 2
+    return purity, (mi / denom if denom > 0 else 1.0)
+
+
 # ---------------------------------------------------------------- backbone mode
 class BackboneRewardModel(nn.Module):
     """Backbone mode: an HF transformers encoder or decoder (optionally with MoLoRA layers

@@ -24,3 +24,33 @@ def test_unknown_command_exits_nonzero():
     proc = subprocess.run([sys.executable, "-m", "moe_ext.cli", "nope"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_train_rm_and_adapt_synthetic(tmp_path, capsys):
+    out = tmp_path / "rm"
+    assert cli.main(["train-rm", "--synthetic", "--synthetic-pairs", "2000", "--epochs", "15",
+                     "--output", str(out), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["router_purity"] > 0.9 and metrics["test_accuracy"] > 0.85
+    assert cli.main(["adapt", "--model", str(out), "--synthetic-user", "1", "--pairs", "16",
+                     "--json", "--output", str(tmp_path / "user.json")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(sum(result["weights"]) - 1) < 1e-5
+    assert result["heldout_accuracy_adapted"] > result["heldout_accuracy_routed"]
+    assert json.load(open(tmp_path / "user.json"))["weights"] == result["weights"]
+
+
+def test_train_rm_on_text_and_adapt_errors(tmp_path, capsys):
+    rows = [{"prompt": f"question {i} about cats", "chosen": "a kind detailed answer",
+             "rejected": "go away", "category": i % 2} for i in range(40)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rm"
+    assert cli.main(["train-rm", "--data", str(path), "--experts", "2", "--epochs", "5",
+                     "--output", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test_accuracy"] == 1.0
+    assert cli.main(["adapt", "--model", str(out), "--synthetic-user", "0"]) == 2
+    assert "--synthetic" in capsys.readouterr().err
+    assert cli.main(["adapt", "--model", str(tmp_path / "nope"), "--data", str(path)]) == 2
+    assert cli.main(["train-rm", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
