@@ -62,6 +62,12 @@ class MoLoRALinear(nn.Module):
         self.last_routing: Optional[LastRouting] = None
         self.reset_lora_parameters()
 
+    def __getstate__(self):
+        # last_routing holds graph tensors that cannot be copied; copies start without it
+        state = self.__dict__.copy()
+        state["last_routing"] = None
+        return state
+
     def reset_lora_parameters(self):
         """A like PEFT's LoRA (Kaiming-uniform per expert), B zero, router small and random."""
         with torch.no_grad():

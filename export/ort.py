@@ -1,0 +1,80 @@
+"""OrtModel: an onnxruntime session for models written by to_onnx."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+             "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+             "tensor(bool)": np.bool_}
+
+
+class OrtModel:
+    """OrtModel(path, providers=None)(**inputs) -> {output name: numpy array}.
+
+    providers None picks CUDA when onnxruntime-gpu sees a GPU, else the CPU provider.
+    Inputs may be numpy arrays or torch tensors; CUDA tensors go through IO binding, so
+    they are read on the device without a copy through the host.
+    """
+
+    def __init__(self, path: str, providers: Optional[list[str]] = None):
+        import onnxruntime as ort
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ONNX model not found: {path!r}")
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
+                         if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"])
+        for p in providers:
+            if p not in available:
+                raise ValueError(f"execution provider {p!r} is not available; this "
+                                 f"onnxruntime has {available}")
+        self.path = path
+        self.session = ort.InferenceSession(path, providers=providers)
+        self.providers = self.session.get_providers()
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def _check(self, inputs: dict) -> None:
+        unknown = sorted(set(inputs) - set(self.inputs))
+        missing = sorted(set(self.inputs) - set(inputs))
+        if unknown or missing:
+            raise ValueError(f"{os.path.basename(self.path)} takes inputs {sorted(self.inputs)}; "
+                             f"unknown {unknown}, missing {missing}")
+        for name, value in inputs.items():
+            rank = len(self.inputs[name].shape)
+            if len(value.shape) != rank:
+                raise ValueError(f"input {name!r} must have {rank} dims "
+                                 f"{self.inputs[name].shape}, got shape {tuple(value.shape)}")
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        self._check(inputs)
+        on_cuda = any(getattr(v, "is_cuda", False) for v in inputs.values())
+        if on_cuda and "CUDAExecutionProvider" in self.providers:
+            return self._run_bound(inputs)
+        feeds = {}
+        for name, value in inputs.items():
+            array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            feeds[name] = array.astype(_NP_TYPES.get(self.inputs[name].type, array.dtype), copy=False)
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+    def _run_bound(self, inputs: dict) -> dict[str, np.ndarray]:
+        """IO binding: inputs read from device memory, outputs allocated on the device."""
+        import torch
+
+        binding = self.session.io_binding()
+        keep = []
+        for name, value in inputs.items():
+            want = _NP_TYPES[self.inputs[name].type]
+            t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+            t = t.to(device="cuda", dtype=getattr(torch, np.dtype(want).name)).contiguous()
+            keep.append(t)
+            binding.bind_input(name, "cuda", t.device.index or 0, want, list(t.shape), t.data_ptr())
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
