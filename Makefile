@@ -1,4 +1,5 @@
-# make test: set up from nothing (venv, torch, deps), build the extension, run the tests.
+# make demo / make test: set up from nothing (venv, torch, deps), build the extension, then
+# run the demo or the tests.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EDIT   := $(VENV)/.editable-installed
 export MAX_JOBS ?= 2
 
-.PHONY: all build test info bench-cpu clean
+.PHONY: all build test demo info bench-cpu clean
 
 all: test
 
@@ -27,6 +28,9 @@ build: $(EDIT)
 
 test: build
 	$(BIN)/python -m pytest -q tests
+
+demo: build
+	$(BIN)/moe-ext demo
 
 info: build
 	$(BIN)/moe-ext info

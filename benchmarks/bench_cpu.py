@@ -25,31 +25,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from harness import machine_facts, time_call, write_csv, write_text  # noqa: E402
 
 from moe_ext import functional, reference  # noqa: E402
+from moe_ext.baselines import dense_soft, loop_over_experts  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
-
-def loop_over_experts(x, logits, A, B, top_k, scaling):
-    """MixLoRA-style: route, then for each expert gather its tokens and run two matmuls."""
-    probs = torch.softmax(logits, dim=-1)
-    w, e = probs.topk(top_k, dim=-1)
-    w = w / w.sum(-1, keepdim=True)
-    y = x.new_zeros(x.shape[0], B.shape[1])
-    for i in range(A.shape[0]):
-        tok, slot = torch.where(e == i)
-        if tok.numel() == 0:
-            continue
-        out = (x[tok] @ A[i].T) @ B[i].T * (scaling * w[tok, slot, None])
-        y = y.index_add(0, tok, out)
-    return y
-
-
-def dense_soft(x, logits, A, B, top_k, scaling):
-    """Every expert on every token, weighted by the softmax (no top-K)."""
-    E, R, D = A.shape
-    probs = torch.softmax(logits, dim=-1)
-    h = (x @ A.reshape(E * R, D).T).view(-1, E, R) * (scaling * probs[:, :, None])
-    return h.reshape(-1, E * R) @ B.permute(0, 2, 1).reshape(E * R, -1)
 
 
 PROVIDERS = {
@@ -89,8 +67,7 @@ def main(argv=None):
 
             def fwd_bwd():
                 y = fn(*inputs)
-                torch.autograd.grad(y, (x, logits, A, B) if name != "dense-soft" else (x, logits, A, B),
-                                    torch.ones_like(y), allow_unused=True)
+                torch.autograd.grad(y, (x, logits, A, B), torch.ones_like(y), allow_unused=True)
 
             tf, tb = time_call(fwd, reps=reps), time_call(fwd_bwd, reps=reps)
             rows.append({"E": E, "provider": name, "T": T, "D": D, "O": O, "K": K, "R": R,

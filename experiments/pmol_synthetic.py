@@ -148,30 +148,14 @@ def markdown(runs, facts, args) -> str:
 
 
 def plot(runs, args, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, style in (("pmol", "o-"), ("lora", "s--")):
-        ys = [mean([r["eval"]["all"]["dpo_accuracy"] for r in runs
-                    if r["steps"] == s and r["kind"] == kind]) for s in args.steps]
-        ax.plot(args.steps, ys, style, label={"pmol": "PMoL (3 groups x 2 experts + null)",
-                                              "lora": "single LoRA, same A/B params"}[kind])
-    ax.set_xlabel("training steps")
-    ax.set_ylabel("held-out DPO preference accuracy")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(0.4, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Synthetic conflicting preferences")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    from moe_ext.plots import curves
+
+    labels = {"pmol": "PMoL (3 groups x 2 experts + null)", "lora": "single LoRA, same A/B params"}
+    series = {labels[kind]: (args.steps, [mean([r["eval"]["all"]["dpo_accuracy"] for r in runs
+                                                if r["steps"] == s and r["kind"] == kind])
+                                          for s in args.steps]) for kind in ("pmol", "lora")}
+    curves(series, path, "training steps", "held-out DPO preference accuracy",
+           "Synthetic conflicting preferences", logx=True)
 
 
 if __name__ == "__main__":

@@ -214,64 +214,27 @@ def markdown(runs, facts, args) -> str:
 
 
 def plots(runs, out):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plots")
-        return
-
-    def save(fig, name):
-        fig.tight_layout()
-        tmp = os.path.join(out, name + ".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, os.path.join(out, name))
-        plt.close(fig)
+    from moe_ext import plots as P
 
     pl = runs[0]["plots"]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    im = ax.imshow(pl["routing"], cmap="viridis", vmin=0, vmax=1)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("prompt category")
-    ax.set_title("Mean routing probability (sparse MoE, seed 0)")
-    fig.colorbar(im, ax=ax)
-    save(fig, "reward_routing_heatmap.png")
-
-    order = pl["criterion_expert"]  # column c of the profile -> the expert of criterion c
+    P.routing_heatmap(pl["routing"], os.path.join(out, "reward_routing_heatmap.png"),
+                      "Mean routing probability (sparse MoE, seed 0)")
     profiles = torch.tensor(pl["profiles"])
     true_by_expert = torch.zeros_like(profiles)
-    for c, e in enumerate(order):
+    for c, e in enumerate(pl["criterion_expert"]):  # criterion c -> the expert its category uses
         true_by_expert[:, e] += profiles[:, c]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 5), sharey=True)
-    axes[0].imshow(true_by_expert, cmap="Greens", vmin=0, vmax=1, aspect="auto")
-    axes[0].set_title("true profile (criteria mapped to experts)")
-    shifts = torch.tensor(pl["shifts"])
-    lim = float(shifts.abs().max())
-    im = axes[1].imshow(shifts, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-    axes[1].set_title("adapted weights - mean routing (64 pairs)")
-    for a in axes:
-        a.set_xlabel("expert")
-    axes[0].set_ylabel("user")
-    fig.colorbar(im, ax=axes[1])
-    save(fig, "reward_user_shifts.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, name, method, style in [
-            ("sparse MoE, gradient", "sparse MoE", "gradient", "o-"),
-            ("sparse MoE, Hedge", "sparse MoE", "hedge", "o--"),
-            ("dense MoE, gradient", "dense MoE (MiCRo-like)", "gradient", "s-"),
-            ("universal BT", "universal BT", "none", "k:"),
-            ("universal BT fine-tuned", "universal BT", "finetune", "x-")]:
-        ax.plot(PAIRS, [avg(runs, "models", name, "user_accuracy", method, n) for n in PAIRS],
-                style, label=label)
-    ax.axhline(avg(runs, "oracle"), color="gray", lw=1, label="oracle")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("labelled pairs from the user")
-    ax.set_ylabel("held-out pairwise accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, "reward_accuracy_vs_pairs.png")
+    P.user_shift_heatmap(true_by_expert, pl["shifts"], os.path.join(out, "reward_user_shifts.png"),
+                         max(PAIRS))
+    series = {label: (PAIRS, [avg(runs, "models", name, "user_accuracy", method, n) for n in PAIRS])
+              for label, name, method in [
+                  ("sparse MoE, gradient", "sparse MoE", "gradient"),
+                  ("sparse MoE, Hedge", "sparse MoE", "hedge"),
+                  ("dense MoE, gradient", "dense MoE (MiCRo-like)", "gradient"),
+                  ("universal BT", "universal BT", "none"),
+                  ("universal BT fine-tuned", "universal BT", "finetune")]}
+    P.curves(series, os.path.join(out, "reward_accuracy_vs_pairs.png"),
+             "labelled pairs from the user", "held-out pairwise accuracy", logx=True,
+             hline=(avg(runs, "oracle"), "oracle"))
 
 
 if __name__ == "__main__":

@@ -323,6 +323,43 @@ def cmd_ort_run(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """The main job end to end on built-in data (see moe_ext/demo.py)."""
+    from .demo import run_demo, summary_table
+
+    log = (lambda msg: None) if args.json else (lambda msg: print(f"== {msg}", flush=True))
+    summary = run_demo(args.output, quick=args.quick, progress=not args.json, log=log)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print()
+        print(summary_table(summary))
+        print(f"\nreport, plots and ONNX models in {os.path.abspath(args.output)}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Quick forward+backward timing against the loop over experts and dense routing."""
+    from .bench import run
+
+    if args.tokens < 1 or args.features < 1 or args.reps < 1:
+        return _fail("--tokens, --features and --reps must be >= 1")
+    if any(e < args.top_k for e in args.experts):
+        return _fail(f"every --experts value must be >= --top-k ({args.top_k})")
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    rows = run(args.tokens, args.features, tuple(args.experts), args.top_k, args.rank, args.reps,
+               device)
+    if args.json:
+        print(json.dumps({"device": device, "rows": rows}))
+        return 0
+    print(f"forward+backward, fp32 on {device}, T={args.tokens}, D=O={args.features}, "
+          f"K={args.top_k}, R={args.rank}, median of {args.reps}")
+    for r in rows:
+        print(f"  E={r['E']:<5} {r['provider']:<11} {r['fwd_bwd_ms']:9.2f} ms   "
+              f"{r['speedup_vs_loop']:5.2f}x vs loop")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-ext", description="Mixture-of-LoRA-experts kernels and tools.")
@@ -433,6 +470,30 @@ def make_parser() -> argparse.ArgumentParser:
     orr.add_argument("--provider", help="execution provider (default: CUDA if available, else CPU)")
     orr.add_argument("--json", action="store_true")
     orr.set_defaults(func=cmd_ort_run)
+
+    dm = sub.add_parser(
+        "demo", help="the main job end to end on built-in data (no download)",
+        description="Train a sparse MoE reward model and adapt it to users, train a PMoL "
+                    "adapter, export both to ONNX and check them on onnxruntime; writes a "
+                    "report, plots and the models to --output.")
+    dm.add_argument("--quick", action="store_true", help="smaller run, under 2 minutes")
+    dm.add_argument("--output", default="out/demo")
+    dm.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    dm.set_defaults(func=cmd_demo)
+
+    bn = sub.add_parser("bench", help="quick timing of the MoLoRA kernels against the loop over experts",
+                        description="Forward+backward of functional.molora, a PyTorch loop over "
+                                    "experts (MixLoRA style) and dense soft routing. The recorded "
+                                    "benchmarks are the scripts in benchmarks/.")
+    bn.add_argument("--tokens", type=int, default=2048)
+    bn.add_argument("--features", type=int, default=1024, help="D = O")
+    bn.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    bn.add_argument("--top-k", type=int, default=2)
+    bn.add_argument("--rank", type=int, default=16)
+    bn.add_argument("--reps", type=int, default=5)
+    bn.add_argument("--cpu", action="store_true", help="time on the CPU even with a GPU")
+    bn.add_argument("--json", action="store_true")
+    bn.set_defaults(func=cmd_bench)
     return parser
 
 
