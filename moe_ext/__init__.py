@@ -1,9 +1,11 @@
 """moe_ext: fast Mixture-of-LoRA-experts (MoLoRA) layers for PyTorch."""
-from . import functional, ops, reference
+from . import fallback, functional, ops, reference
 from .config import MoLoRAConfig
 from .layers import MoLoRALinear
 from .model import (disable_adapters, get_molora_model, last_routing, load_molora, molora_layers,
                     save_molora, set_group_bias)
+
+fallback.register_cuda_fallbacks()  # until csrc/cuda has kernels: PyTorch ops on GPU
 
 __version__ = "0.1.0"
 __all__ = ["MoLoRAConfig", "MoLoRALinear", "functional", "ops", "reference", "get_molora_model",

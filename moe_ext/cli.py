@@ -18,10 +18,13 @@ def build_info() -> dict:
     built = json.loads(_C.build_info())
     op_names = ["route", "route_backward", "align", "lora_forward", "lora_backward",
                 "gate_dense", "gate_dense_backward"]
+    from .fallback import REGISTERED
+
     kernels = {}
     for key in ("CPU", "CUDA"):
         kernels[key] = [n for n in op_names
-                        if torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_ext::{n}", key)]
+                        if torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_ext::{n}", key)
+                        and not (key == "CUDA" and n in REGISTERED)]
     return {
         "moe_ext": __version__,
         "torch": torch.__version__,
@@ -33,6 +36,7 @@ def build_info() -> dict:
         "compiler": built["compiler"],
         "cpu_kernels": kernels["CPU"],
         "cuda_kernels": kernels["CUDA"],
+        "cuda_pytorch_fallbacks": list(REGISTERED),
         "cuda_available": torch.cuda.is_available(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
