@@ -198,6 +198,7 @@ def test_bad_inputs_name_the_argument():
         (dict(x=x.long(), lora_A=A.long(), lora_B=B.long()), ValueError, "x must be a floating"),
         (dict(num_null_experts=-1), ValueError, "num_null_experts"),
         (dict(strategy="fast"), ValueError, "strategy"),
+        (dict(lora_A=A.to("meta")), ValueError, "lora_A is on meta but x is on cpu"),
     ]
     base = dict(x=x, router_logits=L, lora_A=A, lora_B=B, top_k=2, scaling=1.0)
     for change, exc, pattern in cases:
