@@ -194,7 +194,7 @@ def markdown(runs, facts, args) -> str:
     for label, (name, method) in rows:
         L.append(f"| {label} | " + " | ".join(
             f"{avg(runs, 'models', name, 'user_accuracy', method, n):.3f}" for n in PAIRS) + " |")
-    L.append(f"| oracle (true criteria and profile) | " + " | ".join(
+    L.append("| oracle (true criteria and profile) | " + " | ".join(
         f"{avg(runs, 'oracle'):.3f}" for _ in PAIRS) + " |")
     gain = (avg(runs, "models", "sparse MoE", "user_accuracy", "gradient", 16)
             - avg(runs, "models", "universal BT", "user_accuracy", "none", 16))

@@ -20,7 +20,6 @@ user_weights (E,) or (B, E).
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Optional
 

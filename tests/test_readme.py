@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 
-import moe_ext
 from moe_ext import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
