@@ -240,3 +240,18 @@ def test_random_shapes(T, D, O, E, R, N, data):
     want = torch.autograd.grad(y_ref.sum(), (x, L, A, B))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-9)
+
+
+def test_opcheck_backward_ops():
+    x, L, A, B = make_inputs(13, 7, 9, 3, 2, 1, torch.float32)
+    r = ops.route(L, 2)
+    y, h = torch.ops.moe_ext.lora_forward(x, A, B, r.weights, r.experts, 0.5, 1)
+    order, offsets = ops.align(r.experts, 4)
+    torch.library.opcheck(torch.ops.moe_ext.lora_backward.default,
+                          (torch.randn_like(y), x, A, B, r.weights, r.experts, order, offsets, h, 0.5, 1))
+    torch.library.opcheck(torch.ops.moe_ext.route_backward.default,
+                          (torch.randn_like(r.probs), torch.randn_like(r.weights), r.probs, r.weights,
+                           r.experts, 1.0, True))
+    h_all = torch.randn(13, 6)
+    torch.library.opcheck(torch.ops.moe_ext.gate_dense_backward.default,
+                          (torch.randn_like(h_all), h_all, r.weights, r.experts, 3, 1, 0.5))
