@@ -33,6 +33,63 @@ def time_call(fn: Callable[[], object], warmup: int = 2, reps: int = 7) -> dict:
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
 
 
+def measure_floors(device: str, dtype: torch.dtype) -> dict:
+    """This machine's copy bandwidth (GB/s, read + write counted) and matmul rate
+    (TFLOP/s in `dtype`), measured now, for time floors of the kernels."""
+    n = (256 if device == "cuda" else 32) * 1024 * 1024 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    copy_ms = time_call(lambda: dst.copy_(src), reps=10)["median_ms"]
+    size = 8192 if device == "cuda" else 1024
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    mm_ms = time_call(lambda: a @ b, reps=10)["median_ms"]
+    return {"copy_GBps": 2 * n * 4 / copy_ms / 1e6, "matmul_TFLOPs": 2 * size ** 3 / mm_ms / 1e9}
+
+
+def floor_ms(floors: dict, bytes_moved: float = 0.0, flops: float = 0.0) -> float:
+    """Lower bound on a kernel's time from its bytes and FLOPs at the measured rates."""
+    return max(bytes_moved / (floors["copy_GBps"] * 1e6), flops / (floors["matmul_TFLOPs"] * 1e9))
+
+
+def bench_args(description: str, tokens: int = 8192, features: int = 4096):
+    """The command-line options every GPU-suite script shares."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--tokens", type=int, default=tokens)
+    parser.add_argument("--features", type=int, default=features, help="D = O")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256, 1024])
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    return args
+
+
+def report(name: str, rows: list[dict], facts: dict, out: str, columns: list[str]) -> str:
+    """Writes <out>/<name>-<device>.csv and .md; returns the markdown."""
+    device = facts["gpu"] if facts["gpu"] != "none" else "cpu"
+    tag = device.replace(" ", "_").lower()
+    os.makedirs(out, exist_ok=True)
+    write_csv(os.path.join(out, f"{name}-{tag}.csv"), [{**r, **facts} for r in rows])
+    lines = [f"# {name} on {device}", "",
+             f"torch {facts['torch']}, moe_ext {facts['moe_ext']}, commit {facts['commit']}, "
+             f"{facts['date']}.", "", "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
+                                       for c in columns) + " |")
+    text = "\n".join(lines) + "\n"
+    write_text(os.path.join(out, f"{name}-{tag}.md"), text)
+    return text
+
+
 def machine_facts() -> dict:
     def cpu_model():
         try:

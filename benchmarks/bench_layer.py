@@ -1,0 +1,52 @@
+"""The whole MoLoRALinear layer against its base linear layer alone, forward and
+forward+backward, and a sweep over the number of tokens.
+
+Run: .venv/bin/python benchmarks/bench_layer.py [--device cuda] [--experts 8]
+"""
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from harness import bench_args, machine_facts, report, time_call  # noqa: E402
+
+from moe_ext import MoLoRAConfig, MoLoRALinear  # noqa: E402
+
+
+def main():
+    args = bench_args(__doc__.split("\n")[0])
+    D = args.features
+    rows = []
+    for E in args.experts:
+        for T in sorted({max(1, args.tokens // 8), args.tokens // 2, args.tokens}):
+            base = nn.Linear(D, D, bias=False).to(args.device, args.dtype)
+            layer = MoLoRALinear(base, MoLoRAConfig(r=args.rank, num_experts=E, top_k=args.top_k))
+            layer = layer.to(args.device, args.dtype)
+            x = torch.randn(T, D, device=args.device, dtype=args.dtype, requires_grad=True)
+            for name, module in (("base linear", base), ("MoLoRALinear", layer)):
+                def fwd():
+                    with torch.no_grad():
+                        module(x)
+
+                def fwd_bwd():
+                    params = [p for p in module.parameters() if p.requires_grad]
+                    y = module(x)
+                    torch.autograd.grad(y, [x] + params, torch.ones_like(y))
+
+                for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    t = time_call(call, reps=args.reps)
+                    rows.append({"mode": mode, "module": name, "E": E, "T": T, "D": D,
+                                 "median_us": 1e3 * t["median_ms"], "p20_us": 1e3 * t["p20_ms"],
+                                 "p80_us": 1e3 * t["p80_ms"]})
+    for r in rows:
+        base = next(b for b in rows if b["module"] == "base linear" and b["mode"] == r["mode"]
+                    and b["E"] == r["E"] and b["T"] == r["T"])
+        r["x_base"] = r["median_us"] / base["median_us"]
+    print(report("layer", rows, machine_facts(), args.out,
+                 ["mode", "module", "E", "T", "median_us", "p20_us", "p80_us", "x_base"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The benchmark scripts run (tiny sizes, no timing asserted: benchmarks are not tests)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.join(os.path.dirname(HERE), "benchmarks")
+
+
+@pytest.mark.parametrize("script", ["bench_route.py", "bench_lora.py", "bench_layer.py"])
+def test_benchmark_script_runs(script, tmp_path):
+    cmd = [sys.executable, os.path.join(BENCH, script), "--device", "cpu", "--tokens", "64",
+           "--features", "32", "--experts", "4", "16", "--reps", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = sorted(os.listdir(tmp_path))
+    assert any(f.endswith(".csv") for f in written) and any(f.endswith(".md") for f in written)
