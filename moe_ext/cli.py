@@ -238,7 +238,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ImportError as err:  # an optional extra that this command needs
+        return _fail(f"{err.name or err} is not installed; pip install 'moe_ext[hf,onnx,minilm]' "
+                     f"(or the package named) to use `moe-ext {args.command}`")
 
 
 if __name__ == "__main__":
