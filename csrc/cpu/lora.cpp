@@ -55,7 +55,6 @@ struct LoraArgs {
   using acc_t = acc_of<scalar_t>;
   const scalar_t* x;      // (T, D)
   const acc_t* Ap;        // lora_A as panels over D
-  const scalar_t* A;      // (E, R, D)
   const acc_t* Bp;        // lora_B^T (E, R, O) as panels over O
   const acc_t* w;         // (T, K)
   const int64_t* experts; // (T, K)
@@ -214,13 +213,12 @@ MOE_EXT_SIMD_CLONES void lora_backward_block(const LoraArgs<scalar_t>& a, const 
 // Register tiles of kRows x kCols accumulators run over a chunk of pairs at a time.
 constexpr int64_t kRows = 4, kPairChunk = 64;
 
-
 // tile[rr, c:c+2*lanes] += sum_i cbuf[i, rr] * vrow[i][c:c+2*lanes] for rr < kRows, with
 // the kRows x 2 vector accumulators held in registers over the m pairs.
 template <typename scalar_t>
 MOE_EXT_INLINE void outer_tile(const acc_of<scalar_t>* cbuf, const scalar_t* const* vrow, int64_t m,
                                const scalar_t* const* prefetch_rows, int64_t prefetch_m,
-                       int64_t c, acc_of<scalar_t>* tile, int64_t n) {
+                               int64_t c, acc_of<scalar_t>* tile, int64_t n) {
   using acc_t = acc_of<scalar_t>;
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = Vec<acc_t>::lanes;
@@ -307,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_forward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
     const LoraArgs<scalar_t> args{x.data_ptr<scalar_t>(), Ap.data_ptr<acc_t>(),
-                                  A.data_ptr<scalar_t>(), Bp.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
+                                  Bp.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
                                   experts.data_ptr<int64_t>(), T, D, O, E, R, K,
                                   static_cast<acc_t>(scaling)};
     // Tasks are whole token blocks so that a block's contents (and so every bit of the
@@ -354,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_backward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
     const LoraArgs<scalar_t> args{x.data_ptr<scalar_t>(), Ap.data_ptr<acc_t>(),
-                                  A.data_ptr<scalar_t>(), Bp.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
+                                  Bp.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
                                   experts.data_ptr<int64_t>(), T, D, O, E, R, K,
                                   static_cast<acc_t>(scaling)};
     at::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
