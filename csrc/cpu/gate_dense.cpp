@@ -18,11 +18,7 @@ namespace {
 at::Tensor gate_dense_cpu(const at::Tensor& h_all_in, const at::Tensor& w_in,
                           const at::Tensor& experts_in, int64_t E, int64_t num_null_experts,
                           double scaling) {
-  check_dim(h_all_in, 2, "h_all");
-  check_float(h_all_in, "h_all");
-  check_routing(w_in, experts_in, h_all_in.size(0), h_all_in, "h_all");
-  TORCH_CHECK_VALUE(E >= 1 && h_all_in.size(1) % E == 0, "h_all width ", h_all_in.size(1),
-                    " must be a multiple of num_experts=", E);
+  check_gate_dense_args(h_all_in, w_in, experts_in, E);
   const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous();
   const int64_t T = h.size(0), ER = h.size(1), R = ER / E, K = ex.size(1);
   const int64_t bad = first_bad_expert_id(ex.data_ptr<int64_t>(), T * K, E + num_null_experts);
@@ -57,13 +53,7 @@ std::tuple<at::Tensor, at::Tensor> gate_dense_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& w_in,
                                                            const at::Tensor& experts_in, int64_t E,
                                                            int64_t num_null_experts, double scaling) {
-  check_dim(h_all_in, 2, "h_all");
-  check_float(h_all_in, "h_all");
-  check_routing(w_in, experts_in, h_all_in.size(0), h_all_in, "h_all");
-  TORCH_CHECK_VALUE(grad_in.sizes() == h_all_in.sizes(), "grad_gated shape ", grad_in.sizes(),
-                    " must equal h_all shape ", h_all_in.sizes());
-  TORCH_CHECK_VALUE(E >= 1 && h_all_in.size(1) % E == 0, "h_all width ", h_all_in.size(1),
-                    " must be a multiple of num_experts=", E);
+  check_gate_dense_args(h_all_in, w_in, experts_in, E, &grad_in);
   const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous(),
                    g = grad_in.to(h.scalar_type()).contiguous();
   const int64_t T = h.size(0), ER = h.size(1), R = ER / E, K = ex.size(1);

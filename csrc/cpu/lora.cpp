@@ -327,17 +327,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     double scaling, int64_t num_null_experts) {
   check_lora(x_in, A_in, B_in);
   check_routing(w_in, experts_in, x_in.size(0), x_in, "x");
+  check_lora_backward_args(grad_y_in, x_in, A_in, B_in, experts_in, order_in, offsets_in, h_in,
+                           num_null_experts);
   const int64_t T = x_in.size(0), D = x_in.size(1), E = A_in.size(0), R = A_in.size(1),
                 O = B_in.size(1), K = experts_in.size(1);
-  TORCH_CHECK_VALUE(grad_y_in.dim() == 2 && grad_y_in.size(0) == T && grad_y_in.size(1) == O,
-                    "grad_y must have shape (", T, ", ", O, "), got ", grad_y_in.sizes());
-  TORCH_CHECK_VALUE(h_in.dim() == 2 && h_in.size(0) == T * K && h_in.size(1) == R,
-                    "h must have shape (", T * K, ", ", R, "), got ", h_in.sizes());
-  TORCH_CHECK_VALUE(order_in.dim() == 1 && order_in.size(0) == T * K, "order must have shape (",
-                    T * K, ",), got ", order_in.sizes());
-  TORCH_CHECK_VALUE(offsets_in.dim() == 1 && offsets_in.size(0) == E + num_null_experts + 1,
-                    "offsets must have shape (", E + num_null_experts + 1, ",), got ",
-                    offsets_in.sizes());
   const auto acc = acc_type_of(x_in.scalar_type());
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), w = w_in.contiguous(),
                    experts = experts_in.contiguous(), order = order_in.contiguous(),

@@ -72,22 +72,11 @@ bool route_row(const scalar_t* logits, const acc_t* bias, int64_t M, int64_t K, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const at::Tensor& router_logits, const c10::optional<at::Tensor>& logit_bias, int64_t top_k,
     double temperature, bool normalize_weights) {
-  check_dim(router_logits, 2, "router_logits");
-  check_float(router_logits, "router_logits");
+  check_route_args(router_logits, logit_bias, top_k, temperature);
   const int64_t T = router_logits.size(0), M = router_logits.size(1);
-  TORCH_CHECK_VALUE(M >= 1, "router_logits needs at least one expert column, got shape ",
-                    router_logits.sizes());
-  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= M, "top_k must be in [1, ", M,
-                    "] (the number of experts incl. null experts), got ", top_k);
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
-                    "temperature must be a positive finite number, got ", temperature);
   const auto acc = acc_type_of(router_logits.scalar_type());
   at::Tensor bias;
   if (logit_bias.has_value() && logit_bias->defined()) {
-    check_dim(*logit_bias, 1, "logit_bias");
-    TORCH_CHECK_VALUE(logit_bias->size(0) == M, "logit_bias must have shape (", M,
-                      ",), got ", logit_bias->sizes());
-    check_same_device(*logit_bias, router_logits, "logit_bias", "router_logits");
     bias = logit_bias->to(acc).contiguous();
     TORCH_CHECK_VALUE(at::isfinite(bias).all().item<bool>(),
                       "logit_bias contains non-finite values (NaN or Inf)");
@@ -164,26 +153,11 @@ at::Tensor route_backward_cpu(const c10::optional<at::Tensor>& grad_probs,
                               const at::Tensor& grad_weights, const at::Tensor& probs,
                               const at::Tensor& weights, const at::Tensor& experts,
                               double temperature, bool normalize_weights) {
-  check_dim(probs, 2, "probs");
-  const int64_t T = probs.size(0), M = probs.size(1);
-  TORCH_CHECK(probs.scalar_type() == at::kFloat || probs.scalar_type() == at::kDouble,
-              "probs must be float32 or float64, got ", probs.scalar_type());
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be positive, got ", temperature);
-  check_dim(experts, 2, "experts");
-  const int64_t K = experts.size(1);
-  TORCH_CHECK_VALUE(experts.size(0) == T, "experts must have ", T, " rows, got ", experts.size(0));
-  TORCH_CHECK_VALUE(grad_weights.sizes() == experts.sizes(), "grad_weights shape ",
-                    grad_weights.sizes(), " must equal experts shape ", experts.sizes());
-  TORCH_CHECK_VALUE(weights.sizes() == experts.sizes(), "weights shape ", weights.sizes(),
-                    " must equal experts shape ", experts.sizes());
-  TORCH_CHECK(experts.scalar_type() == at::kLong, "experts must be int64");
+  check_route_backward_args(grad_probs, grad_weights, probs, weights, experts, temperature);
+  const int64_t T = probs.size(0), M = probs.size(1), K = experts.size(1);
   const auto acc = probs.scalar_type();
   at::Tensor gp;
-  if (grad_probs.has_value() && grad_probs->defined()) {
-    TORCH_CHECK_VALUE(grad_probs->sizes() == probs.sizes(), "grad_probs shape ",
-                      grad_probs->sizes(), " must equal probs shape ", probs.sizes());
-    gp = grad_probs->to(acc).contiguous();
-  }
+  if (grad_probs.has_value() && grad_probs->defined()) gp = grad_probs->to(acc).contiguous();
   const at::Tensor p = probs.contiguous(), w = weights.to(acc).contiguous(),
                    gw = grad_weights.to(acc).contiguous(), e = experts.contiguous();
   const int64_t bad = first_bad_expert_id(e.data_ptr<int64_t>(), e.numel(), M);
@@ -206,10 +180,7 @@ at::Tensor route_backward_cpu(const c10::optional<at::Tensor>& grad_probs,
 // a chunk's slot for bin b starts after all earlier bins and after earlier chunks' b ids,
 // so the result is the same for any C (deterministic and stable).
 std::tuple<at::Tensor, at::Tensor> align_cpu(const at::Tensor& experts, int64_t num_bins) {
-  check_dim(experts, 2, "experts");
-  TORCH_CHECK(experts.scalar_type() == at::kLong, "experts must be int64, got ",
-              experts.scalar_type());
-  TORCH_CHECK_VALUE(num_bins >= 1, "num_bins must be >= 1, got ", num_bins);
+  check_align_args(experts, num_bins);
   const at::Tensor ids_t = experts.contiguous();
   const int64_t P = ids_t.numel();
   const int64_t* ids = ids_t.data_ptr<int64_t>();

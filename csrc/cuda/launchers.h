@@ -1,0 +1,97 @@
+// The plain C++ interface between the tensor-level CUDA ops (csrc/cuda/*_cuda.cpp: checks,
+// allocation, dtype choice) and the kernels (csrc/cuda/*.cu: raw pointers and a stream, no
+// torch headers, so they build fast). Each launcher enqueues its kernels on `stream` and
+// returns cudaGetLastError(); nothing here synchronises with the host.
+//
+// Notation (DESIGN.md): T tokens, D/O in/out features, E LoRA experts, N null experts,
+// M = E + N router outputs, K experts per token, R LoRA rank, P = T * K pairs; pair p is
+// (token p / K, slot p % K). "acc" is float64 for float64 data and float32 otherwise.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moe_ext {
+namespace cuda {
+
+enum class DType { kFloat64, kFloat32, kFloat16, kBFloat16 };
+
+// ---- routing (routing.cu)
+// logits (T, M) in `dtype`; bias (M,) acc or null; probs (T, M), weights (T, K) acc;
+// experts (T, K); counts (M,) must be zero on entry.
+cudaError_t launch_route(DType dtype, const void* logits, const void* bias, int64_t T, int64_t M,
+                         int64_t K, double inv_tau, bool normalize, void* probs, void* weights,
+                         int64_t* experts, int64_t* counts, cudaStream_t stream);
+// All acc (`dtype` is kFloat64 or kFloat32); grad_probs may be null; out (T, M).
+cudaError_t launch_route_backward(DType dtype, const void* grad_probs, const void* grad_weights,
+                                  const void* probs, const void* weights, const int64_t* experts,
+                                  int64_t T, int64_t M, int64_t K, double inv_tau, bool normalize,
+                                  void* out, cudaStream_t stream);
+
+// ---- alignment (align.cu): stable counting sort of P ids into num_bins bins.
+// Ids outside [0, num_bins) are counted in the last bin (kernels downstream treat them as
+// null experts); the host checks them only in debug mode, as the check needs a sync.
+int64_t align_scratch_ints(int64_t P, int64_t num_bins);  // int32 scratch elements needed
+cudaError_t launch_align(const int64_t* ids, int64_t P, int64_t num_bins, int32_t* scratch,
+                         int64_t* order, int64_t* offsets, cudaStream_t stream);
+// tile_start (E + 1,): tile_start[e] = sum over e' < e of ceil(count_e' / kPairTile), counts
+// from offsets (>= E + 1 entries). Grouped kernels launch max_pair_tiles(P, E) blocks.
+constexpr int kPairTile = 64;
+inline int64_t max_pair_tiles(int64_t P, int64_t E) { return (P + kPairTile - 1) / kPairTile + E; }
+cudaError_t launch_tile_map(const int64_t* offsets, int64_t E, int32_t* tile_start,
+                            cudaStream_t stream);
+
+// ---- sparse grouped LoRA (lora.cu). Expert weights are read through strides so that one
+// kernel serves A (E, R, D) and B (E, O, R) in either orientation: W_e[i, j] at
+// W[e * stride_e + i * stride_i + j * stride_j].
+struct ExpertWeights {
+  const void* data;
+  int64_t stride_e, stride_i, stride_j;
+};
+// out[p, r] = sum_c W_e[r, c] * vecs[p / K, c] for every pair p of LoRA expert e < E
+// (order/offsets from align, tile_start from tile_map); other rows of out are untouched.
+// vecs (T, n) in `dtype`, out (P, R) acc.
+cudaError_t launch_grouped_shrink(DType dtype, const void* vecs, int64_t n, ExpertWeights W,
+                                  const int64_t* order, const int64_t* offsets,
+                                  const int32_t* tile_start, int64_t P, int64_t E, int64_t K,
+                                  int64_t R, void* out, cudaStream_t stream);
+// out[p, c] = sum_r coef[p, r] * scale_p * W_e[c, r] for c < n and every pair p of LoRA
+// expert e, with scale_p = scaling * pair_scale[p] (or 1 when pair_scale is null).
+// coef (P, R) acc, out (P, n) acc.
+cudaError_t launch_grouped_expand(DType dtype, const void* coef, const void* pair_scale,
+                                  double scaling, ExpertWeights W, int64_t n,
+                                  const int64_t* order, const int64_t* offsets,
+                                  const int32_t* tile_start, int64_t P, int64_t E, int64_t K,
+                                  int64_t R, void* out, cudaStream_t stream);
+// out[t, c] = sum_k pair_out[t*K + k, c] over the LoRA pairs of token t, in k order
+// (deterministic). pair_out (P, n) acc, out (T, n) in `dtype`.
+cudaError_t launch_combine_pairs(DType dtype, const void* pair_out, const int64_t* experts,
+                                 int64_t T, int64_t K, int64_t E, int64_t n, void* out,
+                                 cudaStream_t stream);
+// Per pair: dw[p] = scaling * <gh[p], h[p]>, dh[p] = scaling * w[p] * gh[p] for LoRA pairs,
+// both 0 for null pairs. All acc; gh, h, dh (P, R); w, dw (P,).
+cudaError_t launch_pair_grads(DType dtype, const void* gh, const void* h, const void* w,
+                              const int64_t* experts, int64_t P, int64_t E, int64_t R,
+                              double scaling, void* dw, void* dh, cudaStream_t stream);
+// Weight gradient of every LoRA expert e < E:
+//   G_e[r, c] = sum over e's pairs p (in order) of coef[p, r] * scale_p * rows[p / K, c],
+// written to out[e * out_stride_e + r * out_stride_r + c * out_stride_c] in `dtype`.
+// coef (P, R) acc, rows (T, n) in `dtype`; scale_p as in launch_grouped_expand.
+cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_scale,
+                               double scaling, const void* rows, int64_t n, const int64_t* order,
+                               const int64_t* offsets, int64_t E, int64_t K, int64_t R, void* out,
+                               int64_t out_stride_e, int64_t out_stride_r, int64_t out_stride_c,
+                               cudaStream_t stream);
+
+// ---- dense-gated mask (gate_dense.cu). h_all, gated (T, E*R) in `dtype`; w (T, K) acc.
+cudaError_t launch_gate_dense(DType dtype, const void* h_all, const void* w,
+                              const int64_t* experts, int64_t T, int64_t E, int64_t R, int64_t K,
+                              double scaling, void* gated, cudaStream_t stream);
+// grad_h_all (T, E*R) in `dtype`, grad_w (T, K) acc.
+cudaError_t launch_gate_dense_backward(DType dtype, const void* grad_gated, const void* h_all,
+                                       const void* w, const int64_t* experts, int64_t T,
+                                       int64_t E, int64_t R, int64_t K, double scaling,
+                                       void* grad_h_all, void* grad_w, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace moe_ext

@@ -1,0 +1,158 @@
+// CUDA ops of the LoRA experts: the sparse grouped strategy (lora_forward/lora_backward,
+// kernels in lora.cu) and the dense-gated strategy's mask (gate_dense/_backward, kernels in
+// gate_dense.cu). Checks, allocation and the sequence of launches on the current stream.
+#include <torch/library.h>
+
+#include "ops_common.h"
+
+namespace moe_ext {
+namespace cuda {
+namespace {
+
+// W_e[i, j] views of the expert weights for the grouped kernels.
+// lora_A (E, R, D) as rows (r, d) and as columns (d, r); lora_B (E, O, R) likewise.
+ExpertWeights a_rows(const at::Tensor& A) { return {A.data_ptr(), A.size(1) * A.size(2), A.size(2), 1}; }
+ExpertWeights a_cols(const at::Tensor& A) { return {A.data_ptr(), A.size(1) * A.size(2), 1, A.size(2)}; }
+ExpertWeights b_rows(const at::Tensor& B) { return {B.data_ptr(), B.size(1) * B.size(2), 1, B.size(2)}; }
+ExpertWeights b_cols(const at::Tensor& B) { return {B.data_ptr(), B.size(1) * B.size(2), B.size(2), 1}; }
+
+// Tiles of kPairTile pairs per LoRA expert, from the align offsets.
+at::Tensor tile_map(const at::Tensor& offsets, int64_t E) {
+  at::Tensor tile_start = at::empty({E + 1}, offsets.options().dtype(at::kInt));
+  C10_CUDA_CHECK(launch_tile_map(offsets.data_ptr<int64_t>(), E, tile_start.data_ptr<int32_t>(),
+                                 current_stream()));
+  return tile_start;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, const at::Tensor& A_in,
+                                                     const at::Tensor& B_in, const at::Tensor& w_in,
+                                                     const at::Tensor& experts_in, double scaling,
+                                                     int64_t num_null_experts) {
+  check_lora(x_in, A_in, B_in);
+  check_routing(w_in, experts_in, x_in.size(0), x_in, "x");
+  TORCH_CHECK_VALUE(num_null_experts >= 0, "num_null_experts must be >= 0, got ", num_null_experts);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous(),
+                   w = w_in.contiguous(), experts = experts_in.contiguous();
+  const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), O = B.size(1),
+                K = experts.size(1), P = T * K;
+  const DType dtype = dtype_of(x.scalar_type());
+  const auto acc = acc_type_of(x.scalar_type());
+  const cudaStream_t stream = current_stream();
+
+  auto [order, offsets] = align_cuda(experts, E + num_null_experts);  // checks ids in debug mode
+  const at::Tensor tile_start = tile_map(offsets, E);
+  at::Tensor h = at::zeros({P, R}, x.options().dtype(acc));  // rows of null pairs stay 0
+  C10_CUDA_CHECK(launch_grouped_shrink(dtype, x.data_ptr(), D, a_rows(A), order.data_ptr<int64_t>(),
+                                       offsets.data_ptr<int64_t>(), tile_start.data_ptr<int32_t>(),
+                                       P, E, K, R, h.data_ptr(), stream));
+  at::Tensor y_pairs = at::empty({P, O}, x.options().dtype(acc));
+  C10_CUDA_CHECK(launch_grouped_expand(dtype, h.data_ptr(), w.data_ptr(), scaling, b_cols(B), O,
+                                       order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                                       tile_start.data_ptr<int32_t>(), P, E, K, R,
+                                       y_pairs.data_ptr(), stream));
+  at::Tensor y = at::empty({T, O}, x.options());
+  C10_CUDA_CHECK(launch_combine_pairs(dtype, y_pairs.data_ptr(), experts.data_ptr<int64_t>(), T, K,
+                                      E, O, y.data_ptr(), stream));
+  return {y, h};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& A_in,
+    const at::Tensor& B_in, const at::Tensor& w_in, const at::Tensor& experts_in,
+    const at::Tensor& order_in, const at::Tensor& offsets_in, const at::Tensor& h_in,
+    double scaling, int64_t num_null_experts) {
+  check_lora(x_in, A_in, B_in);
+  check_routing(w_in, experts_in, x_in.size(0), x_in, "x");
+  check_lora_backward_args(grad_y_in, x_in, A_in, B_in, experts_in, order_in, offsets_in, h_in,
+                           num_null_experts);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto acc = acc_type_of(x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous(),
+                   w = w_in.contiguous(), experts = experts_in.contiguous(),
+                   order = order_in.contiguous(), offsets = offsets_in.contiguous(),
+                   h = h_in.to(acc).contiguous(), dy = grad_y_in.to(x.scalar_type()).contiguous();
+  const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), O = B.size(1),
+                K = experts.size(1), P = T * K;
+  check_int32_range(P, "the number of (token, k) pairs");
+  debug_check_ids(experts, E + num_null_experts, "experts");
+  debug_check_ids(order, P, "order");
+  const DType dtype = dtype_of(x.scalar_type());
+  const cudaStream_t stream = current_stream();
+  const int64_t* ord = order.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const at::Tensor tile_start = tile_map(offsets, E);
+  const int32_t* tiles = tile_start.data_ptr<int32_t>();
+
+  // gh[p] = B_e^T dy[t]; then dw and dh = s * w * gh per pair.
+  at::Tensor gh = at::empty({P, R}, x.options().dtype(acc));
+  C10_CUDA_CHECK(launch_grouped_shrink(dtype, dy.data_ptr(), O, b_rows(B), ord, off, tiles, P, E, K,
+                                       R, gh.data_ptr(), stream));
+  at::Tensor dw = at::empty({T, K}, w.options());
+  at::Tensor dh = at::empty({P, R}, w.options());
+  C10_CUDA_CHECK(launch_pair_grads(dtype_of(acc), gh.data_ptr(), h.data_ptr(), w.data_ptr(),
+                                   experts.data_ptr<int64_t>(), P, E, R, scaling, dw.data_ptr(),
+                                   dh.data_ptr(), stream));
+  // dx[t] = sum_k A_e^T dh[t, k].
+  at::Tensor dx_pairs = at::empty({P, D}, x.options().dtype(acc));
+  C10_CUDA_CHECK(launch_grouped_expand(dtype, dh.data_ptr(), nullptr, 1.0, a_cols(A), D, ord, off,
+                                       tiles, P, E, K, R, dx_pairs.data_ptr(), stream));
+  at::Tensor dx = at::empty_like(x);
+  C10_CUDA_CHECK(launch_combine_pairs(dtype, dx_pairs.data_ptr(), experts.data_ptr<int64_t>(), T, K,
+                                      E, D, dx.data_ptr(), stream));
+  // dA_e = sum_p dh[p] x[t]^T; dB_e = sum_p dy[t] (s w_p h[p])^T.
+  at::Tensor dA = at::empty_like(A);
+  C10_CUDA_CHECK(launch_weight_grad(dtype, dh.data_ptr(), nullptr, 1.0, x.data_ptr(), D, ord, off,
+                                    E, K, R, dA.data_ptr(), R * D, D, 1, stream));
+  at::Tensor dB = at::empty_like(B);
+  C10_CUDA_CHECK(launch_weight_grad(dtype, h.data_ptr(), w.data_ptr(), scaling, dy.data_ptr(), O,
+                                    ord, off, E, K, R, dB.data_ptr(), O * R, 1, R, stream));
+  return {dx, dw, dA, dB};
+}
+
+at::Tensor gate_dense_cuda(const at::Tensor& h_all_in, const at::Tensor& w_in,
+                           const at::Tensor& experts_in, int64_t E, int64_t num_null_experts,
+                           double scaling) {
+  check_gate_dense_args(h_all_in, w_in, experts_in, E);
+  const c10::cuda::CUDAGuard guard(h_all_in.device());
+  const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous();
+  debug_check_ids(ex, E + num_null_experts, "experts");
+  const int64_t T = h.size(0), R = h.size(1) / E, K = ex.size(1);
+  at::Tensor gated = at::empty_like(h);
+  C10_CUDA_CHECK(launch_gate_dense(dtype_of(h.scalar_type()), h.data_ptr(), w.data_ptr(),
+                                   ex.data_ptr<int64_t>(), T, E, R, K, scaling, gated.data_ptr(),
+                                   current_stream()));
+  return gated;
+}
+
+std::tuple<at::Tensor, at::Tensor> gate_dense_backward_cuda(const at::Tensor& grad_in,
+                                                            const at::Tensor& h_all_in,
+                                                            const at::Tensor& w_in,
+                                                            const at::Tensor& experts_in, int64_t E,
+                                                            int64_t num_null_experts,
+                                                            double scaling) {
+  check_gate_dense_args(h_all_in, w_in, experts_in, E, &grad_in);
+  const c10::cuda::CUDAGuard guard(h_all_in.device());
+  const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous(),
+                   g = grad_in.to(h.scalar_type()).contiguous();
+  debug_check_ids(ex, E + num_null_experts, "experts");
+  const int64_t T = h.size(0), R = h.size(1) / E, K = ex.size(1);
+  at::Tensor dh = at::empty_like(h);
+  at::Tensor dw = at::empty_like(w);
+  C10_CUDA_CHECK(launch_gate_dense_backward(dtype_of(h.scalar_type()), g.data_ptr(), h.data_ptr(),
+                                            w.data_ptr(), ex.data_ptr<int64_t>(), T, E, R, K,
+                                            scaling, dh.data_ptr(), dw.data_ptr(),
+                                            current_stream()));
+  return {dh, dw};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace moe_ext
+
+TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
+  m.impl("lora_forward", &moe_ext::cuda::lora_forward_cuda);
+  m.impl("lora_backward", &moe_ext::cuda::lora_backward_cuda);
+  m.impl("gate_dense", &moe_ext::cuda::gate_dense_cuda);
+  m.impl("gate_dense_backward", &moe_ext::cuda::gate_dense_backward_cuda);
+}
