@@ -44,8 +44,10 @@ def main():
         base = next(b for b in rows if b["module"] == "base linear" and b["mode"] == r["mode"]
                     and b["E"] == r["E"] and b["T"] == r["T"])
         r["x_base"] = r["median_us"] / base["median_us"]
+        r["series"] = f"{r['module']} E={r['E']}"
     print(report("layer", rows, machine_facts(), args.out,
-                 ["mode", "module", "E", "T", "median_us", "p20_us", "p80_us", "x_base"]))
+                 ["mode", "module", "E", "T", "median_us", "p20_us", "p80_us", "x_base"],
+                 plot=dict(x_key="T", series_key="series")))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def main():
                              "x_floor": t["median_ms"] / f})
     facts = {**machine_facts(), **floors}
     print(report("lora", rows, facts, args.out,
-                 ["mode", "provider", "E", "median_us", "p20_us", "p80_us", "floor_us", "x_floor"]))
+                 ["mode", "provider", "E", "median_us", "p20_us", "p80_us", "floor_us", "x_floor"],
+                 plot=dict(x_key="E", series_key="provider")))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def main():
                          "x_floor": t["median_ms"] / f})
     facts = {**machine_facts(), **floors}
     print(report("route", rows, facts, args.out,
-                 ["op", "provider", "E", "median_us", "p20_us", "p80_us", "floor_us", "x_floor"]))
+                 ["op", "provider", "E", "median_us", "p20_us", "p80_us", "floor_us", "x_floor"],
+                 plot=dict(x_key="E", series_key="provider", panel_key="op")))
 
 
 if __name__ == "__main__":

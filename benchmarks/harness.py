@@ -1,5 +1,5 @@
 """Shared benchmark harness: timing with warm-up and percentiles, machine facts, CSV and
-markdown output. Benchmarks are scripts, never timed tests."""
+markdown output and a plot. Benchmarks are scripts, never timed tests."""
 from __future__ import annotations
 
 import csv
@@ -9,11 +9,12 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 import moe_ext
+from moe_ext import plots
 
 
 def time_call(fn: Callable[[], object], warmup: int = 2, reps: int = 7) -> dict:
@@ -72,14 +73,17 @@ def bench_args(description: str, tokens: int = 8192, features: int = 4096):
     return args
 
 
-def report(name: str, rows: list[dict], facts: dict, out: str, columns: list[str]) -> str:
-    """Writes <out>/<name>-<device>.csv and .md; returns the markdown."""
+def report(name: str, rows: list[dict], facts: dict, out: str, columns: list[str],
+           plot: Optional[dict] = None) -> str:
+    """Writes <out>/<name>-<device>.csv and .md, and with plot (keyword arguments of
+    moe_ext.plots.benchmark_bars: x_key, series_key, panel_key) a .png of the median
+    times; returns the markdown."""
     device = facts["gpu"] if facts["gpu"] != "none" else "cpu"
     tag = device.replace(" ", "_").lower()
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, f"{name}-{tag}.csv"), [{**r, **facts} for r in rows])
     lines = [f"# {name} on {device}", "",
-             f"torch {facts['torch']}, moe_ext {facts['moe_ext']}, commit {facts['commit']}, "
+             f"torch {facts['torch']} (CUDA {facts['cuda']}), moe_ext {facts['moe_ext']}, commit {facts['commit']}, "
              f"{facts['date']}.", "", "| " + " | ".join(columns) + " |",
              "|" + "---|" * len(columns)]
     for r in rows:
@@ -87,6 +91,9 @@ def report(name: str, rows: list[dict], facts: dict, out: str, columns: list[str
                                        for c in columns) + " |")
     text = "\n".join(lines) + "\n"
     write_text(os.path.join(out, f"{name}-{tag}.md"), text)
+    if plot is not None:
+        plots.benchmark_bars(rows, os.path.join(out, f"{name}-{tag}.png"),
+                             title=f"{name} on {device}:", **plot)
     return text
 
 
@@ -116,6 +123,7 @@ def machine_facts() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
         "moe_ext": moe_ext.__version__,
         "python": platform.python_version(),
     }

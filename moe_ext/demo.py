@@ -206,9 +206,12 @@ def summary_table(s: dict) -> str:
         rows.append((f"ONNX {label}: latency ORT / PyTorch", f"{e['ort_ms']:.3f} ms / "
                      f"{e['torch_ms']:.3f} ms on {e['providers'][0]}"))
     k = s["kernels"]
-    cuda = ", ".join(k["cuda_kernels"]) or "none yet (PyTorch fallbacks on GPU)"
-    rows.append(("kernels that ran", f"{k['device'].upper()} ({k['cpu_capability']} C++ kernels); "
-                 f"CUDA kernels: {cuda}"))
+    if k["device"] == "cuda":
+        ran = "CUDA kernels" if k["cuda_kernels"] else "PyTorch fallbacks on the GPU"
+    else:
+        ran = f"CPU ({k['cpu_capability']} C++ kernels)"
+    rows.append(("kernels that ran", ran))
+    rows.append(("CUDA kernels built", ", ".join(k["cuda_kernels"]) or "none"))
     rows.append(("wall time", f"{s['seconds']} s{' (quick)' if s['quick'] else ''}"))
     width = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)

@@ -4,10 +4,11 @@
 
 Two strategies compute it (both exact, both differentiable in x, router_logits, lora_A,
 lora_B, logit_bias):
-  "sparse": token-major grouped kernels that touch only the K chosen experts per token;
+  "sparse": grouped kernels that touch only the K chosen experts per token (CPU: token
+            blocks with expert runs; CUDA: tiles of expert-sorted (token, k) pairs);
   "dense":  the dense-gated form: one GEMM for all experts' shrink x A_all^T, a mask to the
             chosen experts scaled by s*w, one GEMM with B_all. Wins when K is close to E.
-"auto" picks by the measured rule in `choose_strategy`.
+"auto" picks by the rule in `choose_strategy` (measured on CPU; on CUDA still to be measured).
 """
 from __future__ import annotations
 
@@ -30,11 +31,17 @@ class MoLoRAOutput(NamedTuple):
 def choose_strategy(num_experts: int, top_k: int, rank: int, device: torch.device) -> str:
     """Dense-gated does E/K times the LoRA FLOPs of sparse but runs them as BLAS GEMMs.
 
-    Measured on a 2-core AMD EPYC (fp32, T=4096, D=O=1024, R=16, forward+backward):
+    CPU, measured on a 2-core AMD EPYC (fp32, T=4096, D=O=1024, R=16, forward+backward):
     E=8:  K=2 sparse 36 ms vs dense 50 ms; K=4 sparse 64 ms vs dense 52 ms;
           K=8 sparse 114 ms vs dense 51 ms.   E=64, K=2: sparse 39 ms vs dense 303 ms.
     Sparse time grows with K, dense time does not, so dense wins from about K >= E/3.
-    CUDA kernels do not exist yet; the rule will be re-measured for them."""
+
+    CUDA: dense while E*R <= 256 (DESIGN.md's lead: there the two GEMMs of the dense form
+    run near the memory floor on tensor cores, while the sparse kernels are SIMT) or
+    K >= E/3. NOT YET MEASURED: the CUDA kernels have not run on a GPU; the crossover is
+    to be re-measured with benchmarks/bench_lora.py (providers moe_ext-sparse/-dense)."""
+    if torch.device(device).type == "cuda" and num_experts * rank <= 256:
+        return "dense"
     return "dense" if 3 * top_k >= num_experts else "sparse"
 
 

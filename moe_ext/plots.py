@@ -81,3 +81,34 @@ def curves(series: dict, path: str, xlabel: str, ylabel: str, title: str = "",
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
+
+
+def benchmark_bars(rows: list, path: str, x_key: str, series_key: str, panel_key: str = "mode",
+                   value_key: str = "median_us", title: str = "") -> Optional[str]:
+    """Grouped bars of rows[value_key] (log scale): one panel per value of panel_key (e.g.
+    fwd / fwd+bwd), groups by x_key (e.g. E or T), one bar per series_key (provider)."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return None
+    modes = list(dict.fromkeys(r.get(panel_key, "") for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sub = [r for r in rows if r.get(panel_key, "") == mode]
+        groups = list(dict.fromkeys(r[x_key] for r in sub))
+        series = list(dict.fromkeys(r[series_key] for r in sub))
+        width = 0.8 / len(series)
+        for i, name in enumerate(series):
+            xs, ys = [], []
+            for j, group in enumerate(groups):
+                hit = [r[value_key] for r in sub if r[x_key] == group and r[series_key] == name]
+                if hit:
+                    xs.append(j + (i - (len(series) - 1) / 2) * width)
+                    ys.append(hit[0])
+            ax.bar(xs, ys, width, label=name)
+        ax.set_xticks(range(len(groups)), [f"{x_key}={g}" for g in groups])
+        ax.set_yscale("log")
+        ax.set_ylabel(value_key.replace("_", " "))
+        ax.set_title(f"{title} {mode}".strip())
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, path)

@@ -16,4 +16,5 @@ def test_benchmark_script_runs(script, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = sorted(os.listdir(tmp_path))
-    assert any(f.endswith(".csv") for f in written) and any(f.endswith(".md") for f in written)
+    for ext in (".csv", ".md", ".png"):
+        assert any(f.endswith(ext) for f in written), (ext, written)

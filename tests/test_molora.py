@@ -139,6 +139,9 @@ def test_strategies_agree_and_auto_is_one_of_them():
     assert functional.choose_strategy(6, 3, 4, x.device) in ("sparse", "dense")
     assert functional.choose_strategy(4, 4, 4, x.device) == "dense"
     assert functional.choose_strategy(8, 2, 16, x.device) == "sparse"
+    cuda = torch.device("cuda")  # a device object only: no GPU needed
+    assert functional.choose_strategy(8, 2, 16, cuda) == "dense"     # E*R = 128
+    assert functional.choose_strategy(64, 2, 16, cuda) == "sparse"   # E*R = 1024
 
 
 def test_results_independent_of_thread_count_bitwise():
