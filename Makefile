@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EDIT   := $(VENV)/.editable-installed
 export MAX_JOBS ?= 2
 
-.PHONY: all build test demo info bench-cpu clean
+.PHONY: all build test demo info bench-cpu gpu-site clean
 
 all: test
 
@@ -37,6 +37,12 @@ info: build
 
 bench-cpu: build
 	$(BIN)/python benchmarks/bench_cpu.py
+
+# Pure-Python test dependencies for a GPU machine that has torch but no package index:
+# carried there beside the tree (see benchmarks/gpu_session.sh).
+gpu-site: $(DEPS)
+	$(BIN)/pip install --quiet --no-deps --target .gpu-site pytest pluggy iniconfig \
+		hypothesis sortedcontainers attrs safetensors tqdm expecttest
 
 clean:
 	rm -rf build moe_ext/*.so *.egg-info .pytest_cache

@@ -5,7 +5,7 @@ from .layers import MoLoRALinear
 from .model import (disable_adapters, get_molora_model, last_routing, load_molora, molora_layers,
                     save_molora, set_group_bias)
 
-fallback.register_cuda_fallbacks()  # until csrc/cuda has kernels: PyTorch ops on GPU
+fallback.register_cuda_fallbacks()  # only for ops built without a CUDA kernel
 
 __version__ = "0.1.0"
 __all__ = ["MoLoRAConfig", "MoLoRALinear", "functional", "ops", "reference", "get_molora_model",

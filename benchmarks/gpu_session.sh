@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything a GPU session has to do, in stages that each fit one device command:
+#   bash benchmarks/gpu_session.sh build tests sanitize bench
+# Builds against the machine's own torch (no package index there: the pure-Python test
+# dependencies come from .gpu-site, made here by `make gpu-site` and carried along), runs
+# the CUDA tests, compute-sanitizer memcheck + racecheck on the op tests, and the
+# benchmarks. Everything is written under $OUT (the device tool's folder) or
+# benchmarks/results/gpu-session: machine facts, build log, pytest lines, sanitizer
+# summaries, benchmark CSV/markdown/plots.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES=${OUT:-benchmarks/results/gpu-session}
+mkdir -p "$RES"
+export PYTHONPATH="$PWD:$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+# Op tests that a sanitizer can get through in minutes (small shapes, every kernel).
+SMALL='float64_matches_reference or route_matches or route_backward or align_equals or gate_dense or opcheck or ties'
+
+stage() { echo "== $1 $(date -u +%H:%M:%S)" | tee -a "$RES/session.log"; }
+
+for what in "$@"; do
+  case "$what" in
+    build)
+      stage build
+      { nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)";
+        git rev-parse HEAD 2>/dev/null; date -u; } > "$RES/machine.txt" 2>&1
+      # A fresh machine may hold a .so built elsewhere: rebuild against this torch.
+      rm -f moe_ext/_C*.so
+      if ! (time $PY setup.py -q build_ext --inplace) > "$RES/build.log" 2>&1; then
+        tail -40 "$RES/build.log"; exit 1
+      fi
+      $PY -m moe_ext.cli info | tee "$RES/info.txt" ;;
+    tests)
+      stage tests
+      $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_route.py \
+        tests/test_align.py tests/test_molora.py tests/test_layer.py 2>&1 | tee "$RES/pytest.txt" | tail -25 ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        stage "$tool"
+        "$SANITIZER" --tool "$tool" --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider \
+          tests/test_cuda.py -k "$SMALL" > "$RES/sanitizer-$tool.txt" 2>&1
+        echo "exit $?" >> "$RES/sanitizer-$tool.txt"
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|^exit" "$RES/sanitizer-$tool.txt" | tail -5
+      done ;;
+    bench)
+      stage bench
+      for script in bench_route bench_lora bench_layer; do
+        $PY benchmarks/$script.py --out "$RES" 2>&1 | tail -40
+      done ;;
+    *) echo "unknown stage $what (build, tests, sanitize, bench)"; exit 2 ;;
+  esac
+done
