@@ -217,6 +217,28 @@ def test_debug_mode_checks_values(monkeypatch):
         ops.align(torch.tensor([[0, 7]], device=CUDA), 4)
 
 
+def test_out_of_range_ids_add_nothing_without_debug_mode():
+    """Without MOE_EXT_DEBUG the ids are not checked (a check would sync), but a bad id
+    must act as a null expert: no out-of-bounds access, no effect on any LoRA expert."""
+    T, D, O, E, R, K = 40, 24, 20, 2, 4, 2
+    x, L, A, B = make_inputs(T, D, O, E, R, 1, torch.float32, CUDA)
+    r = ops.route(L, K)
+    bad = r.experts.clone()
+    bad[bad == E] = 7                              # ids past E + N (N = 0 below)
+    bad[0, 1] = -3
+    as_null = torch.where((bad < 0) | (bad >= E), torch.full_like(bad, E), bad)
+    C = torch.ops.moe_ext
+
+    def fwd_bwd(experts, N):
+        y, h = C.lora_forward(x, A, B, r.weights, experts, 0.5, N)
+        order, offsets = C.align(experts, E + N)
+        gy = torch.ones_like(y)
+        return [y, h, *C.lora_backward(gy, x, A, B, r.weights, experts, order, offsets, h, 0.5, N)]
+
+    for got, want in zip(fwd_bwd(bad, 0), fwd_bwd(as_null, 1)):
+        torch.testing.assert_close(got, want)
+
+
 def test_bad_inputs_name_the_argument_on_cuda():
     x, L, A, B = make_inputs(6, 5, 4, 3, 2, 0, torch.float32, CUDA)
     with pytest.raises(ValueError, match="top_k"):

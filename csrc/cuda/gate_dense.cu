@@ -94,18 +94,19 @@ cudaError_t launch_gate_dense_backward(DType dtype, const void* grad_gated, cons
                                        const void* w, const int64_t* experts, int64_t T,
                                        int64_t E, int64_t R, int64_t K, double scaling,
                                        void* grad_h_all, void* grad_w, cudaStream_t stream) {
-  if (T == 0) return cudaGetLastError();
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
     const auto* g = static_cast<const scalar_t*>(grad_gated);
     const auto* h = static_cast<const scalar_t*>(h_all);
-    const auto* wp = static_cast<const acc_t*>(w);
     const acc_t s = static_cast<acc_t>(scaling);
-    gate_dense_grad_h_kernel<scalar_t><<<grid_stride_blocks(T * E * R), kThreads, 0, stream>>>(
-        g, wp, experts, T, E, R, K, s, static_cast<scalar_t*>(grad_h_all));
-    gate_dense_grad_w_kernel<scalar_t><<<blocks_for(T * K, kThreads), kThreads, 0, stream>>>(
-        g, h, experts, T, E, R, K, s, static_cast<acc_t*>(grad_w));
+    if (T * E * R > 0)  // an empty grid is a launch error
+      gate_dense_grad_h_kernel<scalar_t><<<grid_stride_blocks(T * E * R), kThreads, 0, stream>>>(
+          g, static_cast<const acc_t*>(w), experts, T, E, R, K, s,
+          static_cast<scalar_t*>(grad_h_all));
+    if (T * K > 0)
+      gate_dense_grad_w_kernel<scalar_t><<<blocks_for(T * K, kThreads), kThreads, 0, stream>>>(
+          g, h, experts, T, E, R, K, s, static_cast<acc_t*>(grad_w));
   });
   return cudaGetLastError();
 }

@@ -29,8 +29,9 @@ cudaError_t launch_route_backward(DType dtype, const void* grad_probs, const voi
                                   void* out, cudaStream_t stream);
 
 // ---- alignment (align.cu): stable counting sort of P ids into num_bins bins.
-// Ids outside [0, num_bins) are counted in the last bin (kernels downstream treat them as
-// null experts); the host checks them only in debug mode, as the check needs a sync.
+// Ids outside [0, num_bins) are counted in the last bin (the grouped LoRA kernels check
+// experts[p] against the bin and skip them); the host checks ids only in debug mode, as
+// the check needs a sync.
 int64_t align_scratch_ints(int64_t P, int64_t num_bins);  // int32 scratch elements needed
 cudaError_t launch_align(const int64_t* ids, int64_t P, int64_t num_bins, int32_t* scratch,
                          int64_t* order, int64_t* offsets, cudaStream_t stream);
@@ -49,12 +50,14 @@ struct ExpertWeights {
   int64_t stride_e, stride_i, stride_j;
 };
 // out[p, r] = sum_c W_e[r, c] * vecs[p / K, c] for every pair p of LoRA expert e < E
-// (order/offsets from align, tile_start from tile_map); other rows of out are untouched.
+// (order/offsets from align, tile_start from tile_map; pairs in e's bin whose
+// experts[p] != e, i.e. bad ids, are skipped); other rows of out are untouched.
 // vecs (T, n) in `dtype`, out (P, R) acc.
 cudaError_t launch_grouped_shrink(DType dtype, const void* vecs, int64_t n, ExpertWeights W,
                                   const int64_t* order, const int64_t* offsets,
-                                  const int32_t* tile_start, int64_t P, int64_t E, int64_t K,
-                                  int64_t R, void* out, cudaStream_t stream);
+                                  const int32_t* tile_start, const int64_t* experts, int64_t P,
+                                  int64_t E, int64_t K, int64_t R, void* out,
+                                  cudaStream_t stream);
 // out[p, c] = sum_r coef[p, r] * scale_p * W_e[c, r] for c < n and every pair p of LoRA
 // expert e, with scale_p = scaling * pair_scale[p] (or 1 when pair_scale is null).
 // coef (P, R) acc, out (P, n) acc.
@@ -76,12 +79,13 @@ cudaError_t launch_pair_grads(DType dtype, const void* gh, const void* h, const 
 // Weight gradient of every LoRA expert e < E:
 //   G_e[r, c] = sum over e's pairs p (in order) of coef[p, r] * scale_p * rows[p / K, c],
 // written to out[e * out_stride_e + r * out_stride_r + c * out_stride_c] in `dtype`.
-// coef (P, R) acc, rows (T, n) in `dtype`; scale_p as in launch_grouped_expand.
+// coef (P, R) acc, rows (T, n) in `dtype`; scale_p as in launch_grouped_expand; pairs
+// with experts[p] != e (bad ids) add nothing.
 cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_scale,
                                double scaling, const void* rows, int64_t n, const int64_t* order,
-                               const int64_t* offsets, int64_t E, int64_t K, int64_t R, void* out,
-                               int64_t out_stride_e, int64_t out_stride_r, int64_t out_stride_c,
-                               cudaStream_t stream);
+                               const int64_t* offsets, const int64_t* experts, int64_t E,
+                               int64_t K, int64_t R, void* out, int64_t out_stride_e,
+                               int64_t out_stride_r, int64_t out_stride_c, cudaStream_t stream);
 
 // ---- dense-gated mask (gate_dense.cu). h_all, gated (T, E*R) in `dtype`; w (T, K) acc.
 cudaError_t launch_gate_dense(DType dtype, const void* h_all, const void* w,

@@ -45,16 +45,23 @@ __global__ void __launch_bounds__(kThreads)
 grouped_shrink_kernel(const scalar_t* __restrict__ vecs, int64_t n, const scalar_t* __restrict__ W,
                       int64_t ws_e, int64_t ws_r, int64_t ws_c, const int64_t* __restrict__ order,
                       const int64_t* __restrict__ offsets, const int32_t* __restrict__ tile_start,
-                      int64_t E, int64_t K, int R, acc_of<scalar_t>* __restrict__ out) {
+                      const int64_t* __restrict__ experts, int64_t E, int64_t K, int R,
+                      acc_of<scalar_t>* __restrict__ out) {
   using acc_t = acc_of<scalar_t>;
   static_assert(kPairTile * kRankChunk == 4 * kThreads, "4 outputs per thread");
   __shared__ acc_t xs[kPairTile][kDepth + 1];
   __shared__ acc_t wsm[kRankChunk][kDepth + 1];
-  __shared__ int64_t pair[kPairTile];
+  __shared__ int64_t pair[kPairTile], row[kPairTile];  // row: the pair's token row offset
   int64_t e, first;
   int m;
   if (!locate_tile(tile_start, offsets, E, blockIdx.x, e, first, m)) return;
-  if (threadIdx.x < kPairTile) pair[threadIdx.x] = threadIdx.x < m ? order[first + threadIdx.x] : -1;
+  if (threadIdx.x < kPairTile) {
+    // A bad id counted into this expert's bin (align puts them in the last bin) is skipped.
+    const int64_t p = threadIdx.x < m ? order[first + threadIdx.x] : -1;
+    const bool mine = p >= 0 && experts[p] == e;
+    pair[threadIdx.x] = mine ? p : -1;
+    row[threadIdx.x] = mine ? (p / K) * n : -1;
+  }
   __syncthreads();
   const scalar_t* We = W + e * ws_e;
   const int pi = threadIdx.x / 4, rq = threadIdx.x % 4;
@@ -63,7 +70,7 @@ grouped_shrink_kernel(const scalar_t* __restrict__ vecs, int64_t n, const scalar
     for (int64_t c0 = 0; c0 < n; c0 += kDepth) {
       for (int idx = threadIdx.x; idx < kPairTile * kDepth; idx += kThreads) {
         const int i = idx / kDepth, cc = idx % kDepth;
-        xs[i][cc] = (i < m && c0 + cc < n) ? to_acc(vecs[(pair[i] / K) * n + c0 + cc]) : acc_t(0);
+        xs[i][cc] = (row[i] >= 0 && c0 + cc < n) ? to_acc(vecs[row[i] + c0 + cc]) : acc_t(0);
       }
       for (int idx = threadIdx.x; idx < kRankChunk * kDepth; idx += kThreads) {
         const int rr = idx / kDepth, cc = idx % kDepth;
@@ -79,7 +86,7 @@ grouped_shrink_kernel(const scalar_t* __restrict__ vecs, int64_t n, const scalar
       }
       __syncthreads();
     }
-    if (pi < m) {
+    if (pair[pi] >= 0) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int r = r0 + rq * 4 + j;
@@ -100,7 +107,7 @@ grouped_expand_kernel(const acc_of<scalar_t>* __restrict__ coef,
                       const int64_t* __restrict__ offsets, const int32_t* __restrict__ tile_start,
                       int64_t E, int R, acc_of<scalar_t>* __restrict__ out) {
   using acc_t = acc_of<scalar_t>;
-  __shared__ acc_t cs[kRankChunk][kPairTile];
+  __shared__ acc_t cs[kRankChunk][kPairTile + 1];  // +1: the transposing stores hit 16 banks
   __shared__ acc_t wsm[kRankChunk][kColumns];
   __shared__ int64_t pair[kPairTile];
   __shared__ acc_t scale[kPairTile];
@@ -194,7 +201,8 @@ __global__ void __launch_bounds__(kThreads)
 weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
                    const acc_of<scalar_t>* __restrict__ pair_scale, acc_of<scalar_t> scaling,
                    const scalar_t* __restrict__ rows, int64_t n, const int64_t* __restrict__ order,
-                   const int64_t* __restrict__ offsets, int64_t K, int R,
+                   const int64_t* __restrict__ offsets, const int64_t* __restrict__ experts,
+                   int64_t K, int R,
                    scalar_t* __restrict__ out, int64_t os_e, int64_t os_r, int64_t os_c) {
   using acc_t = acc_of<scalar_t>;
   static_assert(kRankChunk * 16 == kThreads && kColumns == 16 * 8, "layout");
@@ -213,9 +221,10 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
         const int i = threadIdx.x;
         const int64_t p = i < m ? order[i0 + i] : 0;
         tok[i] = p / K;
-        const acc_t s = i < m ? (pair_scale ? scaling * pair_scale[p] : acc_t(1)) : acc_t(0);
+        const bool mine = i < m && experts[p] == e;  // bad ids in this bin add nothing
+        const acc_t s = mine ? (pair_scale ? scaling * pair_scale[p] : acc_t(1)) : acc_t(0);
         for (int rr = 0; rr < kRankChunk; ++rr)
-          sc[i][rr] = (i < m && r0 + rr < R) ? s * coef[p * R + r0 + rr] : acc_t(0);
+          sc[i][rr] = (mine && r0 + rr < R) ? s * coef[p * R + r0 + rr] : acc_t(0);
       }
       __syncthreads();
       for (int idx = threadIdx.x; idx < kGradPairs * kColumns; idx += kThreads) {
@@ -245,14 +254,15 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
 
 cudaError_t launch_grouped_shrink(DType dtype, const void* vecs, int64_t n, ExpertWeights W,
                                   const int64_t* order, const int64_t* offsets,
-                                  const int32_t* tile_start, int64_t P, int64_t E, int64_t K,
-                                  int64_t R, void* out, cudaStream_t stream) {
+                                  const int32_t* tile_start, const int64_t* experts, int64_t P,
+                                  int64_t E, int64_t K, int64_t R, void* out,
+                                  cudaStream_t stream) {
   if (P == 0) return cudaGetLastError();
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     grouped_shrink_kernel<scalar_t><<<max_pair_tiles(P, E), kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(vecs), n, static_cast<const scalar_t*>(W.data), W.stride_e,
-        W.stride_i, W.stride_j, order, offsets, tile_start, E, K, static_cast<int>(R),
+        W.stride_i, W.stride_j, order, offsets, tile_start, experts, E, K, static_cast<int>(R),
         static_cast<acc_of<scalar_t>*>(out));
   });
   return cudaGetLastError();
@@ -308,9 +318,9 @@ cudaError_t launch_pair_grads(DType dtype, const void* gh, const void* h, const 
 
 cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_scale,
                                double scaling, const void* rows, int64_t n, const int64_t* order,
-                               const int64_t* offsets, int64_t E, int64_t K, int64_t R, void* out,
-                               int64_t out_stride_e, int64_t out_stride_r, int64_t out_stride_c,
-                               cudaStream_t stream) {
+                               const int64_t* offsets, const int64_t* experts, int64_t E,
+                               int64_t K, int64_t R, void* out, int64_t out_stride_e,
+                               int64_t out_stride_r, int64_t out_stride_c, cudaStream_t stream) {
   if (E == 0 || n == 0) return cudaGetLastError();
   const dim3 grid(static_cast<unsigned>(E), blocks_for(n, kColumns));
   dispatch_all(dtype, [&](auto tag) {
@@ -318,8 +328,8 @@ cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_s
     using acc_t = acc_of<scalar_t>;
     weight_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         static_cast<const acc_t*>(coef), static_cast<const acc_t*>(pair_scale),
-        static_cast<acc_t>(scaling), static_cast<const scalar_t*>(rows), n, order, offsets, K,
-        static_cast<int>(R), static_cast<scalar_t*>(out), out_stride_e, out_stride_r,
+        static_cast<acc_t>(scaling), static_cast<const scalar_t*>(rows), n, order, offsets,
+        experts, K, static_cast<int>(R), static_cast<scalar_t*>(out), out_stride_e, out_stride_r,
         out_stride_c);
   });
   return cudaGetLastError();

@@ -36,6 +36,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, con
                    w = w_in.contiguous(), experts = experts_in.contiguous();
   const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), O = B.size(1),
                 K = experts.size(1), P = T * K;
+  check_columns(D, "D");
+  check_columns(O, "O");
   const DType dtype = dtype_of(x.scalar_type());
   const auto acc = acc_type_of(x.scalar_type());
   const cudaStream_t stream = current_stream();
@@ -45,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, con
   at::Tensor h = at::zeros({P, R}, x.options().dtype(acc));  // rows of null pairs stay 0
   C10_CUDA_CHECK(launch_grouped_shrink(dtype, x.data_ptr(), D, a_rows(A), order.data_ptr<int64_t>(),
                                        offsets.data_ptr<int64_t>(), tile_start.data_ptr<int32_t>(),
-                                       P, E, K, R, h.data_ptr(), stream));
+                                       experts.data_ptr<int64_t>(), P, E, K, R, h.data_ptr(),
+                                       stream));
   at::Tensor y_pairs = at::empty({P, O}, x.options().dtype(acc));
   C10_CUDA_CHECK(launch_grouped_expand(dtype, h.data_ptr(), w.data_ptr(), scaling, b_cols(B), O,
                                        order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
@@ -75,8 +78,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), O = B.size(1),
                 K = experts.size(1), P = T * K;
   check_int32_range(P, "the number of (token, k) pairs");
+  check_columns(D, "D");
+  check_columns(O, "O");
   debug_check_ids(experts, E + num_null_experts, "experts");
   debug_check_ids(order, P, "order");
+  debug_check_offsets(offsets, P);
   const DType dtype = dtype_of(x.scalar_type());
   const cudaStream_t stream = current_stream();
   const int64_t* ord = order.data_ptr<int64_t>();
@@ -86,27 +92,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
 
   // gh[p] = B_e^T dy[t]; then dw and dh = s * w * gh per pair.
   at::Tensor gh = at::empty({P, R}, x.options().dtype(acc));
-  C10_CUDA_CHECK(launch_grouped_shrink(dtype, dy.data_ptr(), O, b_rows(B), ord, off, tiles, P, E, K,
-                                       R, gh.data_ptr(), stream));
+  const int64_t* ids = experts.data_ptr<int64_t>();
+  C10_CUDA_CHECK(launch_grouped_shrink(dtype, dy.data_ptr(), O, b_rows(B), ord, off, tiles, ids, P,
+                                       E, K, R, gh.data_ptr(), stream));
   at::Tensor dw = at::empty({T, K}, w.options());
   at::Tensor dh = at::empty({P, R}, w.options());
   C10_CUDA_CHECK(launch_pair_grads(dtype_of(acc), gh.data_ptr(), h.data_ptr(), w.data_ptr(),
-                                   experts.data_ptr<int64_t>(), P, E, R, scaling, dw.data_ptr(),
-                                   dh.data_ptr(), stream));
+                                   ids, P, E, R, scaling, dw.data_ptr(), dh.data_ptr(), stream));
   // dx[t] = sum_k A_e^T dh[t, k].
   at::Tensor dx_pairs = at::empty({P, D}, x.options().dtype(acc));
   C10_CUDA_CHECK(launch_grouped_expand(dtype, dh.data_ptr(), nullptr, 1.0, a_cols(A), D, ord, off,
                                        tiles, P, E, K, R, dx_pairs.data_ptr(), stream));
   at::Tensor dx = at::empty_like(x);
-  C10_CUDA_CHECK(launch_combine_pairs(dtype, dx_pairs.data_ptr(), experts.data_ptr<int64_t>(), T, K,
-                                      E, D, dx.data_ptr(), stream));
+  C10_CUDA_CHECK(launch_combine_pairs(dtype, dx_pairs.data_ptr(), ids, T, K, E, D, dx.data_ptr(),
+                                      stream));
   // dA_e = sum_p dh[p] x[t]^T; dB_e = sum_p dy[t] (s w_p h[p])^T.
   at::Tensor dA = at::empty_like(A);
   C10_CUDA_CHECK(launch_weight_grad(dtype, dh.data_ptr(), nullptr, 1.0, x.data_ptr(), D, ord, off,
-                                    E, K, R, dA.data_ptr(), R * D, D, 1, stream));
+                                    ids, E, K, R, dA.data_ptr(), R * D, D, 1, stream));
   at::Tensor dB = at::empty_like(B);
   C10_CUDA_CHECK(launch_weight_grad(dtype, h.data_ptr(), w.data_ptr(), scaling, dy.data_ptr(), O,
-                                    ord, off, E, K, R, dB.data_ptr(), O * R, 1, R, stream));
+                                    ord, off, ids, E, K, R, dB.data_ptr(), O * R, 1, R, stream));
   return {dx, dw, dA, dB};
 }
 

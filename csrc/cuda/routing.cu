@@ -63,7 +63,10 @@ __global__ void route_kernel(const scalar_t* __restrict__ logits, const acc_of<s
         best_j = other_j;
       }
     }
-    if (best_j >= M) best_j = k % M;  // only with NaN probabilities: stay in bounds
+    if (best_j >= M) {  // only with NaN probabilities: stay in bounds, keep the NaN
+      best_j = k % M;
+      best_p = std::numeric_limits<acc_t>::quiet_NaN();
+    }
     if (lane == 0) {
       experts[t * K + k] = best_j;
       weights[t * K + k] = best_p;

@@ -46,6 +46,8 @@ at::Tensor route_backward_cuda(const c10::optional<at::Tensor>& grad_probs,
   check_route_backward_args(grad_probs, grad_weights, probs, weights, experts, temperature);
   const c10::cuda::CUDAGuard guard(probs.device());
   const int64_t T = probs.size(0), M = probs.size(1), K = experts.size(1);
+  check_int32_range(M, "the number of experts");
+  check_int32_range(K, "top_k");
   const auto acc = probs.scalar_type();
   at::Tensor gp;
   if (grad_probs.has_value() && grad_probs->defined()) gp = grad_probs->to(acc).contiguous();
