@@ -66,11 +66,11 @@ cudaError_t launch_grouped_expand(DType dtype, const void* coef, const void* pai
                                   const int64_t* order, const int64_t* offsets,
                                   const int32_t* tile_start, int64_t P, int64_t E, int64_t K,
                                   int64_t R, void* out, cudaStream_t stream);
-// out[t, c] = sum_k pair_out[t*K + k, c] over the LoRA pairs of token t, in k order
-// (deterministic). pair_out (P, n) acc, out (T, n) in `dtype`.
+// out[t * out_ld + c] = sum_k pair_out[t*K + k, c] over the LoRA pairs of token t, in k
+// order (deterministic), for c < n. pair_out (P, n) acc, out rows of `dtype`.
 cudaError_t launch_combine_pairs(DType dtype, const void* pair_out, const int64_t* experts,
                                  int64_t T, int64_t K, int64_t E, int64_t n, void* out,
-                                 cudaStream_t stream);
+                                 int64_t out_ld, cudaStream_t stream);
 // Per pair: dw[p] = scaling * <gh[p], h[p]>, dh[p] = scaling * w[p] * gh[p] for LoRA pairs,
 // both 0 for null pairs. All acc; gh, h, dh (P, R); w, dw (P,).
 cudaError_t launch_pair_grads(DType dtype, const void* gh, const void* h, const void* w,

@@ -3,7 +3,8 @@
 // works on one tile with the expert's weights staged in shared memory:
 //   grouped_shrink:  h[p]  = W_e vecs[token(p)]           (forward A x, backward B^T dy)
 //   grouped_expand:  o[p]  = scale_p W_e coef[p]          (forward s w B h, backward A^T dh)
-//   combine_pairs:   y[t]  = sum_k o[t*K + k]             (the K-combine, in k order)
+//   combine_pairs:   y[t]  = sum_k o[t*K + k]             (the K-combine, in k order;
+//                    the host runs expand + combine over column slabs to bound o's size)
 //   weight_grad:     G_e   = sum_p coef[p] rows[token(p)]^T, one block per (expert,
 //                    column block), pairs in sorted order
 // Every output element is written by exactly one thread and summed in a fixed order: no
@@ -164,7 +165,8 @@ grouped_expand_kernel(const acc_of<scalar_t>* __restrict__ coef,
 template <typename scalar_t>
 __global__ void combine_pairs_kernel(const acc_of<scalar_t>* __restrict__ pair_out,
                                      const int64_t* __restrict__ experts, int64_t T, int64_t K,
-                                     int64_t E, int64_t n, scalar_t* __restrict__ out) {
+                                     int64_t E, int64_t n, scalar_t* __restrict__ out,
+                                     int64_t out_ld) {
   using acc_t = acc_of<scalar_t>;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < T * n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -172,7 +174,7 @@ __global__ void combine_pairs_kernel(const acc_of<scalar_t>* __restrict__ pair_o
     acc_t s = 0;
     for (int64_t k = 0; k < K; ++k)
       if (is_lora(experts[t * K + k], E)) s += pair_out[(t * K + k) * n + c];
-    out[idx] = from_acc<scalar_t>(s);
+    out[t * out_ld + c] = from_acc<scalar_t>(s);
   }
 }
 
@@ -290,14 +292,14 @@ cudaError_t launch_grouped_expand(DType dtype, const void* coef, const void* pai
 
 cudaError_t launch_combine_pairs(DType dtype, const void* pair_out, const int64_t* experts,
                                  int64_t T, int64_t K, int64_t E, int64_t n, void* out,
-                                 cudaStream_t stream) {
+                                 int64_t out_ld, cudaStream_t stream) {
   if (T * n == 0) return cudaGetLastError();
   const unsigned blocks = static_cast<unsigned>(min64(blocks_for(T * n, kThreads), 65536));
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     combine_pairs_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         static_cast<const acc_of<scalar_t>*>(pair_out), experts, T, K, E, n,
-        static_cast<scalar_t*>(out));
+        static_cast<scalar_t*>(out), out_ld);
   });
   return cudaGetLastError();
 }

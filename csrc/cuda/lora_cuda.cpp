@@ -3,6 +3,8 @@
 // gate_dense.cu). Checks, allocation and the sequence of launches on the current stream.
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "ops_common.h"
 
 namespace moe_ext {
@@ -22,6 +24,36 @@ at::Tensor tile_map(const at::Tensor& offsets, int64_t E) {
   C10_CUDA_CHECK(launch_tile_map(offsets.data_ptr<int64_t>(), E, tile_start.data_ptr<int32_t>(),
                                  current_stream()));
   return tile_start;
+}
+
+// The per-pair rows of the expand live in a float buffer of at most this many bytes.
+constexpr int64_t kPairBufferBytes = int64_t(512) << 20;
+
+// out (T, n) = for each token, the sum over its LoRA pairs of scale_p W_e coef[p], via
+// grouped_expand into per-pair rows and the deterministic K-combine. Columns go in slabs
+// (multiples of 128) so that the (P, slab) buffer stays under kPairBufferBytes.
+void expand_and_combine(DType dtype, const at::Tensor& coef, const void* pair_scale,
+                        double scaling, ExpertWeights W, int64_t n, const at::Tensor& order,
+                        const at::Tensor& offsets, const at::Tensor& tile_start,
+                        const at::Tensor& experts, int64_t E, at::Tensor& out,
+                        cudaStream_t stream) {
+  const int64_t T = experts.size(0), K = experts.size(1), P = T * K, R = coef.size(1);
+  const int64_t per_column = std::max<int64_t>(1, P) * coef.element_size();
+  const int64_t slab = std::min(n, std::max<int64_t>(128, kPairBufferBytes / per_column / 128 * 128));
+  at::Tensor buffer = at::empty({P * std::max<int64_t>(slab, 1)}, coef.options());
+  const int64_t elem = out.element_size();  // out, x, lora_A and lora_B share a dtype
+  for (int64_t c0 = 0; c0 < n; c0 += slab) {
+    const int64_t width = std::min(slab, n - c0);
+    ExpertWeights cols = W;  // W_e[c0 + c, r]: shift the column origin
+    cols.data = static_cast<const char*>(W.data) + c0 * W.stride_i * elem;
+    C10_CUDA_CHECK(launch_grouped_expand(dtype, coef.data_ptr(), pair_scale, scaling, cols, width,
+                                         order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                                         tile_start.data_ptr<int32_t>(), P, E, K, R,
+                                         buffer.data_ptr(), stream));
+    C10_CUDA_CHECK(launch_combine_pairs(dtype, buffer.data_ptr(), experts.data_ptr<int64_t>(), T, K,
+                                        E, width, static_cast<char*>(out.data_ptr()) + c0 * elem,
+                                        n, stream));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, const at::Tensor& A_in,
@@ -49,14 +81,9 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, con
                                        offsets.data_ptr<int64_t>(), tile_start.data_ptr<int32_t>(),
                                        experts.data_ptr<int64_t>(), P, E, K, R, h.data_ptr(),
                                        stream));
-  at::Tensor y_pairs = at::empty({P, O}, x.options().dtype(acc));
-  C10_CUDA_CHECK(launch_grouped_expand(dtype, h.data_ptr(), w.data_ptr(), scaling, b_cols(B), O,
-                                       order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
-                                       tile_start.data_ptr<int32_t>(), P, E, K, R,
-                                       y_pairs.data_ptr(), stream));
   at::Tensor y = at::empty({T, O}, x.options());
-  C10_CUDA_CHECK(launch_combine_pairs(dtype, y_pairs.data_ptr(), experts.data_ptr<int64_t>(), T, K,
-                                      E, O, y.data_ptr(), stream));
+  expand_and_combine(dtype, h, w.data_ptr(), scaling, b_cols(B), O, order, offsets, tile_start,
+                     experts, E, y, stream);
   return {y, h};
 }
 
@@ -100,12 +127,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   C10_CUDA_CHECK(launch_pair_grads(dtype_of(acc), gh.data_ptr(), h.data_ptr(), w.data_ptr(),
                                    ids, P, E, R, scaling, dw.data_ptr(), dh.data_ptr(), stream));
   // dx[t] = sum_k A_e^T dh[t, k].
-  at::Tensor dx_pairs = at::empty({P, D}, x.options().dtype(acc));
-  C10_CUDA_CHECK(launch_grouped_expand(dtype, dh.data_ptr(), nullptr, 1.0, a_cols(A), D, ord, off,
-                                       tiles, P, E, K, R, dx_pairs.data_ptr(), stream));
   at::Tensor dx = at::empty_like(x);
-  C10_CUDA_CHECK(launch_combine_pairs(dtype, dx_pairs.data_ptr(), ids, T, K, E, D, dx.data_ptr(),
-                                      stream));
+  expand_and_combine(dtype, dh, nullptr, 1.0, a_cols(A), D, order, offsets, tile_start, experts, E,
+                     dx, stream);
   // dA_e = sum_p dh[p] x[t]^T; dB_e = sum_p dy[t] (s w_p h[p])^T.
   at::Tensor dA = at::empty_like(A);
   C10_CUDA_CHECK(launch_weight_grad(dtype, dh.data_ptr(), nullptr, 1.0, x.data_ptr(), D, ord, off,
