@@ -1,5 +1,7 @@
 """Builds moe_ext._C: the C++ CPU kernels always, the CUDA kernels in csrc/cuda/ when nvcc
-and a CUDA build of torch are present (MOE_EXT_CUDA=0|1 forces the choice)."""
+and a CUDA build of torch are present (MOE_EXT_CUDA=0|1 forces the choice).
+MOE_EXT_NO_EXT=1 installs the Python package only (the Makefile's editable install, which
+is followed by an in-place incremental build of the extension)."""
 import glob
 import os
 import shutil
@@ -66,6 +68,6 @@ def extension():
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("MOE_EXT_NO_EXT") == "1" else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

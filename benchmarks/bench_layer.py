@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import bench_args, machine_facts, report, time_call  # noqa: E402
+from harness import bench_args, fwd_and_fwd_bwd, machine_facts, report, time_call  # noqa: E402
 
 from moe_ext import MoLoRAConfig, MoLoRALinear  # noqa: E402
 
@@ -26,16 +26,8 @@ def main():
             layer = layer.to(args.device, args.dtype)
             x = torch.randn(T, D, device=args.device, dtype=args.dtype, requires_grad=True)
             for name, module in (("base linear", base), ("MoLoRALinear", layer)):
-                def fwd():
-                    with torch.no_grad():
-                        module(x)
-
-                def fwd_bwd():
-                    params = [p for p in module.parameters() if p.requires_grad]
-                    y = module(x)
-                    torch.autograd.grad(y, [x] + params, torch.ones_like(y))
-
-                for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                wrt = tuple([x] + [p for p in module.parameters() if p.requires_grad])
+                for mode, call in fwd_and_fwd_bwd(lambda module=module: module(x), wrt):
                     t = time_call(call, reps=args.reps)
                     rows.append({"mode": mode, "module": name, "E": E, "T": T, "D": D,
                                  "median_us": 1e3 * t["median_ms"], "p20_us": 1e3 * t["p20_ms"],
@@ -47,7 +39,7 @@ def main():
         r["series"] = f"{r['module']} E={r['E']}"
     print(report("layer", rows, machine_facts(), args.out,
                  ["mode", "module", "E", "T", "median_us", "p20_us", "p80_us", "x_base"],
-                 plot=dict(x_key="T", series_key="series")))
+                 device=args.device, plot=dict(x_key="T", series_key="series")))
 
 
 if __name__ == "__main__":

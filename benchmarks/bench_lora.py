@@ -1,8 +1,11 @@
 """The LoRA-expert delta, forward and forward+backward: moe_ext (auto / sparse / dense)
-vs the loop over experts (MixLoRA style), dense soft routing, torch grouped_mm (where the
-GPU has it) and the reference, against floors measured in the same run.
+vs the loop over experts (MixLoRA style), dense soft routing (LoRAMoE style: every expert
+on every token, a different, denser model), torch grouped_mm (where the GPU has it) and
+the reference, against floors measured in the same run; x_loop is the speed-up over the
+loop over experts.
 
 Run: .venv/bin/python benchmarks/bench_lora.py [--device cuda] [--experts 8 64 256 1024]
+CPU (make bench-cpu): bench_lora.py --device cpu --tokens 4096 --features 1024 --experts 8 64
 """
 import os
 import sys
@@ -10,10 +13,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import bench_args, floor_ms, machine_facts, measure_floors, report, time_call  # noqa: E402
+from harness import (bench_args, fwd_and_fwd_bwd, machine_facts, measure_floors, report,  # noqa: E402
+                     timed_row)
 
 from moe_ext import functional, ops, reference  # noqa: E402
-from moe_ext.baselines import dense_soft, loop_over_experts  # noqa: E402
+from moe_ext.molora.baselines import dense_soft, loop_over_experts  # noqa: E402
 
 
 def grouped_mm_delta(x, logits, A, B, top_k, scaling):
@@ -53,30 +57,23 @@ def main():
         if E <= 64:
             todo["reference"] = lambda *a: reference.molora(*a)
         for name, fn in todo.items():
-            def fwd():
-                with torch.no_grad():
-                    fn(*inputs)
-
-            def fwd_bwd():
-                y = fn(*inputs)
-                torch.autograd.grad(y, (x, logits, A, B), torch.ones_like(y), allow_unused=True)
-
-            for mode, call, nbytes, flops in [("fwd", fwd, fwd_bytes, fwd_flops),
-                                              ("fwd+bwd", fwd_bwd, 3.5 * fwd_bytes, 3 * fwd_flops)]:
+            reps = max(2, args.reps // 3) if name == "reference" else args.reps
+            for mode, call in fwd_and_fwd_bwd(lambda fn=fn: fn(*inputs), (x, logits, A, B)):
+                scale = (1.0, 1.0) if mode == "fwd" else (3.5, 3.0)  # backward reads/does more
                 try:
-                    t = time_call(call, reps=args.reps)
+                    rows.append(timed_row(call, floors, reps, scale[0] * fwd_bytes,
+                                          scale[1] * fwd_flops, mode=mode, provider=name, E=E,
+                                          T=T, D=D, K=K, R=R))
                 except (RuntimeError, NotImplementedError) as err:  # e.g. grouped_mm dtype limits
                     print(f"skip {name} E={E} {mode}: {str(err)[:120]}")
-                    continue
-                f = floor_ms(floors, nbytes, flops)
-                rows.append({"mode": mode, "provider": name, "E": E, "T": T, "D": D, "K": K, "R": R,
-                             "median_us": 1e3 * t["median_ms"], "p20_us": 1e3 * t["p20_ms"],
-                             "p80_us": 1e3 * t["p80_ms"], "floor_us": 1e3 * f,
-                             "x_floor": t["median_ms"] / f})
+    for r in rows:
+        loop = [b for b in rows if b["provider"] == "loop" and b["mode"] == r["mode"]
+                and b["E"] == r["E"]]
+        r["x_loop"] = loop[0]["median_us"] / r["median_us"] if loop else float("nan")
     facts = {**machine_facts(), **floors}
     print(report("lora", rows, facts, args.out,
-                 ["mode", "provider", "E", "median_us", "p20_us", "p80_us", "floor_us", "x_floor"],
-                 plot=dict(x_key="E", series_key="provider")))
+                 ["mode", "provider", "E", "median_us", "p20_us", "p80_us", "floor_us", "x_floor",
+                  "x_loop"], device=args.device, plot=dict(x_key="E", series_key="provider")))
 
 
 if __name__ == "__main__":

@@ -3,35 +3,16 @@ markdown output and a plot. Benchmarks are scripts, never timed tests."""
 from __future__ import annotations
 
 import csv
-import datetime
 import os
-import platform
-import statistics
-import subprocess
-import time
-from typing import Callable, Optional
+import sys
+from typing import Optional
 
 import torch
 
-import moe_ext
-from moe_ext import plots
-
-
-def time_call(fn: Callable[[], object], warmup: int = 2, reps: int = 7) -> dict:
-    """Median and p20/p80 wall time of fn() in milliseconds (CPU: perf_counter;
-    CUDA: synchronised around each call)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
+from moe_ext.utils import plots
+from moe_ext.utils.facts import run_facts
+from moe_ext.utils.io import atomic_write, write_text
+from moe_ext.utils.timing import time_call
 
 
 def measure_floors(device: str, dtype: torch.dtype) -> dict:
@@ -53,6 +34,31 @@ def floor_ms(floors: dict, bytes_moved: float = 0.0, flops: float = 0.0) -> floa
     return max(bytes_moved / (floors["copy_GBps"] * 1e6), flops / (floors["matmul_TFLOPs"] * 1e9))
 
 
+def timed_row(call, floors: dict, reps: int, bytes_moved: float = 0.0, flops: float = 0.0,
+              **labels) -> dict:
+    """Times call() and returns labels plus median / p20 / p80 microseconds, the floor from
+    bytes_moved and flops at the measured rates, and x_floor = median / floor."""
+    t = time_call(call, reps=reps)
+    f = floor_ms(floors, bytes_moved, flops)
+    return {**labels, "median_us": 1e3 * t["median_ms"], "p20_us": 1e3 * t["p20_ms"],
+            "p80_us": 1e3 * t["p80_ms"], "floor_us": 1e3 * f, "x_floor": t["median_ms"] / f}
+
+
+def fwd_and_fwd_bwd(fn, wrt: tuple) -> list[tuple[str, object]]:
+    """[("fwd", no-grad call of fn), ("fwd+bwd", fn then the gradient of its output(s),
+    with all-ones seeds, to the tensors `wrt`)]."""
+    def fwd():
+        with torch.no_grad():
+            fn()
+
+    def fwd_bwd():
+        out = fn()
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
+
+    return [("fwd", fwd), ("fwd+bwd", fwd_bwd)]
+
+
 def bench_args(description: str, tokens: int = 8192, features: int = 4096):
     """The command-line options every GPU-suite script shares."""
     import argparse
@@ -67,25 +73,31 @@ def bench_args(description: str, tokens: int = 8192, features: int = 4096):
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     return args
 
 
 def report(name: str, rows: list[dict], facts: dict, out: str, columns: list[str],
-           plot: Optional[dict] = None) -> str:
-    """Writes <out>/<name>-<device>.csv and .md, and with plot (keyword arguments of
-    moe_ext.plots.benchmark_bars: x_key, series_key, panel_key) a .png of the median
-    times; returns the markdown."""
-    device = facts["gpu"] if facts["gpu"] != "none" else "cpu"
-    tag = device.replace(" ", "_").lower()
+           device: str = "cpu", plot: Optional[dict] = None) -> str:
+    """Writes <out>/<name>-<device>.csv and .md (device: "cpu" or the GPU's name), and with
+    plot (keyword arguments of moe_ext.utils.plots.benchmark_bars: x_key, series_key,
+    panel_key) a .png of the median times; returns the markdown."""
+    where = facts["gpu"] if device == "cuda" else "cpu"
+    tag = where.replace(" ", "_").lower()
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, f"{name}-{tag}.csv"), [{**r, **facts} for r in rows])
-    lines = [f"# {name} on {device}", "",
-             f"torch {facts['torch']} (CUDA {facts['cuda']}), moe_ext {facts['moe_ext']}, commit {facts['commit']}, "
-             f"{facts['date']}.", "", "| " + " | ".join(columns) + " |",
-             "|" + "---|" * len(columns)]
+    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    lines = [f"# {name} on {where}", "",
+             f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['threads']} threads"
+             f"{', GPU ' + facts['gpu'] if device == 'cuda' else ''}.  ",
+             f"torch {facts['torch']} (CUDA {facts['cuda']}), moe_ext {facts['moe_ext']}, "
+             f"commit {facts['commit']}, {facts['date']}.  ", f"Command: `{command}`", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
                                        for c in columns) + " |")
@@ -93,57 +105,25 @@ def report(name: str, rows: list[dict], facts: dict, out: str, columns: list[str
     write_text(os.path.join(out, f"{name}-{tag}.md"), text)
     if plot is not None:
         plots.benchmark_bars(rows, os.path.join(out, f"{name}-{tag}.png"),
-                             title=f"{name} on {device}:", **plot)
+                             title=f"{name} on {where}:", **plot)
     return text
 
 
 def machine_facts() -> dict:
-    def cpu_model():
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor()
-
-    def git_commit():
-        try:
-            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True, cwd=os.path.dirname(__file__)).stdout.strip()
-        except OSError:
-            return "unknown"
-
-    return {
-        "date": datetime.date.today().isoformat(),
-        "commit": git_commit(),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda or "none",
-        "moe_ext": moe_ext.__version__,
-        "python": platform.python_version(),
-    }
+    """Date, commit, machine and versions of this run (moe_ext.utils.facts)."""
+    return run_facts(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    """Atomic write (temp file + rename) of rows with the union of their keys as columns."""
+    """Atomic write of rows with the union of their keys as columns."""
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
 
-def write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, write)

@@ -1,7 +1,7 @@
 // The one schema file of moe_ext: every op's signature lives here; kernels register
 // themselves per device in csrc/cpu/*.cpp and csrc/cuda/*.cpp.
 //
-// Notation (DESIGN.md): T tokens, D in features, O out features, E LoRA experts,
+// Notation (docs/architecture.md#notation): T tokens, D in features, O out features, E LoRA experts,
 // N null experts, M = E + N router outputs, K experts per token, R LoRA rank,
 // P = T * K (token, k) pairs.
 #include <Python.h>

@@ -11,11 +11,7 @@ Writes experiments/results/pmol_synthetic.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -23,11 +19,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import moe_ext  # noqa: E402
-from moe_ext import data, pmol  # noqa: E402
-from moe_ext.model import atomic_write  # noqa: E402
+from moe_ext import pmol  # noqa: E402
 from moe_ext.training import TrainConfig  # noqa: E402
+from moe_ext.utils.facts import run_facts  # noqa: E402
+from moe_ext.utils.io import write_json, write_text  # noqa: E402
+from moe_ext.utils.plots import curves  # noqa: E402
 
-GROUPS = list(data.SYNTHETIC_PREFERENCES)
+GROUPS = list(pmol.SYNTHETIC_PREFERENCES)
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
@@ -54,12 +52,12 @@ def steering_effect(model, test, tok, beta) -> dict:
     concise = [e for e in test if e.preference == "concise"]
     rows = {}
     for bias in (0.0, 2.0, 5.0):
-        pmol.steer(model, {"concise": bias})
+        moe_ext.set_group_bias(model, {"concise": bias})
         v = pmol.evaluate_pmol(model, verbose, tok, beta)["verbose"]["dpo_accuracy"]
-        pmol.steer(model, {"verbose": bias})
+        moe_ext.set_group_bias(model, {"verbose": bias})
         c = pmol.evaluate_pmol(model, concise, tok, beta)["concise"]["dpo_accuracy"]
         rows[str(bias)] = {"verbose_acc_steered_to_concise": v, "concise_acc_steered_to_verbose": c}
-    pmol.steer(model, None)
+    moe_ext.set_group_bias(model, None)
     return rows
 
 
@@ -72,9 +70,9 @@ def main(argv=None):
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    tok = data.synthetic_tokenizer()
-    train = data.synthetic_preference_data(300, seed=100)
-    test = data.synthetic_preference_data(100, seed=200)
+    tok = pmol.synthetic_tokenizer()
+    train = pmol.synthetic_preference_data(300, seed=100)
+    test = pmol.synthetic_preference_data(100, seed=200)
     runs = []
     t0 = time.time()
     for seed in args.seeds:
@@ -92,16 +90,9 @@ def main(argv=None):
                 runs.append(row)
                 print(f"seed {seed} steps {steps:4d} {kind:5s} DPO acc "
                       f"{report['all']['dpo_accuracy']:.3f}", flush=True)
-    facts = {"date": datetime.date.today().isoformat(),
-             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                      text=True).stdout.strip(),
-             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-             "seconds": round(time.time() - t0, 1), "args": vars(args)}
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "pmol_synthetic.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps({"facts": facts, "runs": runs}, indent=1)))
-    atomic_write(os.path.join(args.out, "pmol_synthetic.md"),
-                 lambda tmp: open(tmp, "w").write(markdown(runs, facts, args)))
+    facts = {**run_facts(), "seconds": round(time.time() - t0, 1), "args": vars(args)}
+    write_json(os.path.join(args.out, "pmol_synthetic.json"), {"facts": facts, "runs": runs}, indent=1)
+    write_text(os.path.join(args.out, "pmol_synthetic.md"), markdown(runs, facts, args))
     plot(runs, args, os.path.join(args.out, "pmol_synthetic.png"))
 
 
@@ -111,7 +102,8 @@ def mean(xs):
 
 def markdown(runs, facts, args) -> str:
     lines = ["# PMoL vs a single LoRA on the synthetic multi-preference data", "",
-             f"Machine: {facts['machine']}. Commit {facts['commit']}, {facts['date']}, "
+             f"Machine: {facts['cpu']}, {facts['cores']} cores, torch {facts['torch']}. "
+             f"Commit {facts['commit']}, {facts['date']}, "
              f"{facts['seconds']} s in all.  ",
              "Command: `.venv/bin/python experiments/pmol_synthetic.py`", "",
              "Data: three conflicting preferences (concise prefers a 2-word answer, verbose the "
@@ -148,8 +140,6 @@ def markdown(runs, facts, args) -> str:
 
 
 def plot(runs, args, path):
-    from moe_ext.plots import curves
-
     labels = {"pmol": "PMoL (3 groups x 2 experts + null)", "lora": "single LoRA, same A/B params"}
     series = {labels[kind]: (args.steps, [mean([r["eval"]["all"]["dpo_accuracy"] for r in runs
                                                 if r["steps"] == s and r["kind"] == kind])

@@ -9,11 +9,8 @@ Writes experiments/results/reward_personalization.{md,json} and three PNG plots.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import copy
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -21,8 +18,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from moe_ext import reward  # noqa: E402
-from moe_ext import reward_data as rd  # noqa: E402
-from moe_ext.model import atomic_write  # noqa: E402
+from moe_ext.reward import synthetic as rd  # noqa: E402
+from moe_ext.utils import plots as P  # noqa: E402
+from moe_ext.utils.facts import run_facts  # noqa: E402
+from moe_ext.utils.io import write_json, write_text  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 PAIRS = [4, 8, 16, 32, 64]
@@ -38,8 +37,6 @@ VARIANTS = {  # name: (top_k, FitConfig overrides)
 
 def finetune_universal(universal, pairs, steps=50, lr=0.01):
     """Baseline that also adapts: the universal head fine-tuned on the user's pairs."""
-    import copy
-
     model = copy.deepcopy(universal)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
@@ -132,17 +129,10 @@ def main(argv=None):
     for seed in args.seeds:
         runs.append(run_seed(seed, args))
         print(f"seed {seed} done ({time.time() - t0:.0f} s)", flush=True)
-    facts = {"date": datetime.date.today().isoformat(),
-             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                      text=True).stdout.strip(),
-             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-             "seconds": round(time.time() - t0, 1), "args": vars(args)}
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "reward_personalization.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps({"facts": facts, "runs": runs})))
-    text = markdown(runs, facts, args)
-    atomic_write(os.path.join(args.out, "reward_personalization.md"),
-                 lambda tmp: open(tmp, "w").write(text))
+    facts = {**run_facts(), "seconds": round(time.time() - t0, 1), "args": vars(args)}
+    write_json(os.path.join(args.out, "reward_personalization.json"), {"facts": facts, "runs": runs},
+               indent=None)
+    write_text(os.path.join(args.out, "reward_personalization.md"), markdown(runs, facts, args))
     plots(runs, args.out)
     print(text)
 
@@ -163,7 +153,8 @@ def avg(runs, *path):
 def markdown(runs, facts, args) -> str:
     seeds = [r["seed"] for r in runs]
     L = ["# Sparse MoE reward model: personalised preferences on synthetic data", "",
-         f"Machine: {facts['machine']}. Commit {facts['commit']}, {facts['date']}, "
+         f"Machine: {facts['cpu']}, {facts['cores']} cores, torch {facts['torch']}. "
+             f"Commit {facts['commit']}, {facts['date']}, "
          f"{facts['seconds']} s in all.  ",
          "Command: `.venv/bin/python experiments/reward_personalization.py`", "",
          f"Data: {args.criteria} latent criteria (orthogonal directions in a 32-d response "
@@ -214,8 +205,6 @@ def markdown(runs, facts, args) -> str:
 
 
 def plots(runs, out):
-    from moe_ext import plots as P
-
     pl = runs[0]["plots"]
     P.routing_heatmap(pl["routing"], os.path.join(out, "reward_routing_heatmap.png"),
                       "Mean routing probability (sparse MoE, seed 0)")

@@ -12,6 +12,8 @@ import torch
 from onnxscript import FLOAT, INT64
 from onnxscript import opset18 as op
 
+import moe_ext.ops  # noqa: F401  (loads the op library)
+
 
 def _ints(values):
     return op.Constant(value_ints=list(values))
@@ -83,8 +85,6 @@ def gate_dense(h_all, weights, experts, num_experts: int, num_null_experts: int,
 
 def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export(dynamo=True)."""
-    import moe_ext.ops  # noqa: F401  (loads the op library)
-
     ops = torch.ops.moe_ext
     return {ops.route.default: route, ops.lora_forward.default: lora_forward,
             ops.gate_dense.default: gate_dense}

@@ -5,6 +5,7 @@ import os
 from typing import Optional
 
 import numpy as np
+import torch
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
              "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
@@ -64,8 +65,6 @@ class OrtModel:
 
     def _run_bound(self, inputs: dict) -> dict[str, np.ndarray]:
         """IO binding: inputs read from device memory, outputs allocated on the device."""
-        import torch
-
         binding = self.session.io_binding()
         keep = []
         for name, value in inputs.items():

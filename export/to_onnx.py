@@ -10,6 +10,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from moe_ext import __version__
+from moe_ext.molora import MoLoRALinear
+from moe_ext.reward import SparseMoERewardModel
+from moe_ext.utils.io import atomic_write
+
+from .onnx_ops import translation_table
+
 # kind -> (input names in order, required inputs, output name)
 KINDS = {
     "causal_lm": (("input_ids", "attention_mask"), ("input_ids",), "logits"),
@@ -19,9 +26,6 @@ KINDS = {
 
 
 def model_kind(model: nn.Module) -> str:
-    from moe_ext.layers import MoLoRALinear
-    from moe_ext.reward import SparseMoERewardModel
-
     if isinstance(model, MoLoRALinear):
         return "molora_linear"
     if isinstance(model, SparseMoERewardModel):
@@ -67,11 +71,9 @@ def _dynamic_shapes(kind: str, names, tensors):
 
 
 def _metadata(model: nn.Module, kind: str) -> dict[str, str]:
-    import moe_ext
-
-    meta = {"moe_ext.kind": kind, "moe_ext.version": moe_ext.__version__}
+    meta = {"moe_ext.kind": kind, "moe_ext.version": __version__}
     if kind == "reward_model":
-        meta["moe_ext.reward_config"] = json.dumps(model.config())
+        meta["moe_ext.reward_config"] = json.dumps(model.config.to_dict())
     else:
         config = model.config if kind == "molora_linear" else model.molora_config
         meta["moe_ext.molora_config"] = json.dumps(config.to_dict())
@@ -90,8 +92,6 @@ def to_onnx(model: nn.Module, path: str, example_inputs: dict[str, torch.Tensor]
     example_inputs: name -> tensor, used to trace; other shapes work when dynamic=True.
     dtype: None (the model's), "float32" or "float16" (weights and float inputs cast).
     """
-    from .onnx_ops import translation_table
-
     import onnx
 
     kind = model_kind(model)
@@ -128,7 +128,5 @@ def to_onnx(model: nn.Module, path: str, example_inputs: dict[str, torch.Tensor]
     for key, value in _metadata(model, kind).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    from moe_ext.model import atomic_write
-
     atomic_write(path, lambda tmp: onnx.save(proto, tmp))
     return path

@@ -1,13 +1,12 @@
 """moe_ext: fast Mixture-of-LoRA-experts (MoLoRA) layers for PyTorch."""
-from . import fallback, functional, ops, reference
-from .config import MoLoRAConfig
-from .layers import MoLoRALinear
-from .model import (disable_adapters, get_molora_model, last_routing, load_molora, molora_layers,
-                    save_molora, set_group_bias)
+from . import functional, ops
+from .molora import (MoLoRAConfig, MoLoRALinear, disable_adapters, get_molora_model,
+                     last_routing, load_molora, molora_layers, save_molora, set_group_bias)
+from .ops import reference
+from .version import __version__
 
-fallback.register_cuda_fallbacks()  # only for ops built without a CUDA kernel
+ops.fallback.register_cuda_fallbacks()  # only for ops built without a CUDA kernel
 
-__version__ = "0.1.0"
 __all__ = ["MoLoRAConfig", "MoLoRALinear", "functional", "ops", "reference", "get_molora_model",
            "save_molora", "load_molora", "disable_adapters", "molora_layers", "last_routing",
            "set_group_bias", "__version__"]

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -17,10 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import data, plots, pmol, reward
-from . import reward_data as rd
-from .model import atomic_write, get_molora_model
-from .training import TrainConfig
+from . import pmol, reward
+from .info import build_info
+from .reward import synthetic as rd
+from .utils import plots
+from .utils.io import write_json, write_text
+from .utils.timing import time_call
 
 
 @dataclass
@@ -37,14 +38,8 @@ QUICK = DemoSize(rm_pairs=2000, rm_epochs=15, users=8, pmol_per_preference=100, 
 ADAPT_PAIRS = 16
 
 
-def _median_ms(fn, repeat=20) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+def _median_ms(fn) -> float:
+    return time_call(fn, warmup=1, reps=20)["median_ms"]
 
 
 def _rel_err(got, want) -> float:
@@ -54,17 +49,17 @@ def _rel_err(got, want) -> float:
 
 def reward_part(size: DemoSize, out: str, progress: bool, log) -> tuple[dict, reward.SparseMoERewardModel]:
     task = rd.make_task(seed=0)
-    train = rd.category_pairs(task, size.rm_pairs, seed=1)
-    test = rd.category_pairs(task, 2000, seed=2)
-    torch.manual_seed(0)
-    model = reward.SparseMoERewardModel(16, 32, num_experts=task.num_criteria, top_k=1)
+    train, test = (reward.RewardData(p.prompt, p.chosen, p.rejected, p.label)
+                   for p in (rd.category_pairs(task, size.rm_pairs, seed=1),
+                             rd.category_pairs(task, 2000, seed=2)))
     log("reward model: training the sparse MoE on category data")
-    history = reward.fit(model, train.prompt, train.chosen, train.rejected, epochs=size.rm_epochs,
-                         progress=progress)
+    run = reward.train_reward_job(reward.RewardJob(experts=task.num_criteria, top_k=1,
+                                                   epochs=size.rm_epochs, progress=progress),
+                                  data=train, test=test)
+    model, history = run.model, run.history
     universal = reward.UniversalRewardModel(32)
     reward.fit(universal, train.prompt, train.chosen, train.rejected, epochs=size.rm_epochs,
                progress=False)
-    purity, nmi = reward.purity_nmi(model.route(test.prompt).argmax(-1), test.label)
     profiles = rd.sample_users(task, size.users, seed=3)
     prior = reward.average_routing(model, test.prompt)
     adapted, universal_acc, oracle, shifts = [], [], [], []
@@ -86,9 +81,9 @@ def reward_part(size: DemoSize, out: str, progress: bool, log) -> tuple[dict, re
                           "Reward model: mean routing by category")
     plots.user_shift_heatmap(true_by_expert, shifts, os.path.join(out, "reward_user_shifts.png"),
                              ADAPT_PAIRS)
-    result = {"category_accuracy": reward.pairwise_accuracy(model, test.prompt, test.chosen, test.rejected),
+    result = {"category_accuracy": run.metrics["test_accuracy"],
               "universal_category_accuracy": reward.pairwise_accuracy(universal, test.prompt, test.chosen, test.rejected),
-              "router_purity": purity, "router_nmi": nmi,
+              "router_purity": run.metrics["router_purity"], "router_nmi": run.metrics["router_nmi"],
               "user_accuracy_adapted": float(np.mean(adapted)),
               "user_accuracy_universal": float(np.mean(universal_acc)),
               "user_accuracy_oracle": float(np.mean(oracle)),
@@ -98,18 +93,14 @@ def reward_part(size: DemoSize, out: str, progress: bool, log) -> tuple[dict, re
 
 
 def pmol_part(size: DemoSize, out: str, progress: bool, log):
-    tok = data.synthetic_tokenizer()
-    train = data.synthetic_preference_data(size.pmol_per_preference, seed=100)
-    test = data.synthetic_preference_data(60, seed=200)
-    groups = list(data.SYNTHETIC_PREFERENCES)
-    cfg = pmol.pmol_config(groups, experts_per_group=2, num_null_experts=1, r=4, lora_alpha=8,
-                           top_k=2, target_modules="all-linear", group_loss_coef=0.5)
-    model = get_molora_model(pmol.build_tiny_causal_lm(len(tok), seed=0), cfg)
-    log(f"PMoL: DPO + expert-group loss for {size.pmol_steps} steps")
-    result = pmol.train_pmol(model, train, tok, TrainConfig(steps=size.pmol_steps, lr=3e-3,
-                                                            progress=progress),
-                             pmol.DPOConfig(beta=0.5), batch_size=16)
-    report = pmol.evaluate_pmol(model, test, tok, beta=0.5)
+    tok = pmol.synthetic_tokenizer()
+    train = pmol.synthetic_preference_data(size.pmol_per_preference, seed=100)
+    test = pmol.synthetic_preference_data(60, seed=200)
+    prepared = pmol.PMoLData(train, test, tok, sorted(pmol.SYNTHETIC_PREFERENCES))
+    result = pmol.run_pmol_job(pmol.PMoLJob(steps=size.pmol_steps, progress=progress),
+                               prepared=prepared, log=log)
+    report = result.metrics["eval"]
+    model = result.model
     steps = [h["step"] for h in result.history]
     plots.curves({"DPO loss": (steps, [h["loss"] for h in result.history]),
                   "batch DPO accuracy": (steps, [h["dpo_acc"] for h in result.history]),
@@ -120,7 +111,7 @@ def pmol_part(size: DemoSize, out: str, progress: bool, log):
 
 
 def export_part(rm_model, lm_model, tok, out: str, log) -> dict:
-    from .export import OrtModel, to_onnx
+    from .export import OrtModel, to_onnx  # onnx and onnxruntime are optional extras
 
     log("ONNX: exporting both models and running them on onnxruntime")
     results = {}
@@ -159,8 +150,6 @@ def export_part(rm_model, lm_model, tok, out: str, log) -> dict:
 def run_demo(output: str = "out/demo", quick: bool = False, progress: bool = True,
              log=print) -> dict:
     """Runs the whole demo; returns the summary (also written to output/summary.json)."""
-    from .cli import build_info
-
     size = QUICK if quick else FULL
     os.makedirs(output, exist_ok=True)
     t0 = time.time()
@@ -180,10 +169,8 @@ def run_demo(output: str = "out/demo", quick: bool = False, progress: bool = Tru
                                          [h["bt"] for h in rm_result["fit_history"]])},
                  os.path.join(output, "reward_training_curve.png"), "epoch", "Bradley-Terry loss",
                  "Reward model training")
-    atomic_write(os.path.join(output, "summary.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=2)))
-    table = summary_table(summary)
-    atomic_write(os.path.join(output, "report.md"), lambda tmp: open(tmp, "w").write(report(summary, table)))
+    write_json(os.path.join(output, "summary.json"), summary)
+    write_text(os.path.join(output, "report.md"), report(summary, summary_table(summary)))
     return summary
 
 

@@ -11,7 +11,6 @@ module itself (use it for anything else, e.g. a reference forward under disable_
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -20,6 +19,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
+
+from .utils.io import atomic_write, read_json, write_json
 
 STATE_NAME = "trainer_state.json"
 
@@ -75,8 +77,6 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, history) -> None:
     """Tensors to ckpt-<step>.safetensors, then trainer_state.json naming it (both atomic), so
     a crash at any point leaves the previous checkpoint intact."""
-    from .model import atomic_write
-
     os.makedirs(directory, exist_ok=True)
     tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
     opt = optimizer.state_dict()
@@ -87,8 +87,7 @@ def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, hist
     name = f"ckpt-{step}.safetensors"
     atomic_write(os.path.join(directory, name), lambda tmp: save_file(tensors, tmp))
     meta = {"step": step, "tensors": name, "param_groups": opt["param_groups"], "history": history}
-    atomic_write(os.path.join(directory, STATE_NAME),
-                 lambda tmp: open(tmp, "w").write(json.dumps(meta)))
+    write_json(os.path.join(directory, STATE_NAME), meta, indent=None)
     for old in os.listdir(directory):  # keep only the checkpoint the state points to
         if old.startswith("ckpt-") and old.endswith(".safetensors") and old != name:
             os.remove(os.path.join(directory, old))
@@ -96,7 +95,7 @@ def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, hist
 
 def load_checkpoint(directory: str, model: nn.Module, optimizer) -> tuple[int, list]:
     """Restores parameters, optimizer state and RNG; returns (step, history)."""
-    meta = json.load(open(os.path.join(directory, STATE_NAME)))
+    meta = read_json(os.path.join(directory, STATE_NAME))
     tensors = load_file(os.path.join(directory, meta["tensors"]))
     params = dict(trainable_parameters(model))
     with torch.no_grad():
@@ -140,8 +139,6 @@ def train(model: nn.Module, batch_fn: Callable, loss_fn: Callable, config: Train
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     device = params[0].device
     use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(range(start, config.steps), desc=describe, initial=start, total=config.steps,
                disable=not config.progress or rank != 0, dynamic_ncols=True)

@@ -9,7 +9,6 @@
 //   4. scatter: the warps of step 1 replay their chunks and place each pair at
 //      offsets[bin] + hist[bin][chunk] + its rank among equal ids before it.
 // Order inside a bin follows the pair index (stable), so the result is deterministic.
-// Also here: the tile map of the grouped LoRA kernels (a scan of tiles per expert).
 #include "common.cuh"
 
 namespace moe_ext {
@@ -18,7 +17,6 @@ namespace {
 
 constexpr int64_t kChunk = 256;   // pairs per warp
 constexpr int kWarpsPerBlock = 8;
-constexpr int kScanThreads = 1024;
 
 __device__ __forceinline__ int bin_of(int64_t id, int64_t num_bins) {
   return static_cast<int>(is_lora(id, num_bins) ? id : num_bins - 1);
@@ -64,22 +62,6 @@ __global__ void align_scan_chunks_kernel(int32_t* __restrict__ hist, int num_bin
   if (lane == 0) totals[b] = carry;
 }
 
-// offsets[i] = sum of values[0:i] for i <= n, one block; values(i) is a functor.
-template <typename Values, typename Out>
-__device__ void block_offsets(Values values, int64_t n, Out* out) {
-  __shared__ int64_t warp_sums[32];
-  int64_t carry = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kScanThreads) {
-    const int64_t i = i0 + threadIdx.x;
-    const int64_t v = i < n ? values(i) : 0;
-    int64_t total;
-    const int64_t before = block_exclusive_scan<kScanThreads>(v, warp_sums, total);
-    if (i < n) out[i] = static_cast<Out>(carry + before);
-    carry += total;
-  }
-  if (threadIdx.x == 0) out[n] = static_cast<Out>(carry);
-}
-
 __global__ void align_scan_bins_kernel(const int64_t* __restrict__ totals, int num_bins,
                                        int64_t* __restrict__ offsets) {
   block_offsets([totals](int64_t b) { return totals[b]; }, num_bins, offsets);
@@ -111,13 +93,6 @@ __global__ void align_scatter_kernel(const int64_t* __restrict__ ids, int64_t P,
   }
 }
 
-__global__ void tile_map_kernel(const int64_t* __restrict__ offsets, int64_t E,
-                                int32_t* __restrict__ tile_start) {
-  block_offsets(
-      [offsets](int64_t e) { return (offsets[e + 1] - offsets[e] + kPairTile - 1) / kPairTile; },
-      E, tile_start);
-}
-
 int64_t num_chunks(int64_t P) { return (P + kChunk - 1) / kChunk; }
 
 }  // namespace
@@ -145,12 +120,6 @@ cudaError_t launch_align(const int64_t* ids, int64_t P, int64_t num_bins, int32_
   if (C > 0)
     align_scatter_kernel<<<blocks_for(C, kWarpsPerBlock), threads, 0, stream>>>(
         ids, P, bins, C, hist, offsets, order);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_tile_map(const int64_t* offsets, int64_t E, int32_t* tile_start,
-                            cudaStream_t stream) {
-  tile_map_kernel<<<1, kScanThreads, 0, stream>>>(offsets, E, tile_start);
   return cudaGetLastError();
 }
 

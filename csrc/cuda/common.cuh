@@ -108,5 +108,24 @@ __device__ __forceinline__ int64_t block_exclusive_scan(int64_t v, int64_t* warp
   return before;
 }
 
+// Threads of the one-block scans (block_offsets).
+constexpr int kScanThreads = 1024;
+
+// offsets[i] = sum of values[0:i] for i <= n, one block; values(i) is a functor.
+template <typename Values, typename Out>
+__device__ __forceinline__ void block_offsets(Values values, int64_t n, Out* out) {
+  __shared__ int64_t warp_sums[32];
+  int64_t carry = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kScanThreads) {
+    const int64_t i = i0 + threadIdx.x;
+    const int64_t v = i < n ? values(i) : 0;
+    int64_t total;
+    const int64_t before = block_exclusive_scan<kScanThreads>(v, warp_sums, total);
+    if (i < n) out[i] = static_cast<Out>(carry + before);
+    carry += total;
+  }
+  if (threadIdx.x == 0) out[n] = static_cast<Out>(carry);
+}
+
 }  // namespace cuda
 }  // namespace moe_ext

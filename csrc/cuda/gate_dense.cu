@@ -20,32 +20,19 @@ __device__ __forceinline__ acc_t gate_of(const acc_t* w, const int64_t* experts,
   return scaling * g;
 }
 
+// out = gate(t, e) * in, element-wise over (T, E*R): the mask in forward (in = h_all,
+// out = gated) and its gradient to h_all in backward (in = grad_gated, out = grad_h_all).
 template <typename scalar_t>
-__global__ void gate_dense_kernel(const scalar_t* __restrict__ h_all,
+__global__ void gate_scale_kernel(const scalar_t* __restrict__ in,
                                   const acc_of<scalar_t>* __restrict__ w,
                                   const int64_t* __restrict__ experts, int64_t T, int64_t E,
                                   int64_t R, int64_t K, acc_of<scalar_t> scaling,
-                                  scalar_t* __restrict__ gated) {
+                                  scalar_t* __restrict__ out) {
   const int64_t width = E * R;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < T * width;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = idx / width, e = (idx % width) / R;
-    gated[idx] = from_acc<scalar_t>(gate_of(w, experts, t, e, K, scaling) * to_acc(h_all[idx]));
-  }
-}
-
-template <typename scalar_t>
-__global__ void gate_dense_grad_h_kernel(const scalar_t* __restrict__ grad_gated,
-                                         const acc_of<scalar_t>* __restrict__ w,
-                                         const int64_t* __restrict__ experts, int64_t T, int64_t E,
-                                         int64_t R, int64_t K, acc_of<scalar_t> scaling,
-                                         scalar_t* __restrict__ grad_h) {
-  const int64_t width = E * R;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < T * width;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = idx / width, e = (idx % width) / R;
-    grad_h[idx] =
-        from_acc<scalar_t>(gate_of(w, experts, t, e, K, scaling) * to_acc(grad_gated[idx]));
+    out[idx] = from_acc<scalar_t>(gate_of(w, experts, t, e, K, scaling) * to_acc(in[idx]));
   }
 }
 
@@ -83,7 +70,7 @@ cudaError_t launch_gate_dense(DType dtype, const void* h_all, const void* w,
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    gate_dense_kernel<scalar_t><<<grid_stride_blocks(T * E * R), kThreads, 0, stream>>>(
+    gate_scale_kernel<scalar_t><<<grid_stride_blocks(T * E * R), kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(h_all), static_cast<const acc_t*>(w), experts, T, E, R, K,
         static_cast<acc_t>(scaling), static_cast<scalar_t*>(gated));
   });
@@ -101,7 +88,7 @@ cudaError_t launch_gate_dense_backward(DType dtype, const void* grad_gated, cons
     const auto* h = static_cast<const scalar_t*>(h_all);
     const acc_t s = static_cast<acc_t>(scaling);
     if (T * E * R > 0)  // an empty grid is a launch error
-      gate_dense_grad_h_kernel<scalar_t><<<grid_stride_blocks(T * E * R), kThreads, 0, stream>>>(
+      gate_scale_kernel<scalar_t><<<grid_stride_blocks(T * E * R), kThreads, 0, stream>>>(
           g, static_cast<const acc_t*>(w), experts, T, E, R, K, s,
           static_cast<scalar_t*>(grad_h_all));
     if (T * K > 0)

@@ -3,7 +3,7 @@
 // torch headers, so they build fast). Each launcher enqueues its kernels on `stream` and
 // returns cudaGetLastError(); nothing here synchronises with the host.
 //
-// Notation (DESIGN.md): T tokens, D/O in/out features, E LoRA experts, N null experts,
+// Notation (docs/architecture.md#notation): T tokens, D/O in/out features, E LoRA experts, N null experts,
 // M = E + N router outputs, K experts per token, R LoRA rank, P = T * K pairs; pair p is
 // (token p / K, slot p % K). "acc" is float64 for float64 data and float32 otherwise.
 #pragma once
@@ -16,7 +16,7 @@ namespace cuda {
 
 enum class DType { kFloat64, kFloat32, kFloat16, kBFloat16 };
 
-// ---- routing (routing.cu)
+// ---- routing (route.cu)
 // logits (T, M) in `dtype`; bias (M,) acc or null; probs (T, M), weights (T, K) acc;
 // experts (T, K); counts (M,) must be zero on entry.
 cudaError_t launch_route(DType dtype, const void* logits, const void* bias, int64_t T, int64_t M,
@@ -35,16 +35,16 @@ cudaError_t launch_route_backward(DType dtype, const void* grad_probs, const voi
 int64_t align_scratch_ints(int64_t P, int64_t num_bins);  // int32 scratch elements needed
 cudaError_t launch_align(const int64_t* ids, int64_t P, int64_t num_bins, int32_t* scratch,
                          int64_t* order, int64_t* offsets, cudaStream_t stream);
+
+// ---- sparse grouped LoRA (lora.cu), over tiles of kPairTile pairs of one expert.
 // tile_start (E + 1,): tile_start[e] = sum over e' < e of ceil(count_e' / kPairTile), counts
 // from offsets (>= E + 1 entries). Grouped kernels launch max_pair_tiles(P, E) blocks.
 constexpr int kPairTile = 64;
 inline int64_t max_pair_tiles(int64_t P, int64_t E) { return (P + kPairTile - 1) / kPairTile + E; }
 cudaError_t launch_tile_map(const int64_t* offsets, int64_t E, int32_t* tile_start,
                             cudaStream_t stream);
-
-// ---- sparse grouped LoRA (lora.cu). Expert weights are read through strides so that one
-// kernel serves A (E, R, D) and B (E, O, R) in either orientation: W_e[i, j] at
-// W[e * stride_e + i * stride_i + j * stride_j].
+// Expert weights are read through strides so that one kernel serves A (E, R, D) and
+// B (E, O, R) in either orientation: W_e[i, j] at W[e * stride_e + i * stride_i + j * stride_j].
 struct ExpertWeights {
   const void* data;
   int64_t stride_e, stride_i, stride_j;

@@ -40,6 +40,14 @@ __device__ __forceinline__ bool locate_tile(const int32_t* tile_start, const int
   return true;
 }
 
+// tile_start[e] = number of tiles of the experts before e (one block scan).
+__global__ void tile_map_kernel(const int64_t* __restrict__ offsets, int64_t E,
+                                int32_t* __restrict__ tile_start) {
+  block_offsets(
+      [offsets](int64_t e) { return (offsets[e + 1] - offsets[e] + kPairTile - 1) / kPairTile; },
+      E, tile_start);
+}
+
 // Thread layout: 64 pairs x 16 rank rows; thread (pair tid / 4, rows 4 * (tid % 4) + j).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -253,6 +261,12 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
 }
 
 }  // namespace
+
+cudaError_t launch_tile_map(const int64_t* offsets, int64_t E, int32_t* tile_start,
+                            cudaStream_t stream) {
+  tile_map_kernel<<<1, kScanThreads, 0, stream>>>(offsets, E, tile_start);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_grouped_shrink(DType dtype, const void* vecs, int64_t n, ExpertWeights W,
                                   const int64_t* order, const int64_t* offsets,

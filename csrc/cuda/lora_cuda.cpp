@@ -1,6 +1,5 @@
-// CUDA ops of the LoRA experts: the sparse grouped strategy (lora_forward/lora_backward,
-// kernels in lora.cu) and the dense-gated strategy's mask (gate_dense/_backward, kernels in
-// gate_dense.cu). Checks, allocation and the sequence of launches on the current stream.
+// CUDA ops of the sparse grouped LoRA strategy (lora_forward, lora_backward; kernels in
+// lora.cu): checks, allocation and the sequence of launches on the current stream.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -140,42 +139,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   return {dx, dw, dA, dB};
 }
 
-at::Tensor gate_dense_cuda(const at::Tensor& h_all_in, const at::Tensor& w_in,
-                           const at::Tensor& experts_in, int64_t E, int64_t num_null_experts,
-                           double scaling) {
-  check_gate_dense_args(h_all_in, w_in, experts_in, E);
-  const c10::cuda::CUDAGuard guard(h_all_in.device());
-  const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous();
-  debug_check_ids(ex, E + num_null_experts, "experts");
-  const int64_t T = h.size(0), R = h.size(1) / E, K = ex.size(1);
-  at::Tensor gated = at::empty_like(h);
-  C10_CUDA_CHECK(launch_gate_dense(dtype_of(h.scalar_type()), h.data_ptr(), w.data_ptr(),
-                                   ex.data_ptr<int64_t>(), T, E, R, K, scaling, gated.data_ptr(),
-                                   current_stream()));
-  return gated;
-}
-
-std::tuple<at::Tensor, at::Tensor> gate_dense_backward_cuda(const at::Tensor& grad_in,
-                                                            const at::Tensor& h_all_in,
-                                                            const at::Tensor& w_in,
-                                                            const at::Tensor& experts_in, int64_t E,
-                                                            int64_t num_null_experts,
-                                                            double scaling) {
-  check_gate_dense_args(h_all_in, w_in, experts_in, E, &grad_in);
-  const c10::cuda::CUDAGuard guard(h_all_in.device());
-  const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous(),
-                   g = grad_in.to(h.scalar_type()).contiguous();
-  debug_check_ids(ex, E + num_null_experts, "experts");
-  const int64_t T = h.size(0), R = h.size(1) / E, K = ex.size(1);
-  at::Tensor dh = at::empty_like(h);
-  at::Tensor dw = at::empty_like(w);
-  C10_CUDA_CHECK(launch_gate_dense_backward(dtype_of(h.scalar_type()), g.data_ptr(), h.data_ptr(),
-                                            w.data_ptr(), ex.data_ptr<int64_t>(), T, E, R, K,
-                                            scaling, dh.data_ptr(), dw.data_ptr(),
-                                            current_stream()));
-  return {dh, dw};
-}
-
 }  // namespace
 }  // namespace cuda
 }  // namespace moe_ext
@@ -183,6 +146,4 @@ std::tuple<at::Tensor, at::Tensor> gate_dense_backward_cuda(const at::Tensor& gr
 TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
   m.impl("lora_forward", &moe_ext::cuda::lora_forward_cuda);
   m.impl("lora_backward", &moe_ext::cuda::lora_backward_cuda);
-  m.impl("gate_dense", &moe_ext::cuda::gate_dense_cuda);
-  m.impl("gate_dense_backward", &moe_ext::cuda::gate_dense_backward_cuda);
 }

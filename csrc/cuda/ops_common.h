@@ -61,7 +61,7 @@ inline void check_int32_range(int64_t n, const char* what) {
   TORCH_CHECK_VALUE(n < (int64_t(1) << 31), what, " = ", n, " is too large for the CUDA kernels");
 }
 
-// The align op (routing_cuda.cpp), also run inside lora_forward.
+// The align op (align_cuda.cpp), also run inside lora_forward.
 std::tuple<at::Tensor, at::Tensor> align_cuda(const at::Tensor& experts, int64_t num_bins);
 
 }  // namespace cuda

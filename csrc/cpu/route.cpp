@@ -1,0 +1,186 @@
+// CPU kernels for routing: softmax(+bias, /temperature) -> top-K -> renormalise -> counts,
+// and its backward to the logits.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "../checks.h"
+#include "simd.h"
+
+namespace moe_ext {
+namespace cpu {
+namespace {
+
+// One row: z = (logits + bias) / tau; p = softmax(z); the K largest p (ties: lower index
+// first, the same rule as a stable descending sort); w = p[chosen] (/ their sum).
+// Returns false if the row holds a non-finite logit.
+template <typename scalar_t, typename acc_t>
+bool route_row(const scalar_t* logits, const acc_t* bias, int64_t M, int64_t K, acc_t inv_tau,
+               bool normalize, acc_t* probs, acc_t* weights, int64_t* experts,
+               std::vector<int64_t>& index_buffer) {
+  acc_t zmax = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < M; ++j) {
+    acc_t z = static_cast<acc_t>(logits[j]);
+    if (!std::isfinite(z)) return false;
+    if (bias) z += bias[j];
+    z *= inv_tau;
+    probs[j] = z;
+    zmax = std::max(zmax, z);
+  }
+  acc_t total = 0;
+  for (int64_t j = 0; j < M; ++j) {
+    probs[j] = std::exp(probs[j] - zmax);
+    total += probs[j];
+  }
+  const acc_t inv_total = acc_t(1) / total;
+  for (int64_t j = 0; j < M; ++j) probs[j] *= inv_total;
+
+  auto before = [probs](int64_t a, int64_t b) {
+    return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
+  };
+  if (K <= 8) {
+    // Selection: K passes, each keeping the best index not yet taken.
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t best = -1;
+      for (int64_t j = 0; j < M; ++j) {
+        bool taken = false;
+        for (int64_t q = 0; q < k; ++q) taken |= experts[q] == j;
+        if (!taken && (best < 0 || before(j, best))) best = j;
+      }
+      experts[k] = best;
+    }
+  } else {
+    index_buffer.resize(M);
+    std::iota(index_buffer.begin(), index_buffer.end(), int64_t(0));
+    std::partial_sort(index_buffer.begin(), index_buffer.begin() + K, index_buffer.end(), before);
+    std::copy(index_buffer.begin(), index_buffer.begin() + K, experts);
+  }
+  acc_t chosen = 0;
+  for (int64_t k = 0; k < K; ++k) chosen += probs[experts[k]];
+  const acc_t scale = normalize ? acc_t(1) / chosen : acc_t(1);
+  for (int64_t k = 0; k < K; ++k) weights[k] = probs[experts[k]] * scale;
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
+    const at::Tensor& router_logits, const c10::optional<at::Tensor>& logit_bias, int64_t top_k,
+    double temperature, bool normalize_weights) {
+  check_route_args(router_logits, logit_bias, top_k, temperature);
+  const int64_t T = router_logits.size(0), M = router_logits.size(1);
+  const auto acc = acc_type_of(router_logits.scalar_type());
+  at::Tensor bias;
+  if (logit_bias.has_value() && logit_bias->defined()) {
+    bias = logit_bias->to(acc).contiguous();
+    TORCH_CHECK_VALUE(at::isfinite(bias).all().item<bool>(),
+                      "logit_bias contains non-finite values (NaN or Inf)");
+  }
+  const at::Tensor logits = router_logits.contiguous();
+  auto fopts = logits.options().dtype(acc);
+  at::Tensor probs = at::empty({T, M}, fopts);
+  at::Tensor weights = at::empty({T, top_k}, fopts);
+  at::Tensor experts = at::empty({T, top_k}, logits.options().dtype(at::kLong));
+  std::atomic<bool> all_finite{true};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "route_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* L = logits.data_ptr<scalar_t>();
+    const acc_t* b = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+    acc_t* p = probs.data_ptr<acc_t>();
+    acc_t* w = weights.data_ptr<acc_t>();
+    int64_t* e = experts.data_ptr<int64_t>();
+    const acc_t inv_tau = acc_t(1.0 / temperature);
+    at::parallel_for(0, T, kTokenGrain, [&](int64_t t0, int64_t t1) {
+      std::vector<int64_t> index_buffer;
+      for (int64_t t = t0; t < t1; ++t) {
+        if (!route_row<scalar_t, acc_t>(L + t * M, b, M, top_k, inv_tau, normalize_weights,
+                                         p + t * M, w + t * top_k, e + t * top_k, index_buffer)) {
+          all_finite = false;
+          return;
+        }
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(all_finite.load(), "router_logits contains non-finite values (NaN or Inf)");
+
+  at::Tensor counts = at::zeros({M}, logits.options().dtype(at::kLong));
+  int64_t* c = counts.data_ptr<int64_t>();
+  const int64_t* e = experts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * top_k; ++i) ++c[e[i]];
+  return {probs, weights, experts, counts};
+}
+
+// grad_logits = softmax backward of g_p, where g_p = grad_probs plus what flows from the
+// weights: w_k = p[e_k] / S with S = sum_k p[e_k], so dS-terms give
+// g_p[e_k] += (gw_k - sum_j gw_j w_j) / S (and just gw_k without normalisation).
+template <typename acc_t>
+void route_backward_rows(const acc_t* grad_probs, const acc_t* grad_w, const acc_t* probs,
+                         const acc_t* w, const int64_t* experts, int64_t t0, int64_t t1,
+                         int64_t M, int64_t K, acc_t inv_tau, bool normalize, acc_t* out) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const acc_t* p = probs + t * M;
+    acc_t* g = out + t * M;
+    if (grad_probs) {
+      std::copy(grad_probs + t * M, grad_probs + (t + 1) * M, g);
+    } else {
+      std::fill(g, g + M, acc_t(0));
+    }
+    const acc_t* gw = grad_w + t * K;
+    const int64_t* e = experts + t * K;
+    if (normalize) {
+      acc_t S = 0, dot = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        S += p[e[k]];
+        dot += gw[k] * w[t * K + k];
+      }
+      for (int64_t k = 0; k < K; ++k) g[e[k]] += (gw[k] - dot) / S;
+    } else {
+      for (int64_t k = 0; k < K; ++k) g[e[k]] += gw[k];
+    }
+    acc_t pg = 0;
+    for (int64_t j = 0; j < M; ++j) pg += p[j] * g[j];
+    for (int64_t j = 0; j < M; ++j) g[j] = p[j] * (g[j] - pg) * inv_tau;
+  }
+}
+
+at::Tensor route_backward_cpu(const c10::optional<at::Tensor>& grad_probs,
+                              const at::Tensor& grad_weights, const at::Tensor& probs,
+                              const at::Tensor& weights, const at::Tensor& experts,
+                              double temperature, bool normalize_weights) {
+  check_route_backward_args(grad_probs, grad_weights, probs, weights, experts, temperature);
+  const int64_t T = probs.size(0), M = probs.size(1), K = experts.size(1);
+  const auto acc = probs.scalar_type();
+  at::Tensor gp;
+  if (grad_probs.has_value() && grad_probs->defined()) gp = grad_probs->to(acc).contiguous();
+  const at::Tensor p = probs.contiguous(), w = weights.to(acc).contiguous(),
+                   gw = grad_weights.to(acc).contiguous(), e = experts.contiguous();
+  const int64_t bad = first_bad_expert_id(e.data_ptr<int64_t>(), e.numel(), M);
+  TORCH_CHECK_VALUE(bad < 0, "experts holds id ", bad < 0 ? 0 : e.data_ptr<int64_t>()[bad],
+                    " outside [0, ", M, ")");
+  at::Tensor out = at::empty({T, M}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "route_backward_cpu", [&] {
+    const scalar_t* gpp = gp.defined() ? gp.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, T, kTokenGrain, [&](int64_t t0, int64_t t1) {
+      route_backward_rows<scalar_t>(gpp, gw.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(),
+                                    w.data_ptr<scalar_t>(), e.data_ptr<int64_t>(), t0, t1, M, K,
+                                    scalar_t(1.0 / temperature), normalize_weights,
+                                    out.data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace moe_ext
+
+TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
+  m.impl("route", &moe_ext::cpu::route_cpu);
+  m.impl("route_backward", &moe_ext::cpu::route_backward_cpu);
+}

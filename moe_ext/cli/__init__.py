@@ -1,0 +1,30 @@
+"""The `moe-ext` command line. Each command lives in its own module, which registers its
+arguments; the jobs themselves are library functions (moe_ext.pmol.job, moe_ext.reward.job,
+moe_ext.demo), so the commands stay thin."""
+from __future__ import annotations
+
+import argparse
+
+from . import bench, demo, export, info, pmol, reward
+from .common import fail
+
+COMMANDS = (info, demo, pmol, reward, export, bench)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-ext", description="Mixture-of-LoRA-experts kernels and tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ImportError as err:  # an optional extra that this command needs
+        return fail(f"{err.name or err} is not installed; pip install 'moe_ext[hf,onnx,minilm]' "
+                    f"(or the package named) to use `moe-ext {args.command}`")
+

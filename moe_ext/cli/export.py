@@ -1,0 +1,104 @@
+"""`moe-ext export` and `moe-ext ort-run`."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..molora import load_molora
+from ..reward import load_reward_model
+from ..utils.timing import time_call
+from .common import add_json, fail, print_json
+
+
+def cmd_export(args) -> int:
+    """Export a saved PMoL adapter + base model, or a reward model, to ONNX."""
+    from ..export import to_onnx  # onnx is an optional extra
+
+    try:
+        if args.reward_model:
+            model = load_reward_model(args.reward_model)
+            example = {"prompt_emb": torch.randn(2, model.prompt_dim),
+                       "response_emb": torch.randn(2, model.response_dim)}
+        else:
+            if not args.adapter or not args.base:
+                return fail("export needs --reward-model DIR, or --adapter DIR with --base DIR")
+            from transformers import AutoModelForCausalLM
+
+            if not os.path.isdir(args.base):
+                return fail(f"base model folder not found: {args.base!r}")
+            model = load_molora(AutoModelForCausalLM.from_pretrained(args.base).eval(), args.adapter)
+            ids = torch.randint(0, model.config.vocab_size, (2, args.length))
+            example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        path = to_onnx(model, args.output, example, dtype=args.dtype)
+    except (OSError, ValueError) as err:
+        return fail(str(err))
+    if args.json:
+        print_json({"output": path})
+    else:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_ort_run(args) -> int:
+    """Run an exported model on random inputs of the given batch and length."""
+    from ..export import OrtModel  # onnxruntime is an optional extra
+
+    try:
+        model = OrtModel(args.model, [args.provider] if args.provider else None)
+    except (OSError, ValueError) as err:
+        return fail(str(err))
+    rng = np.random.default_rng(0)
+    vocab = int(model.metadata.get("moe_ext.vocab_size", "2"))
+    inputs = {}
+    for name, spec in model.inputs.items():
+        shape = [d if isinstance(d, int) else (args.batch if i == 0 else args.length)
+                 for i, d in enumerate(spec.shape)]
+        if "int" in spec.type:
+            inputs[name] = (np.ones(shape, np.int64) if "mask" in name
+                            else rng.integers(0, vocab, shape, dtype=np.int64))
+        else:
+            dtype = np.float16 if "float16" in spec.type else np.float32
+            inputs[name] = rng.standard_normal(shape).astype(dtype)
+    outputs = model(**inputs)  # also the warm-up
+    median = (time_call(lambda: model(**inputs), warmup=0, reps=args.repeat)["median_ms"]
+              if args.repeat > 0 else None)
+    result = {"providers": model.providers, "inputs": {k: list(v.shape) for k, v in inputs.items()},
+              "outputs": {k: list(v.shape) for k, v in outputs.items()},
+              "median_ms": median, "kind": model.metadata.get("moe_ext.kind")}
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{args.model}: {result['kind']} on {', '.join(model.providers)}")
+        for k, v in result["outputs"].items():
+            print(f"  output {k}: shape {tuple(v)}")
+        if median is not None:
+            print(f"  median latency {result['median_ms']:.3f} ms over {args.repeat} runs")
+    return 0
+
+
+def register(sub) -> None:
+    ex = sub.add_parser(
+        "export", help="export a PMoL model (adapter + base) or a reward model to ONNX",
+        description="Export to ONNX with standard ops only (runs on any onnxruntime "
+                    "execution provider), dynamic batch and sequence length.")
+    ex.add_argument("--adapter", help="adapter folder (save_molora / train-pmol output/adapter)")
+    ex.add_argument("--base", help="base model folder (save_pretrained / train-pmol output/base_model)")
+    ex.add_argument("--reward-model", help="reward model folder written by train-rm")
+    ex.add_argument("--output", required=True, help="the .onnx file to write")
+    ex.add_argument("--dtype", choices=["float32", "float16"], default=None)
+    ex.add_argument("--length", type=int, default=8, help="example sequence length for tracing")
+    add_json(ex, "the output path")
+    ex.set_defaults(func=cmd_export)
+
+    orr = sub.add_parser("ort-run", help="run an exported model on onnxruntime with random inputs",
+                         description="Load an exported .onnx with OrtModel, run it on random "
+                                     "inputs, print output shapes and latency.")
+    orr.add_argument("model", help="the .onnx file")
+    orr.add_argument("--batch", type=int, default=2)
+    orr.add_argument("--length", type=int, default=16)
+    orr.add_argument("--repeat", type=int, default=20, help="timed runs after one warm-up")
+    orr.add_argument("--provider", help="execution provider (default: CUDA if available, else CPU)")
+    add_json(orr, "the result")
+    orr.set_defaults(func=cmd_ort_run)

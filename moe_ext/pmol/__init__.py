@@ -1,0 +1,26 @@
+"""PMoL (Preference Mixture of LoRAs, arXiv 2411.01245) on moe_ext: LoRA experts grouped per
+preference plus null experts, an expert-group soft loss, load balancing, and DPO where the
+reference model is the same network with its adapters disabled.
+
+  dpo.py        DPOConfig, pmol_config, the DPO and PMoL losses
+  train.py      train_pmol, evaluate_pmol
+  data.py       preference examples (JSONL), DPO collation
+  tokenizer.py  the built-in word tokenizer
+  synthetic.py  the built-in data, tokenizer and tiny base model
+  job.py        the whole job (data -> model -> training -> evaluation -> artefact)
+"""
+from ..molora import get_molora_model, set_group_bias
+from .data import PreferenceExample, collate_dpo, load_preference_jsonl, save_preference_jsonl
+from .dpo import DPOConfig, dpo_loss, pmol_config, pmol_loss, sequence_logps
+from .job import PMoLData, PMoLJob, PMoLRun, load_pmol, prepare_data, run_pmol_job
+from .synthetic import (SYNTHETIC_PREFERENCES, build_tiny_causal_lm, synthetic_preference_data,
+                        synthetic_tokenizer)
+from .tokenizer import WordTokenizer
+from .train import evaluate_pmol, train_pmol
+
+__all__ = ["DPOConfig", "pmol_config", "sequence_logps", "dpo_loss", "pmol_loss", "train_pmol",
+           "evaluate_pmol", "build_tiny_causal_lm", "get_molora_model", "set_group_bias",
+           "PreferenceExample", "collate_dpo", "load_preference_jsonl", "save_preference_jsonl",
+           "WordTokenizer", "SYNTHETIC_PREFERENCES", "synthetic_preference_data",
+           "synthetic_tokenizer", "PMoLJob", "PMoLData", "PMoLRun", "prepare_data",
+           "run_pmol_job", "load_pmol"]

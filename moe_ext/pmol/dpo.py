@@ -1,0 +1,73 @@
+"""PMoL's objective (Preference Mixture of LoRAs, arXiv 2411.01245): DPO where the reference
+model is the same network with its adapters disabled (no second copy), plus the router
+losses of moe_ext.molora.losses:
+
+    loss = DPO(policy, reference) + aux_coef * load_balance + z_coef * z_loss
+           + group_coef * group_soft_loss
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..molora import MoLoRAConfig, disable_adapters
+from ..molora.losses import router_losses
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    label_smoothing: float = 0.0       # conservative DPO: assumed rate of flipped labels
+    count_null_in_group: bool = False  # group loss: does the null expert count for every group
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def pmol_config(groups: list[str], experts_per_group: int = 2, num_null_experts: int = 1,
+                **kwargs) -> MoLoRAConfig:
+    """MoLoRAConfig with experts 0..G*n-1 assigned to the groups in order."""
+    expert_groups = {g: list(range(i * experts_per_group, (i + 1) * experts_per_group))
+                     for i, g in enumerate(groups)}
+    return MoLoRAConfig(num_experts=len(groups) * experts_per_group,
+                        num_null_experts=num_null_experts, expert_groups=expert_groups, **kwargs)
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,
+                   response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over response tokens: logits (B, S, V), ids and mask (B, S) -> (B,)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tok = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (tok * response_mask[:, 1:].to(tok.dtype)).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
+             label_smoothing: float = 0.0):
+    """DPO (Rafailov et al.) with optional label smoothing; all inputs (B,) sequence log-probs.
+    Returns (loss, margins) where margins = beta * (policy - reference) log-ratio difference."""
+    margins = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    loss = -(1 - label_smoothing) * F.logsigmoid(margins) - label_smoothing * F.logsigmoid(-margins)
+    return loss.mean(), margins
+
+
+def pmol_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfig,
+              groups: list[str]):
+    """One PMoL step's loss for a collated batch (data.collate_dpo)."""
+    B = batch["input_ids"].shape[0] // 2
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    policy = sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
+    aux = router_losses(raw_model, batch["preference"], batch["attention_mask"], groups,
+                        dpo.count_null_in_group)
+    with torch.no_grad(), disable_adapters(raw_model):
+        ref_out = raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ref = sequence_logps(ref_out.logits, batch["input_ids"], batch["response_mask"])
+    loss, margins = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], dpo.beta, dpo.label_smoothing)
+    metrics = {"loss": loss.item(), "dpo_acc": (margins > 0).float().mean().item(),
+               "group": aux["group"].item(), "balance": aux["load_balance"].item()}
+    return loss + aux["total"], metrics

@@ -1,0 +1,95 @@
+"""Training and evaluating a PMoL adapter: DPO + router losses over preference examples on
+the shared training loop (moe_ext.training), and held-out DPO and routing accuracy per
+preference."""
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..molora import disable_adapters, molora_layers
+from ..training import TrainConfig, TrainResult, train
+from .data import PreferenceExample, collate_dpo
+from .dpo import DPOConfig, dpo_loss, pmol_loss, sequence_logps
+
+
+def train_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
+               train_config: TrainConfig, dpo: Optional[DPOConfig] = None,
+               batch_size: int = 16) -> TrainResult:
+    """DPO + router losses over `examples`; the model must hold MoLoRA layers. Each rank
+    draws its own batch_size examples per micro-step, seeded by (seed, step, micro, rank)."""
+    dpo = dpo or DPOConfig()
+    if not molora_layers(model):
+        raise ValueError("model has no MoLoRA layers: call get_molora_model first")
+    if not examples:
+        raise ValueError("examples is empty")
+    groups = list(model.molora_config.expert_groups)
+    device = next(model.parameters()).device
+
+    def batch_fn(step, micro, rank, world):
+        rng = random.Random(hash((train_config.seed, step, micro, rank)) & 0xFFFFFFFF)
+        return collate_dpo([rng.choice(examples) for _ in range(batch_size)], tokenizer, groups,
+                           device)
+
+    return train(model, batch_fn, lambda m, raw, b: pmol_loss(m, raw, b, dpo, groups),
+                 train_config, describe="pmol")
+
+
+@torch.no_grad()
+def evaluate_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
+                  beta: float = 0.1, batch_size: int = 64) -> dict:
+    """Held-out metrics per preference: DPO preference accuracy (implicit reward of chosen >
+    rejected) and, when the config has expert groups, group routing accuracy (the group with
+    the most router mass, averaged over the prompt's tokens and all layers, is the
+    example's preference)."""
+    model.eval()
+    groups = list(getattr(model, "molora_config").expert_groups)
+    stats: dict[str, dict[str, float]] = {}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        device = next(model.parameters()).device
+        batch = collate_dpo(chunk, tokenizer, groups, device)
+        B = len(chunk)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        policy = sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
+        routed = _group_routing(model, batch, groups, B) if groups else None
+        with disable_adapters(model):
+            ref_logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits
+        ref = sequence_logps(ref_logits, batch["input_ids"], batch["response_mask"])
+        _, margins = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta)
+        for j, e in enumerate(chunk):
+            s = stats.setdefault(e.preference, {"n": 0, "dpo_correct": 0, "route_correct": 0})
+            s["n"] += 1
+            s["dpo_correct"] += float(margins[j] > 0)
+            if routed is not None:
+                s["route_correct"] += float(groups[int(routed[j])] == e.preference)
+    model.train()
+    report = {p: {"n": int(s["n"]), "dpo_accuracy": s["dpo_correct"] / s["n"],
+                  **({"routing_accuracy": s["route_correct"] / s["n"]} if groups else {})}
+              for p, s in sorted(stats.items())}
+    total = sum(s["n"] for s in stats.values())
+    report["all"] = {"n": total,
+                     "dpo_accuracy": sum(s["dpo_correct"] for s in stats.values()) / total}
+    if groups:
+        report["all"]["routing_accuracy"] = sum(s["route_correct"] for s in stats.values()) / total
+    return report
+
+
+def _group_routing(model, batch, groups, B) -> torch.Tensor:
+    """(B,) index of the group with the most router mass over each chosen sequence's prompt."""
+    config = model.molora_config
+    prompt_mask = (batch["attention_mask"] * (1 - batch["response_mask"]))[:B].reshape(-1)
+    masses = 0
+    for layer in molora_layers(model).values():
+        probs = layer.last_routing.probs.reshape(batch["input_ids"].shape[0], -1, probs_dim(layer))
+        per_group = torch.stack([probs[:B, :, config.expert_groups[g]].sum(-1) for g in groups], -1)
+        masses = masses + (per_group.reshape(-1, len(groups)) * prompt_mask[:, None]).reshape(
+            B, -1, len(groups)).sum(1)
+    return torch.argmax(masses, dim=-1)
+
+
+def probs_dim(layer) -> int:
+    return layer.config.num_experts + layer.config.num_null_experts

@@ -1,0 +1,26 @@
+"""Sparse mixture-of-experts reward model for personalised preferences (after arXiv
+2606.04284), on moe_ext's routing kernel.
+
+  model.py      SparseMoERewardModel, RewardConfig, UniversalRewardModel (the baseline)
+  fit.py        Bradley-Terry training with sparsity, balance and diversity terms
+  adapt.py      a user's expert weights from a few pairs; accuracy; purity / NMI
+  backbone.py   BackboneRewardModel: an HF model under the MoE head, trained end to end
+  saving.py     save / load without pickle
+  embed.py      text encoders (built-in hashing, all-MiniLM-L6-v2)
+  synthetic.py  synthetic personalised data with known latent criteria
+  job.py        the train-rm and adapt jobs end to end
+"""
+from .adapt import adapt, average_routing, pairwise_accuracy, purity_nmi
+from .backbone import BackboneRewardModel, train_backbone_reward_model
+from .fit import FitConfig, fit, moe_loss
+from .job import (RewardData, RewardJob, RewardRun, adapt_user, evaluate_reward_model,
+                  load_reward_data, load_reward_run, load_text_pairs, train_reward_job)
+from .model import RewardConfig, SparseMoERewardModel, UniversalRewardModel, check_pairs
+from .saving import load_reward_model, save_reward_model
+
+__all__ = ["SparseMoERewardModel", "RewardConfig", "UniversalRewardModel", "FitConfig", "fit",
+           "moe_loss", "adapt", "average_routing", "pairwise_accuracy", "purity_nmi",
+           "BackboneRewardModel", "train_backbone_reward_model", "save_reward_model",
+           "load_reward_model", "check_pairs", "RewardJob", "RewardData", "RewardRun",
+           "load_reward_data", "load_text_pairs", "evaluate_reward_model", "train_reward_job",
+           "load_reward_run", "adapt_user"]

@@ -1,0 +1,161 @@
+"""Sparse mixture-of-experts reward model for personalised preferences (after arXiv
+2606.04284), on moe_ext's routing kernel.
+
+Embedding mode: inputs are prompt and response embeddings from a frozen encoder. A router on
+the prompt embedding picks top_k of E experts; each expert is a reward head on the response
+embedding; the reward is the router-weighted mix of the chosen experts' rewards:
+
+    r(x, y) = sum_{k<K} w_k(x) * r_{e_k}(y),   w = renormalised top-K of softmax(router(x))
+
+Training (fit.py): Bradley-Terry on binary preference pairs with local sparsity, global
+balance and expert diversity. Personalisation (adapt.py): a user's few labelled pairs
+re-weight the experts; the user's weights minus the model's average routing is their
+interpretable profile.
+
+Shapes: prompt_emb (B, P), response_emb (B, Dr), rewards (B,), routing probs (B, E),
+user_weights (E,) or (B, E).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..utils.config import DictConfig
+
+
+@dataclass
+class RewardConfig(DictConfig):
+    """The shape of a SparseMoERewardModel (saved beside its weights as JSON)."""
+    prompt_dim: int                      # P, prompt embedding size (router input)
+    response_dim: int                    # Dr, response embedding size (expert input)
+    num_experts: int                     # E
+    top_k: int = 1                       # K experts per prompt
+    expert_hidden: Optional[int] = None  # None: linear expert heads; H: one-hidden-layer MLPs
+    router_temperature: float = 1.0
+
+    def __post_init__(self):
+        for name in ("prompt_dim", "response_dim", "num_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.expert_hidden is not None and (not isinstance(self.expert_hidden, int)
+                                               or self.expert_hidden < 1):
+            raise ValueError(f"expert_hidden must be None or an int >= 1, got {self.expert_hidden!r}")
+        if not self.router_temperature > 0:
+            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}")
+
+
+
+class SparseMoERewardModel(nn.Module):
+    """Router nn.Linear(prompt_dim, E); experts are linear heads on the response embedding
+    (expert_hidden=None) or one-hidden-layer MLPs (expert_hidden=H), all E batched."""
+
+    def __init__(self, prompt_dim: int, response_dim: int, num_experts: int, top_k: int = 1,
+                 expert_hidden: Optional[int] = None, router_temperature: float = 1.0):
+        super().__init__()
+        self.config = RewardConfig(prompt_dim, response_dim, num_experts, top_k, expert_hidden,
+                                   router_temperature)
+        E = num_experts
+        self.router = nn.Linear(prompt_dim, E)
+        if expert_hidden is None:
+            self.head_w = nn.Parameter(torch.randn(E, response_dim) / math.sqrt(response_dim))
+            self.head_b = nn.Parameter(torch.zeros(E))
+        else:
+            self.hidden_w = nn.Parameter(torch.randn(E, expert_hidden, response_dim)
+                                         / math.sqrt(response_dim))
+            self.hidden_b = nn.Parameter(torch.zeros(E, expert_hidden))
+            self.head_w = nn.Parameter(torch.randn(E, expert_hidden) / math.sqrt(expert_hidden))
+            self.head_b = nn.Parameter(torch.zeros(E))
+        with torch.no_grad():
+            self.router.weight.normal_(0, 0.02)
+            self.router.bias.zero_()
+
+    @classmethod
+    def from_config(cls, config: "RewardConfig") -> "SparseMoERewardModel":
+        return cls(**config.to_dict())
+
+    # The config's fields, read through the model (model.num_experts, ...).
+    prompt_dim = property(lambda self: self.config.prompt_dim)
+    response_dim = property(lambda self: self.config.response_dim)
+    num_experts = property(lambda self: self.config.num_experts)
+    top_k = property(lambda self: self.config.top_k)
+    expert_hidden = property(lambda self: self.config.expert_hidden)
+    router_temperature = property(lambda self: self.config.router_temperature)
+
+    def _check(self, name: str, t: torch.Tensor, dim: int):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != dim:
+            raise ValueError(f"{name} must have shape (B, {dim}), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+
+    def router_logits(self, prompt_emb: torch.Tensor) -> torch.Tensor:
+        self._check("prompt_emb", prompt_emb, self.prompt_dim)
+        return self.router(prompt_emb)
+
+    def route(self, prompt_emb: torch.Tensor) -> torch.Tensor:
+        """(B, E) routing probabilities (softmax over all experts, before top-K)."""
+        return torch.softmax(self.router_logits(prompt_emb).float() / self.router_temperature, -1)
+
+    def expert_rewards(self, response_emb: torch.Tensor) -> torch.Tensor:
+        """(B, E): every expert's reward for each response."""
+        self._check("response_emb", response_emb, self.response_dim)
+        if self.expert_hidden is None:
+            return response_emb @ self.head_w.T + self.head_b
+        h = torch.einsum("bd,ehd->beh", response_emb, self.hidden_w) + self.hidden_b
+        return (F.gelu(h) * self.head_w).sum(-1) + self.head_b
+
+    def gates(self, prompt_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dense gates (B, E): the renormalised top-K weights scattered, zeros elsewhere;
+        routing probs (B, E)). Uses moe_ext's routing kernel (top-K with gradient)."""
+        r = ops.route(self.router_logits(prompt_emb), self.top_k, self.router_temperature)
+        dense = torch.zeros_like(r.probs).scatter(1, r.experts, r.weights)
+        return dense, r.probs
+
+    def forward(self, prompt_emb: torch.Tensor, response_emb: torch.Tensor,
+                user_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rewards (B,). With user_weights ((E,) or (B, E), e.g. from `adapt`) those replace
+        the router's weights."""
+        rewards = self.expert_rewards(response_emb)
+        if user_weights is not None:
+            u = user_weights.to(rewards.dtype)
+            if u.shape[-1] != self.num_experts:
+                raise ValueError(f"user_weights must have {self.num_experts} entries per row, "
+                                 f"got shape {tuple(u.shape)}")
+            return (rewards * u).sum(-1)
+        self._check("prompt_emb", prompt_emb, self.prompt_dim)
+        gates, _ = self.gates(prompt_emb)
+        return (rewards * gates.to(rewards.dtype)).sum(-1)
+
+
+class UniversalRewardModel(nn.Module):
+    """Baseline: one Bradley-Terry reward head on the response embedding, for every user."""
+
+    def __init__(self, response_dim: int, hidden: Optional[int] = None):
+        super().__init__()
+        self.net = (nn.Linear(response_dim, 1) if hidden is None else
+                    nn.Sequential(nn.Linear(response_dim, hidden), nn.GELU(), nn.Linear(hidden, 1)))
+
+    def forward(self, prompt_emb, response_emb, user_weights=None) -> torch.Tensor:
+        return self.net(response_emb).squeeze(-1)
+
+
+def check_pairs(prompt_emb, chosen_emb, rejected_emb) -> None:
+    """ValueError unless the three are 2-D with equal row counts and chosen/rejected shapes match."""
+    for name, t in (("prompt_emb", prompt_emb), ("chosen_emb", chosen_emb),
+                    ("rejected_emb", rejected_emb)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor (B, dim)")
+    if not (prompt_emb.shape[0] == chosen_emb.shape[0] == rejected_emb.shape[0]):
+        raise ValueError(f"prompt_emb, chosen_emb and rejected_emb must have the same number of "
+                         f"rows, got {prompt_emb.shape[0]}, {chosen_emb.shape[0]}, "
+                         f"{rejected_emb.shape[0]}")
+    if chosen_emb.shape != rejected_emb.shape:
+        raise ValueError(f"chosen_emb shape {tuple(chosen_emb.shape)} must equal rejected_emb "
+                         f"shape {tuple(rejected_emb.shape)}")

@@ -1,0 +1,21 @@
+"""A mixin for dataclass configs that are saved as JSON objects beside their weights."""
+from __future__ import annotations
+
+import dataclasses
+
+
+class DictConfig:
+    """to_dict / from_dict for a dataclass; from_dict refuses unknown fields by name."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__} must be read from a JSON object, got "
+                             f"{type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**data)

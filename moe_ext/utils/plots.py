@@ -1,0 +1,114 @@
+"""Plots shared by the demo and the experiments (matplotlib, written atomically as PNG).
+Each returns the path written, or None when matplotlib is not installed."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path
+
+
+def routing_heatmap(matrix, path: str, title: str = "Mean routing probability",
+                    ylabel: str = "prompt category") -> Optional[str]:
+    """matrix (categories, experts) of mean routing probabilities."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xlabel("expert")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    return _save(plt, fig, path)
+
+
+def user_shift_heatmap(true_by_expert, shifts, path: str, pairs: int) -> Optional[str]:
+    """Users' true profiles (users, experts) beside their adapted weight shifts."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    shifts = np.asarray(shifts)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 5), sharey=True)
+    axes[0].imshow(true_by_expert, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+    axes[0].set_title("true profile (criteria mapped to experts)")
+    lim = float(np.abs(shifts).max()) or 1.0
+    im = axes[1].imshow(shifts, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    axes[1].set_title(f"adapted weights - mean routing ({pairs} pairs)")
+    for a in axes:
+        a.set_xlabel("expert")
+    axes[0].set_ylabel("user")
+    fig.colorbar(im, ax=axes[1])
+    return _save(plt, fig, path)
+
+
+def curves(series: dict, path: str, xlabel: str, ylabel: str, title: str = "",
+           logx: bool = False, hline: Optional[tuple[float, str]] = None) -> Optional[str]:
+    """series: label -> (xs, ys)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=label)
+    if hline is not None:
+        ax.axhline(hline[0], color="gray", lw=1, label=hline[1])
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def benchmark_bars(rows: list, path: str, x_key: str, series_key: str, panel_key: str = "mode",
+                   value_key: str = "median_us", title: str = "") -> Optional[str]:
+    """Grouped bars of rows[value_key] (log scale): one panel per value of panel_key (e.g.
+    fwd / fwd+bwd), groups by x_key (e.g. E or T), one bar per series_key (provider)."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return None
+    modes = list(dict.fromkeys(r.get(panel_key, "") for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sub = [r for r in rows if r.get(panel_key, "") == mode]
+        groups = list(dict.fromkeys(r[x_key] for r in sub))
+        series = list(dict.fromkeys(r[series_key] for r in sub))
+        width = 0.8 / len(series)
+        for i, name in enumerate(series):
+            xs, ys = [], []
+            for j, group in enumerate(groups):
+                hit = [r[value_key] for r in sub if r[x_key] == group and r[series_key] == name]
+                if hit:
+                    xs.append(j + (i - (len(series) - 1) / 2) * width)
+                    ys.append(hit[0])
+            ax.bar(xs, ys, width, label=name)
+        ax.set_xticks(range(len(groups)), [f"{x_key}={g}" for g in groups])
+        ax.set_yscale("log")
+        ax.set_ylabel(value_key.replace("_", " "))
+        ax.set_title(f"{title} {mode}".strip())
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, path)
