@@ -44,9 +44,11 @@ cuda-cpu-binaries: $(CUDA_CPU_DIR)/asan/cuda_cpu_tests $(CUDA_CPU_DIR)/tsan/cuda
 cuda-cpu-nvcc-check:
 ifneq ($(NVCC),)
 	@mkdir -p $(CUDA_CPU_DIR)
-	$(NVCC) -std=c++17 -Icsrc/cuda -Itests/cuda_cpu -gencode=arch=compute_80,code=sm_80 \
-		-gencode=arch=compute_90a,code=sm_90a -c tests/cuda_cpu/ptx_kernels.cu \
-		-o $(CUDA_CPU_DIR)/ptx_kernels_nvcc.o
+	$(NVCC) -std=c++20 --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ \
+		-D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+		-D__CUDA_NO_HALF2_OPERATORS__ -Icsrc/cuda -Itests/cuda_cpu \
+		-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a \
+		-c tests/cuda_cpu/ptx_kernels.cu -o $(CUDA_CPU_DIR)/ptx_kernels_nvcc.o
 else
 	@echo "cuda-cpu: no nvcc, the PTX wrappers were not compiled for a GPU"
 endif

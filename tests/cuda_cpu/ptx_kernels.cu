@@ -8,9 +8,17 @@ namespace cuda {
 namespace ptx_test {
 namespace {
 
+// Conversions by name: the extension builds with __CUDA_NO_HALF_CONVERSIONS__ (torch's
+// flags, which the nvcc check uses too).
+template <typename T>
+__device__ T to_b16(float v) {
+  if constexpr (std::is_same<T, __half>::value) return __float2half_rn(v);
+  else return __float2bfloat16_rn(v);
+}
+
 template <typename T>
 __device__ uint32_t pack(float lo, float hi) {
-  return pack_b16x2(T(lo), T(hi));
+  return pack_b16x2(to_b16<T>(lo), to_b16<T>(hi));
 }
 
 // Fragments straight from the PTX ISA's formulas (groupID g = lane / 4, t = lane % 4).

@@ -143,7 +143,7 @@ CUDA_CPU_CASE("lora/T=0", "", [] {
 });
 
 CUDA_CPU_CASE("lora/all tokens on one expert", "", [] {
-  const LoraShape s{40, 20, 18, 5, 3, 0, 2, 0.8};
+  const LoraShape s{70, 20, 18, 5, 3, 0, 2, 0.8};  // 70 pairs on expert 2: two tiles
   Inputs in = make_inputs(s, 3);
   for (int64_t t = 0; t < s.T; ++t)
     for (int64_t e = 0; e < 5; ++e) in.logits[t * 5 + e] = e == 2 ? 30.0 : 0.0;
