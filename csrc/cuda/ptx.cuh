@@ -5,17 +5,18 @@
 //
 //   mma_m16n8k16<T>(d, a, b, c)       D = A B + C, A 16x16 (row), B 16x8 (col), fp32 C/D,
 //                                     T = __half or __nv_bfloat16; warp-wide; d may be c
-//   ldmatrix_x1/_x2/_x4(r, row)       1/2/4 8x8 b16 matrices from shared memory, lanes
-//   ldmatrix_x1/_x2/_x4_trans(r, row) 8i..8i+7 giving the rows of matrix i; .trans transposes
+//   ldmatrix<N, Trans>(r, row)        N = 1, 2, 4 8x8 b16 matrices from shared memory, lanes
+//                                     8i..8i+7 giving the rows of matrix i; Trans transposes
 //   cp_async_16(smem, gmem, n = 16)   16-byte global -> shared copy, zero-filled past n bytes
 //   cp_async_commit()                 closes this thread's group of copies
 //   cp_async_wait<N>()                waits until at most N groups are in flight
 //   cp_async_wait_all()               commit + wait for all
 //   pack_b16x2(lo, hi)                two 16-bit values in one register (lo in bits 0-15)
 //
-// A typical bf16 tile: A row-major in shared memory -> ldmatrix_x4 gives the A fragment;
-// B stored k-major (K x N, row-major) -> ldmatrix_x2_trans gives the B fragment of an
-// 8-column slice; B stored n-major (N x K) -> ldmatrix_x2.
+// A typical bf16 tile: A row-major in shared memory -> ldmatrix<4> gives the A fragment;
+// B stored k-major (K x N, row-major) -> ldmatrix<2, true> gives the B fragment of an
+// 8-column slice; B stored n-major (N x K) -> ldmatrix<2>. tests/cuda_cpu/ptx_kernels.cu
+// has such a kernel (a cp.async pipeline with two stages).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -75,54 +76,36 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 }
 #endif
 
-__device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], const void* row MOE_EXT_PTX_SITE) {
+// kMatrices (1, 2, 4) 8x8 matrices of 16-bit elements; lanes 8i..8i+7 give the row
+// addresses of matrix i (16 bytes each, 16-byte aligned, in shared memory); lane l gets in
+// r[i] the elements (l / 4, 2 (l % 4) + j) of matrix i, or (2 (l % 4) + j, l / 4) with
+// kTrans (j = 0 in the low 16 bits). Warp-wide.
+template <int kMatrices, bool kTrans = false>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices],
+                                         const void* row MOE_EXT_PTX_SITE) {
+  static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4, "ldmatrix .x1, .x2 or .x4");
 #if defined(MOE_EXT_CPU_MODEL)
-  ::moe_ext::cpu_model::ldmatrix<1>(r, row, false, site);
+  ::moe_ext::cpu_model::ldmatrix<kMatrices>(r, row, kTrans, site);
 #else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n"
-               : "=r"(r[0]) : "r"(shared_address(row)) : "memory");
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row MOE_EXT_PTX_SITE) {
-#if defined(MOE_EXT_CPU_MODEL)
-  ::moe_ext::cpu_model::ldmatrix<2>(r, row, false, site);
-#else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1]) : "r"(shared_address(row)) : "memory");
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row MOE_EXT_PTX_SITE) {
-#if defined(MOE_EXT_CPU_MODEL)
-  ::moe_ext::cpu_model::ldmatrix<4>(r, row, false, site);
-#else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row)) : "memory");
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t (&r)[1], const void* row MOE_EXT_PTX_SITE) {
-#if defined(MOE_EXT_CPU_MODEL)
-  ::moe_ext::cpu_model::ldmatrix<1>(r, row, true, site);
-#else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
-               : "=r"(r[0]) : "r"(shared_address(row)) : "memory");
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row MOE_EXT_PTX_SITE) {
-#if defined(MOE_EXT_CPU_MODEL)
-  ::moe_ext::cpu_model::ldmatrix<2>(r, row, true, site);
-#else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1]) : "r"(shared_address(row)) : "memory");
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row MOE_EXT_PTX_SITE) {
-#if defined(MOE_EXT_CPU_MODEL)
-  ::moe_ext::cpu_model::ldmatrix<4>(r, row, true, site);
-#else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row)) : "memory");
+  const uint32_t a = shared_address(row);
+  if constexpr (kMatrices == 1 && !kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n"
+                 : "=r"(r[0]) : "r"(a) : "memory");
+  else if constexpr (kMatrices == 1)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
+                 : "=r"(r[0]) : "r"(a) : "memory");
+  else if constexpr (kMatrices == 2 && !kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(a) : "memory");
+  else if constexpr (kMatrices == 2)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(a) : "memory");
+  else if constexpr (!kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
 #endif
 }
 

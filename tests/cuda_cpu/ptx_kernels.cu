@@ -48,15 +48,7 @@ __global__ void ldmatrix_kernel(const uint16_t* M, uint32_t* out) {
   __syncwarp();
   const uint16_t* row = &tile[(lane / 8 % kMatrices) * 64 + (lane % 8) * 8];
   uint32_t r[kMatrices];
-  if (kTrans) {
-    if constexpr (kMatrices == 1) ldmatrix_x1_trans(r, row);
-    if constexpr (kMatrices == 2) ldmatrix_x2_trans(r, row);
-    if constexpr (kMatrices == 4) ldmatrix_x4_trans(r, row);
-  } else {
-    if constexpr (kMatrices == 1) ldmatrix_x1(r, row);
-    if constexpr (kMatrices == 2) ldmatrix_x2(r, row);
-    if constexpr (kMatrices == 4) ldmatrix_x4(r, row);
-  }
+  ldmatrix<kMatrices, kTrans>(r, row);
   for (int i = 0; i < kMatrices; ++i) out[lane * kMatrices + i] = r[i];
 }
 
@@ -86,11 +78,11 @@ __global__ void tile_gemm_kernel(const T* A, const T* B, int K, float* C) {
     }
     __syncwarp();  // every lane's copies are in shared memory
     uint32_t a[4];
-    ldmatrix_x4(a, &As[stage][(lane % 8) + 8 * (lane / 8 % 2)][8 * (lane / 16)]);
+    ldmatrix<4>(a, &As[stage][(lane % 8) + 8 * (lane / 8 % 2)][8 * (lane / 16)]);
     for (int j = 0; j < 2; ++j) {
       uint32_t b[2];
-      if (kKMajor) ldmatrix_x2_trans(b, &Bs[stage][(lane % 8) + 8 * (lane / 8 % 2)][8 * j]);
-      else ldmatrix_x2(b, &Bs[stage][8 * j + lane % 8][8 * (lane / 8 % 2)]);
+      if (kKMajor) ldmatrix<2, true>(b, &Bs[stage][(lane % 8) + 8 * (lane / 8 % 2)][8 * j]);
+      else ldmatrix<2>(b, &Bs[stage][8 * j + lane % 8][8 * (lane / 8 % 2)]);
       mma_m16n8k16<T>(acc[j], a, b, acc[j]);
     }
     __syncwarp();  // the stage is read before the next copies overwrite it
@@ -115,7 +107,7 @@ __global__ void misuse_kernel(int which, unsigned char* scratch) {
   __syncwarp();
   if (which == 0) {
     uint32_t r[1];
-    ldmatrix_x1(r, &tile[1 + (lane % 8) * 8]);  // 2 bytes off: not 16-byte aligned
+    ldmatrix<1>(r, &tile[1 + (lane % 8) * 8]);  // 2 bytes off: not 16-byte aligned
   } else if (which == 1) {
     if (lane == 0) cp_async_16(scratch + 16, scratch);  // destination in global memory
   } else {

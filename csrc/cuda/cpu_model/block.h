@@ -162,6 +162,12 @@ class Block {
     throw KernelFault{};
   }
 
+  // Records a fault without throwing (from outside the kernel).
+  void fault_quietly(const std::string& what) {
+    std::unique_lock<std::mutex> lock(m_);
+    record_fault(lock, what);
+  }
+
   // Called from outside the lock (e.g. a PTX model's argument check).
   [[noreturn]] void fault(const std::string& what) {
     std::unique_lock<std::mutex> lock(m_);

@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -227,6 +228,8 @@ class Executor {
     try {
       body();
     } catch (const KernelFault&) {
+    } catch (const std::exception& e) {  // e.g. std::bad_alloc inside a kernel
+      b.fault_quietly(b.thread_name(tid) + ": the kernel threw " + e.what());
     }
     b.exit_thread(tid);
     this_thread.block = nullptr;

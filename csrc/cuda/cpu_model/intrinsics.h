@@ -239,33 +239,21 @@ inline unsigned __match_all_sync(unsigned mask, T value, int* pred, MOE_CPU_MODE
   *pred = peers == mask;
   return peers == mask ? mask : 0u;
 }
-inline unsigned __reduce_add_sync(unsigned mask, unsigned v, MOE_CPU_MODEL_SITE) {
-  return moe_ext::cpu_model::reduce(moe_ext::cpu_model::Reduce::kAdd, mask, v, site);
-}
-inline int __reduce_add_sync(unsigned mask, int v, MOE_CPU_MODEL_SITE) {
-  return moe_ext::cpu_model::reduce(moe_ext::cpu_model::Reduce::kAdd, mask, v, site);
-}
-inline unsigned __reduce_min_sync(unsigned mask, unsigned v, MOE_CPU_MODEL_SITE) {
-  return moe_ext::cpu_model::reduce(moe_ext::cpu_model::Reduce::kMin, mask, v, site);
-}
-inline int __reduce_min_sync(unsigned mask, int v, MOE_CPU_MODEL_SITE) {
-  return moe_ext::cpu_model::reduce(moe_ext::cpu_model::Reduce::kMin, mask, v, site);
-}
-inline unsigned __reduce_max_sync(unsigned mask, unsigned v, MOE_CPU_MODEL_SITE) {
-  return moe_ext::cpu_model::reduce(moe_ext::cpu_model::Reduce::kMax, mask, v, site);
-}
-inline int __reduce_max_sync(unsigned mask, int v, MOE_CPU_MODEL_SITE) {
-  return moe_ext::cpu_model::reduce(moe_ext::cpu_model::Reduce::kMax, mask, v, site);
-}
-inline unsigned __reduce_and_sync(unsigned mask, unsigned v, MOE_CPU_MODEL_SITE) {
-  return moe_ext::cpu_model::reduce(moe_ext::cpu_model::Reduce::kAnd, mask, v, site);
-}
-inline unsigned __reduce_or_sync(unsigned mask, unsigned v, MOE_CPU_MODEL_SITE) {
-  return moe_ext::cpu_model::reduce(moe_ext::cpu_model::Reduce::kOr, mask, v, site);
-}
-inline unsigned __reduce_xor_sync(unsigned mask, unsigned v, MOE_CPU_MODEL_SITE) {
-  return moe_ext::cpu_model::reduce(moe_ext::cpu_model::Reduce::kXor, mask, v, site);
-}
+#define MOE_CPU_MODEL_REDUCE(name, kind, T)                                  \
+  inline T name(unsigned mask, T v, MOE_CPU_MODEL_SITE) {                      \
+    return moe_ext::cpu_model::reduce(moe_ext::cpu_model::Reduce::kind, mask, v, site); \
+  }
+MOE_CPU_MODEL_REDUCE(__reduce_add_sync, kAdd, unsigned)
+MOE_CPU_MODEL_REDUCE(__reduce_add_sync, kAdd, int)
+MOE_CPU_MODEL_REDUCE(__reduce_min_sync, kMin, unsigned)
+MOE_CPU_MODEL_REDUCE(__reduce_min_sync, kMin, int)
+MOE_CPU_MODEL_REDUCE(__reduce_max_sync, kMax, unsigned)
+MOE_CPU_MODEL_REDUCE(__reduce_max_sync, kMax, int)
+MOE_CPU_MODEL_REDUCE(__reduce_and_sync, kAnd, unsigned)
+MOE_CPU_MODEL_REDUCE(__reduce_or_sync, kOr, unsigned)
+MOE_CPU_MODEL_REDUCE(__reduce_xor_sync, kXor, unsigned)
+#undef MOE_CPU_MODEL_REDUCE
+
 // Not modelled: on a GPU it gives the lanes that happen to be converged with the caller,
 // which depends on scheduling (the model has no convergence to mirror), and code that
 // feeds it to a *_sync intrinsic is racy. Use an explicit mask or __ballot_sync.
