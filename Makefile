@@ -27,7 +27,7 @@ $(EDIT): $(DEPS) pyproject.toml setup.py
 build: $(EDIT)
 	$(BIN)/python setup.py -q build_ext --inplace
 
-test: build
+test: build test-cuda-cpu
 	$(BIN)/python -m pytest -q tests
 
 demo: build
@@ -48,3 +48,6 @@ gpu-site: $(DEPS)
 
 clean:
 	rm -rf build moe_ext/*.so *.egg-info .pytest_cache
+
+# The CUDA kernels on the CPU execution model, under sanitizers (no GPU needed).
+include tests/cuda_cpu/cuda_cpu.mk

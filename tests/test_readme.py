@@ -61,6 +61,8 @@ def test_documented_python_compiles_and_names_exist():
 
 def test_make_targets_in_readme_exist():
     makefile = open(os.path.join(ROOT, "Makefile")).read()
+    for included in re.findall(r"^include (\S+)", makefile, re.M):  # e.g. tests/cuda_cpu/cuda_cpu.mk
+        makefile += open(os.path.join(ROOT, included)).read()
     for target in re.findall(r"make (\w[\w-]*)", open(os.path.join(ROOT, "README.md")).read()):
         assert re.search(rf"^{target}:", makefile, re.M), f"README names `make {target}`"
 

@@ -113,13 +113,14 @@ cudaError_t launch_align(const int64_t* ids, int64_t P, int64_t num_bins, int32_
   if (err != cudaSuccess) return err;
   const int threads = kWarpsPerBlock * 32;
   if (C > 0)
-    align_count_kernel<<<blocks_for(C, kWarpsPerBlock), threads, 0, stream>>>(ids, P, bins, C, hist);
-  align_scan_chunks_kernel<<<blocks_for(num_bins, kWarpsPerBlock), threads, 0, stream>>>(
-      hist, bins, C, totals);
-  align_scan_bins_kernel<<<1, kScanThreads, 0, stream>>>(totals, bins, offsets);
+    launch_kernel<align_count_kernel>(blocks_for(C, kWarpsPerBlock), threads, 0, stream, ids, P,
+                                      bins, C, hist);
+  launch_kernel<align_scan_chunks_kernel>(blocks_for(num_bins, kWarpsPerBlock), threads, 0,
+                                          stream, hist, bins, C, totals);
+  launch_kernel<align_scan_bins_kernel>(1, kScanThreads, 0, stream, totals, bins, offsets);
   if (C > 0)
-    align_scatter_kernel<<<blocks_for(C, kWarpsPerBlock), threads, 0, stream>>>(
-        ids, P, bins, C, hist, offsets, order);
+    launch_kernel<align_scatter_kernel>(blocks_for(C, kWarpsPerBlock), threads, 0, stream, ids, P,
+                                        bins, C, hist, offsets, order);
   return cudaGetLastError();
 }
 

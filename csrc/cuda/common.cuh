@@ -1,13 +1,11 @@
 // Device helpers shared by the kernels: accumulation types and conversions, warp
-// reductions, dtype dispatch and launch geometry. Plain CUDA, no torch headers.
+// reductions, dtype dispatch and launch geometry. Plain CUDA, no torch headers; the CUDA
+// headers (or the CPU execution model) come through cuda_api.cuh.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <limits>
 
+#include "cuda_api.cuh"
 #include "launchers.h"
 
 namespace moe_ext {

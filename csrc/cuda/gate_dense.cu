@@ -70,9 +70,10 @@ cudaError_t launch_gate_dense(DType dtype, const void* h_all, const void* w,
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    gate_scale_kernel<scalar_t><<<grid_stride_blocks(T * E * R), kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(h_all), static_cast<const acc_t*>(w), experts, T, E, R, K,
-        static_cast<acc_t>(scaling), static_cast<scalar_t*>(gated));
+    launch_kernel<gate_scale_kernel<scalar_t>>(
+        grid_stride_blocks(T * E * R), kThreads, 0, stream, static_cast<const scalar_t*>(h_all),
+        static_cast<const acc_t*>(w), experts, T, E, R, K, static_cast<acc_t>(scaling),
+        static_cast<scalar_t*>(gated));
   });
   return cudaGetLastError();
 }
@@ -88,12 +89,13 @@ cudaError_t launch_gate_dense_backward(DType dtype, const void* grad_gated, cons
     const auto* h = static_cast<const scalar_t*>(h_all);
     const acc_t s = static_cast<acc_t>(scaling);
     if (T * E * R > 0)  // an empty grid is a launch error
-      gate_scale_kernel<scalar_t><<<grid_stride_blocks(T * E * R), kThreads, 0, stream>>>(
-          g, static_cast<const acc_t*>(w), experts, T, E, R, K, s,
-          static_cast<scalar_t*>(grad_h_all));
+      launch_kernel<gate_scale_kernel<scalar_t>>(
+          grid_stride_blocks(T * E * R), kThreads, 0, stream, g, static_cast<const acc_t*>(w),
+          experts, T, E, R, K, s, static_cast<scalar_t*>(grad_h_all));
     if (T * K > 0)
-      gate_dense_grad_w_kernel<scalar_t><<<blocks_for(T * K, kThreads), kThreads, 0, stream>>>(
-          g, h, experts, T, E, R, K, s, static_cast<acc_t*>(grad_w));
+      launch_kernel<gate_dense_grad_w_kernel<scalar_t>>(
+          blocks_for(T * K, kThreads), kThreads, 0, stream, g, h, experts, T, E, R, K, s,
+          static_cast<acc_t*>(grad_w));
   });
   return cudaGetLastError();
 }

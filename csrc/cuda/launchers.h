@@ -7,7 +7,11 @@
 // M = E + N router outputs, K experts per token, R LoRA rank, P = T * K pairs; pair p is
 // (token p / K, slot p % K). "acc" is float64 for float64 data and float32 otherwise.
 #pragma once
+#if defined(MOE_EXT_CPU_MODEL)
+#include "cpu_model/runtime.h"  // the tests' CPU execution model (cuda_api.cuh)
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 

@@ -264,7 +264,7 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
 
 cudaError_t launch_tile_map(const int64_t* offsets, int64_t E, int32_t* tile_start,
                             cudaStream_t stream) {
-  tile_map_kernel<<<1, kScanThreads, 0, stream>>>(offsets, E, tile_start);
+  launch_kernel<tile_map_kernel>(1, kScanThreads, 0, stream, offsets, E, tile_start);
   return cudaGetLastError();
 }
 
@@ -276,7 +276,7 @@ cudaError_t launch_grouped_shrink(DType dtype, const void* vecs, int64_t n, Expe
   if (P == 0) return cudaGetLastError();
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    grouped_shrink_kernel<scalar_t><<<max_pair_tiles(P, E), kThreads, 0, stream>>>(
+    launch_kernel<grouped_shrink_kernel<scalar_t>>(max_pair_tiles(P, E), kThreads, 0, stream,
         static_cast<const scalar_t*>(vecs), n, static_cast<const scalar_t*>(W.data), W.stride_e,
         W.stride_i, W.stride_j, order, offsets, tile_start, experts, E, K, static_cast<int>(R),
         static_cast<acc_of<scalar_t>*>(out));
@@ -295,7 +295,7 @@ cudaError_t launch_grouped_expand(DType dtype, const void* coef, const void* pai
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    grouped_expand_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+    launch_kernel<grouped_expand_kernel<scalar_t>>(grid, kThreads, 0, stream,
         static_cast<const acc_t*>(coef), static_cast<const acc_t*>(pair_scale),
         static_cast<acc_t>(scaling), static_cast<const scalar_t*>(W.data), W.stride_e, W.stride_i,
         W.stride_j, n, order, offsets, tile_start, E, static_cast<int>(R),
@@ -311,7 +311,7 @@ cudaError_t launch_combine_pairs(DType dtype, const void* pair_out, const int64_
   const unsigned blocks = static_cast<unsigned>(min64(blocks_for(T * n, kThreads), 65536));
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    combine_pairs_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    launch_kernel<combine_pairs_kernel<scalar_t>>(blocks, kThreads, 0, stream,
         static_cast<const acc_of<scalar_t>*>(pair_out), experts, T, K, E, n,
         static_cast<scalar_t*>(out), out_ld);
   });
@@ -324,7 +324,7 @@ cudaError_t launch_pair_grads(DType dtype, const void* gh, const void* h, const 
   if (P == 0) return cudaGetLastError();
   dispatch_acc(dtype, [&](auto tag) {
     using acc_t = decltype(tag);
-    pair_grads_kernel<acc_t><<<blocks_for(P, kThreads), kThreads, 0, stream>>>(
+    launch_kernel<pair_grads_kernel<acc_t>>(blocks_for(P, kThreads), kThreads, 0, stream,
         static_cast<const acc_t*>(gh), static_cast<const acc_t*>(h), static_cast<const acc_t*>(w),
         experts, P, E, static_cast<int>(R), static_cast<acc_t>(scaling), static_cast<acc_t*>(dw),
         static_cast<acc_t*>(dh));
@@ -342,7 +342,7 @@ cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_s
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    weight_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+    launch_kernel<weight_grad_kernel<scalar_t>>(grid, kThreads, 0, stream,
         static_cast<const acc_t*>(coef), static_cast<const acc_t*>(pair_scale),
         static_cast<acc_t>(scaling), static_cast<const scalar_t*>(rows), n, order, offsets,
         experts, K, static_cast<int>(R), static_cast<scalar_t*>(out), out_stride_e, out_stride_r,

@@ -129,7 +129,8 @@ cudaError_t launch_route(DType dtype, const void* logits, const void* bias, int6
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    route_kernel<scalar_t><<<blocks_for(T, kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(
+    launch_kernel<route_kernel<scalar_t>>(
+        blocks_for(T, kRowsPerBlock), kRowsPerBlock * 32, 0, stream,
         static_cast<const scalar_t*>(logits), static_cast<const acc_t*>(bias), T,
         static_cast<int>(M), static_cast<int>(K), static_cast<acc_t>(inv_tau), normalize,
         static_cast<acc_t*>(probs), static_cast<acc_t*>(weights), experts,
@@ -145,7 +146,8 @@ cudaError_t launch_route_backward(DType dtype, const void* grad_probs, const voi
   if (T == 0) return cudaGetLastError();
   dispatch_acc(dtype, [&](auto tag) {
     using acc_t = decltype(tag);
-    route_backward_kernel<acc_t><<<blocks_for(T, kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(
+    launch_kernel<route_backward_kernel<acc_t>>(
+        blocks_for(T, kRowsPerBlock), kRowsPerBlock * 32, 0, stream,
         static_cast<const acc_t*>(grad_probs), static_cast<const acc_t*>(grad_weights),
         static_cast<const acc_t*>(probs), static_cast<const acc_t*>(weights), experts, T,
         static_cast<int>(M), static_cast<int>(K), static_cast<acc_t>(inv_tau), normalize,

@@ -1,0 +1,198 @@
+// The ops' launch sequences, as csrc/cuda/*_cuda.cpp run them (allocation like at::empty
+// = poisoned, at::zeros = zeroed), on the CPU execution model's host buffers. Keep in step
+// with those files: they are torch code and cannot be compiled here.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "harness.h"
+
+namespace cuda_cpu {
+
+using moe_ext::cuda::ExpertWeights;
+
+struct RouteOut {
+  Buffer probs, weights, experts, counts;
+};
+
+// route_cuda: logits (T, M) in `t`; bias (M,) acc or empty.
+inline RouteOut route(DType t, const Buffer& logits, const Buffer& bias, int64_t T, int64_t M,
+                      int64_t K, double tau, bool normalize) {
+  const size_t acc = dtype_size(acc_of(t));
+  RouteOut r{Buffer(T * M * acc, false), Buffer(T * K * acc, false), Buffer(T * K * 8, false),
+             Buffer(M * 8, true)};
+  check_cuda(moe_ext::cuda::launch_route(t, logits.get(), bias.get(), T, M, K, 1.0 / tau, normalize,
+                                         r.probs.get(), r.weights.get(),
+                                         static_cast<int64_t*>(r.experts.get()),
+                                         static_cast<int64_t*>(r.counts.get()), nullptr),
+             "launch_route");
+  return r;
+}
+
+inline Buffer route_backward(DType acc, const Buffer& grad_probs, const Buffer& grad_weights,
+                             const RouteOut& r, int64_t T, int64_t M, int64_t K, double tau,
+                             bool normalize) {
+  Buffer out(T * M * dtype_size(acc), false);
+  check_cuda(moe_ext::cuda::launch_route_backward(
+                 acc, grad_probs.get(), grad_weights.get(), r.probs.get(), r.weights.get(),
+                 static_cast<const int64_t*>(r.experts.get()), T, M, K, 1.0 / tau, normalize,
+                 out.get(), nullptr),
+             "launch_route_backward");
+  return out;
+}
+
+struct AlignOut {
+  Buffer order, offsets;
+};
+
+// align_cuda
+inline AlignOut align(const Buffer& ids, int64_t P, int64_t bins) {
+  AlignOut a{Buffer(P * 8, false), Buffer((bins + 1) * 8, false)};
+  Buffer scratch(moe_ext::cuda::align_scratch_ints(P, bins) * 4, false);
+  check_cuda(moe_ext::cuda::launch_align(static_cast<const int64_t*>(ids.get()), P, bins,
+                                         static_cast<int32_t*>(scratch.get()),
+                                         static_cast<int64_t*>(a.order.get()),
+                                         static_cast<int64_t*>(a.offsets.get()), nullptr),
+             "launch_align");
+  return a;
+}
+
+struct LoraShape {
+  int64_t T, D, O, E, R, N, K;
+  double scaling;
+  int64_t P() const { return T * K; }
+};
+
+// W_e[i, j] views (lora_cuda.cpp): A (E, R, D) as rows (r, d) and as columns (d, r); B
+// (E, O, R) likewise.
+inline ExpertWeights a_rows(const Buffer& A, const LoraShape& s) { return {A.get(), s.R * s.D, s.D, 1}; }
+inline ExpertWeights a_cols(const Buffer& A, const LoraShape& s) { return {A.get(), s.R * s.D, 1, s.D}; }
+inline ExpertWeights b_rows(const Buffer& B, const LoraShape& s) { return {B.get(), s.O * s.R, 1, s.R}; }
+inline ExpertWeights b_cols(const Buffer& B, const LoraShape& s) { return {B.get(), s.O * s.R, s.R, 1}; }
+
+inline Buffer tile_map(const Buffer& offsets, int64_t E) {
+  Buffer tiles((E + 1) * 4, false);
+  check_cuda(moe_ext::cuda::launch_tile_map(static_cast<const int64_t*>(offsets.get()), E,
+                                            static_cast<int32_t*>(tiles.get()), nullptr),
+             "launch_tile_map");
+  return tiles;
+}
+
+// lora_cuda.cpp's expand_and_combine, with the pair buffer's byte budget as a parameter
+// (512 MiB there) so that small tests can cut the columns into several slabs.
+inline void expand_and_combine(DType t, const Buffer& coef, const Buffer& pair_scale, double scaling,
+                               ExpertWeights W, int64_t n, const AlignOut& a, const Buffer& tiles,
+                               const Buffer& experts, const LoraShape& s, Buffer& out,
+                               int64_t pair_buffer_bytes) {
+  const int64_t P = s.P();
+  const int64_t per_column = std::max<int64_t>(1, P) * static_cast<int64_t>(dtype_size(acc_of(t)));
+  const int64_t slab = std::min(n, std::max<int64_t>(128, pair_buffer_bytes / per_column / 128 * 128));
+  Buffer buffer(P * std::max<int64_t>(slab, 1) * dtype_size(acc_of(t)), false);
+  const int64_t elem = static_cast<int64_t>(dtype_size(t));
+  for (int64_t c0 = 0; c0 < n; c0 += slab) {
+    const int64_t width = std::min(slab, n - c0);
+    ExpertWeights cols = W;
+    cols.data = static_cast<const char*>(W.data) + c0 * W.stride_i * elem;
+    check_cuda(moe_ext::cuda::launch_grouped_expand(
+                   t, coef.get(), pair_scale.get(), scaling, cols, width,
+                   static_cast<const int64_t*>(a.order.get()), static_cast<const int64_t*>(a.offsets.get()),
+                   static_cast<const int32_t*>(tiles.get()), P, s.E, s.K, s.R, buffer.get(), nullptr),
+               "launch_grouped_expand");
+    check_cuda(moe_ext::cuda::launch_combine_pairs(
+                   t, buffer.get(), static_cast<const int64_t*>(experts.get()), s.T, s.K, s.E, width,
+                   static_cast<char*>(out.get()) + c0 * elem, n, nullptr),
+               "launch_combine_pairs");
+  }
+}
+
+constexpr int64_t kPairBufferBytes = int64_t(512) << 20;
+
+struct LoraForward {
+  Buffer y, h;
+};
+
+// lora_forward_cuda: x (T, D), A (E, R, D), B (E, O, R) in `t`; w (T, K) acc; experts (T, K).
+inline LoraForward lora_forward(DType t, const LoraShape& s, const Buffer& x, const Buffer& A,
+                                const Buffer& B, const Buffer& w, const Buffer& experts,
+                                int64_t pair_buffer_bytes = kPairBufferBytes) {
+  const int64_t P = s.P();
+  const AlignOut a = align(experts, P, s.E + s.N);
+  const Buffer tiles = tile_map(a.offsets, s.E);
+  LoraForward f{Buffer(s.T * s.O * dtype_size(t), false), Buffer(P * s.R * dtype_size(acc_of(t)), true)};
+  check_cuda(moe_ext::cuda::launch_grouped_shrink(
+                 t, x.get(), s.D, a_rows(A, s), static_cast<const int64_t*>(a.order.get()),
+                 static_cast<const int64_t*>(a.offsets.get()), static_cast<const int32_t*>(tiles.get()),
+                 static_cast<const int64_t*>(experts.get()), P, s.E, s.K, s.R, f.h.get(), nullptr),
+             "launch_grouped_shrink");
+  expand_and_combine(t, f.h, w, s.scaling, b_cols(B, s), s.O, a, tiles, experts, s, f.y,
+                     pair_buffer_bytes);
+  return f;
+}
+
+struct LoraBackward {
+  Buffer dx, dw, dA, dB;
+};
+
+// lora_backward_cuda: dy (T, O) in `t`; order/offsets from align; h (P, R) acc.
+inline LoraBackward lora_backward(DType t, const LoraShape& s, const Buffer& dy, const Buffer& x,
+                                  const Buffer& A, const Buffer& B, const Buffer& w,
+                                  const Buffer& experts, const Buffer& h,
+                                  int64_t pair_buffer_bytes = kPairBufferBytes) {
+  const int64_t P = s.P();
+  const DType acc = acc_of(t);
+  const AlignOut a = align(experts, P, s.E + s.N);
+  const auto* ord = static_cast<const int64_t*>(a.order.get());
+  const auto* off = static_cast<const int64_t*>(a.offsets.get());
+  const auto* ids = static_cast<const int64_t*>(experts.get());
+  const Buffer tiles = tile_map(a.offsets, s.E);
+  const auto* tl = static_cast<const int32_t*>(tiles.get());
+  Buffer gh(P * s.R * dtype_size(acc), false);
+  check_cuda(moe_ext::cuda::launch_grouped_shrink(t, dy.get(), s.O, b_rows(B, s), ord, off, tl, ids,
+                                                  P, s.E, s.K, s.R, gh.get(), nullptr),
+             "launch_grouped_shrink (backward)");
+  LoraBackward g{Buffer(s.T * s.D * dtype_size(t), false), Buffer(P * dtype_size(acc), false),
+                 Buffer(s.E * s.R * s.D * dtype_size(t), false),
+                 Buffer(s.E * s.O * s.R * dtype_size(t), false)};
+  Buffer dh(P * s.R * dtype_size(acc), false);
+  check_cuda(moe_ext::cuda::launch_pair_grads(acc, gh.get(), h.get(), w.get(), ids, P, s.E, s.R,
+                                              s.scaling, g.dw.get(), dh.get(), nullptr),
+             "launch_pair_grads");
+  expand_and_combine(t, dh, Buffer(), 1.0, a_cols(A, s), s.D, a, tiles, experts, s, g.dx,
+                     pair_buffer_bytes);
+  check_cuda(moe_ext::cuda::launch_weight_grad(t, dh.get(), nullptr, 1.0, x.get(), s.D, ord, off, ids,
+                                               s.E, s.K, s.R, g.dA.get(), s.R * s.D, s.D, 1, nullptr),
+             "launch_weight_grad (dA)");
+  check_cuda(moe_ext::cuda::launch_weight_grad(t, h.get(), w.get(), s.scaling, dy.get(), s.O, ord, off,
+                                               ids, s.E, s.K, s.R, g.dB.get(), s.O * s.R, 1, s.R,
+                                               nullptr),
+             "launch_weight_grad (dB)");
+  return g;
+}
+
+// gate_dense_cuda / gate_dense_backward_cuda: h_all, gated (T, E R) in `t`; w (T, K) acc.
+inline Buffer gate_dense(DType t, const Buffer& h_all, const Buffer& w, const Buffer& experts,
+                         int64_t T, int64_t E, int64_t R, int64_t K, double scaling) {
+  Buffer gated(T * E * R * dtype_size(t), false);
+  check_cuda(moe_ext::cuda::launch_gate_dense(t, h_all.get(), w.get(),
+                                              static_cast<const int64_t*>(experts.get()), T, E, R, K,
+                                              scaling, gated.get(), nullptr),
+             "launch_gate_dense");
+  return gated;
+}
+
+struct GateGrads {
+  Buffer dh, dw;
+};
+
+inline GateGrads gate_dense_backward(DType t, const Buffer& grad, const Buffer& h_all, const Buffer& w,
+                                     const Buffer& experts, int64_t T, int64_t E, int64_t R, int64_t K,
+                                     double scaling) {
+  GateGrads g{Buffer(T * E * R * dtype_size(t), false), Buffer(T * K * dtype_size(acc_of(t)), false)};
+  check_cuda(moe_ext::cuda::launch_gate_dense_backward(
+                 t, grad.get(), h_all.get(), w.get(), static_cast<const int64_t*>(experts.get()), T,
+                 E, R, K, scaling, g.dh.get(), g.dw.get(), nullptr),
+             "launch_gate_dense_backward");
+  return g;
+}
+
+}  // namespace cuda_cpu

@@ -1,0 +1,249 @@
+// lora_forward / lora_backward (csrc/cuda/lora.cu, the sequences of lora_cuda.cpp) on the
+// CPU execution model against the float64 reference, with route and route_backward for
+// the router gradient: the cases of tests/ops/test_lora.py and test_cuda_only.py at small
+// sizes.
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
+
+#include "harness.h"
+#include "ops.h"
+#include "reference.h"
+
+namespace cuda_cpu {
+namespace {
+
+struct Inputs {
+  std::vector<double> x, logits, A, B, gy;
+};
+
+// make_inputs of tests/conftest.py: x (T, D), logits (T, E + N), A / sqrt(D), B / sqrt(R).
+Inputs make_inputs(const LoraShape& s, uint64_t seed) {
+  Inputs in{randn(s.T * s.D, seed), randn(s.T * (s.E + s.N), seed + 1),
+            randn(s.E * s.R * s.D, seed + 2, 1.0 / std::sqrt(double(s.D))),
+            randn(s.E * s.O * s.R, seed + 3, 1.0 / std::sqrt(double(s.R))), randn(s.T * s.O, seed + 4)};
+  return in;
+}
+
+struct Result {
+  std::vector<double> y, h, dx, dw, dA, dB;
+};
+
+// Forward and backward through the model, `experts` and `w` given (w in acc).
+Result run_model(DType t, const LoraShape& s, const Inputs& in, const std::vector<double>& w,
+                 const std::vector<int64_t>& experts, int64_t pair_buffer_bytes = kPairBufferBytes) {
+  const DType acc = acc_of(t);
+  const Buffer x = to_device(in.x, t), A = to_device(in.A, t), B = to_device(in.B, t);
+  const Buffer wb = to_device(w, acc), ids = ints_to_device(experts);
+  const LoraForward f = lora_forward(t, s, x, A, B, wb, ids, pair_buffer_bytes);
+  const LoraBackward g =
+      lora_backward(t, s, to_device(in.gy, t), x, A, B, wb, ids, f.h, pair_buffer_bytes);
+  const int64_t P = s.P();
+  return {to_host(f.y, t, s.T * s.O), to_host(f.h, acc, P * s.R), to_host(g.dx, t, s.T * s.D),
+          to_host(g.dw, acc, P), to_host(g.dA, t, s.E * s.R * s.D), to_host(g.dB, t, s.E * s.O * s.R)};
+}
+
+Result run_reference(DType t, const LoraShape& s, const Inputs& in, const std::vector<double>& w,
+                     const std::vector<int64_t>& experts) {
+  const ref::Lora r{s.T, s.D, s.O, s.E, s.R, s.K, s.scaling};
+  const auto x = rounded(in.x, t), A = rounded(in.A, t), B = rounded(in.B, t);
+  const auto wr = rounded(w, acc_of(t));
+  Result out;
+  ref::lora_forward(r, x, A, B, wr, experts, out.y, out.h);
+  const ref::LoraGrads g = ref::lora_backward(r, rounded(in.gy, t), x, A, B, wr, experts, out.h);
+  out.dx = g.dx, out.dw = g.dw, out.dA = g.dA, out.dB = g.dB;
+  return out;
+}
+
+void expect_result(DType t, const Result& got, const Result& want) {
+  const double tol = tolerance(t), acc_tol = tolerance(acc_of(t));
+  expect_close("y", got.y, want.y, tol);
+  expect_close("h", got.h, want.h, acc_tol);
+  expect_close("dx", got.dx, want.dx, tol);
+  expect_close("dw", got.dw, want.dw, acc_tol);
+  expect_close("dA", got.dA, want.dA, tol);
+  expect_close("dB", got.dB, want.dB, tol);
+}
+
+// Routes the logits (reference routing: the lora kernels' inputs), runs both, compares.
+Result check_lora(DType t, const LoraShape& s, const Inputs& in) {
+  const ref::Routing r = ref::route(in.logits, {}, s.T, s.E + s.N, s.K, 1.0, true);
+  const Result got = run_model(t, s, in, r.weights, r.experts);
+  expect_result(t, got, run_reference(t, s, in, r.weights, r.experts));
+  return got;
+}
+
+// The whole float64 chain of functional.molora (sparse): route -> lora_forward ->
+// lora_backward -> route_backward, down to the router logits.
+void check_chain(const LoraShape& s, uint64_t seed) {
+  const DType t = DType::kFloat64;
+  const Inputs in = make_inputs(s, seed);
+  const int64_t M = s.E + s.N;
+  const RouteOut route_out = route(t, to_device(in.logits, t), Buffer(), s.T, M, s.K, 1.0, true);
+  const auto w = to_host(route_out.weights, t, s.P());
+  const auto experts = ints_to_host(route_out.experts, s.P());
+  const Result got = run_model(t, s, in, w, experts);
+  const ref::Routing r = ref::route(in.logits, {}, s.T, M, s.K, 1.0, true);
+  expect_equal("experts", experts, r.experts);
+  const Result want = run_reference(t, s, in, r.weights, r.experts);
+  expect_result(t, got, want);
+  const Buffer dlogits = route_backward(t, Buffer(), to_device(got.dw, t), route_out, s.T, M, s.K,
+                                        1.0, true);
+  // atol: with K = 1 the normalised weight is 1 and the true gradient 0 (both give ~1e-18)
+  expect_close("dlogits", to_host(dlogits, t, s.T * M),
+               ref::route_backward({}, want.dw, r, s.T, M, s.K, 1.0, true), 1e-11, 1e-14);
+}
+
+std::string shape_name(const LoraShape& s) {
+  return "T" + std::to_string(s.T) + " D" + std::to_string(s.D) + " O" + std::to_string(s.O) +
+         " E" + std::to_string(s.E) + " R" + std::to_string(s.R) + " N" + std::to_string(s.N) +
+         " K" + std::to_string(s.K);
+}
+
+struct Shape {
+  LoraShape s;
+  const char* why;
+  const char* tags;
+};
+// tests/ops/test_lora.py SHAPES, the larger ones made smaller (every block of 256 CUDA
+// threads costs the model 256 host-thread wake-ups, every barrier as many again).
+const Shape kShapes[] = {
+    {{1, 8, 8, 4, 4, 0, 2, 0.8}, "T = 1", ""},
+    {{37, 19, 23, 4, 5, 0, 2, 0.8}, "odd T, D, O and R", "tsan"},
+    {{70, 33, 65, 3, 1, 0, 1, 0.8}, "R = 1, K = 1, tiles past 64 pairs", ""},
+    {{70, 33, 130, 3, 1, 0, 1, 0.8}, "O past one column block (128)", "tsan"},
+    {{45, 16, 16, 4, 8, 2, 6, 0.8}, "K = E + N with null experts", ""},
+    {{64, 40, 24, 6, 16, 2, 3, 0.8}, "null experts among the top-K", ""},
+    {{40, 72, 140, 6, 40, 2, 3, 0.8}, "R > 16: several rank chunks", ""},
+    {{120, 100, 150, 3, 16, 0, 2, 0.8}, "two tiles per expert, D past 3 depth stages", ""},
+    {{8, 12, 10, 20, 4, 0, 2, 0.8}, "E > T K: most experts never chosen", ""},
+    {{20, 10, 9, 1, 3, 0, 1, 0.8}, "E = 1", ""},
+    {{20, 10, 9, 1, 3, 1, 2, 0.8}, "E = 1 with a null expert, K = E + N", ""},
+};
+
+const bool kRegistered = [] {
+  for (const Shape& sh : kShapes)
+    Register("lora/float64 chain " + shape_name(sh.s) + " (" + sh.why + ")", sh.tags,
+             [s = sh.s] { check_chain(s, 100 + s.T); });
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16})
+    Register(std::string("lora/") + dtype_name(t) + " T37 D19 O23 E4 R5 N1 K2",
+             t == DType::kBFloat16 ? "tsan" : "", [t] {
+               const LoraShape s{37, 19, 23, 4, 5, 1, 2, 0.8};
+               check_lora(t, s, make_inputs(s, 5));
+             });
+  return true;
+}();
+
+CUDA_CPU_CASE("lora/T=0", "", [] {
+  const LoraShape s{0, 8, 6, 3, 4, 0, 2, 0.8};
+  const Result got = run_model(DType::kFloat32, s, make_inputs(s, 1), {}, {});
+  expect_close("dA", got.dA, std::vector<double>(3 * 4 * 8, 0.0), 0);
+  expect_close("dB", got.dB, std::vector<double>(3 * 6 * 4, 0.0), 0);
+});
+
+CUDA_CPU_CASE("lora/all tokens on one expert", "", [] {
+  const LoraShape s{70, 20, 18, 5, 3, 0, 2, 0.8};  // 70 pairs on expert 2: two tiles
+  Inputs in = make_inputs(s, 3);
+  for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t e = 0; e < 5; ++e) in.logits[t * 5 + e] = e == 2 ? 30.0 : 0.0;
+  check_lora(DType::kFloat64, s, in);
+});
+
+CUDA_CPU_CASE("lora/never chosen experts get zero gradient", "", [] {
+  const LoraShape s{30, 10, 12, 6, 4, 0, 2, 1.0};
+  Inputs in = make_inputs(s, 4);
+  for (int64_t t = 0; t < s.T; ++t) in.logits[t * 6 + 4] = in.logits[t * 6 + 5] = -50.0;
+  const Result got = check_lora(DType::kFloat64, s, in);
+  for (int64_t i = 4 * s.R * s.D; i < s.E * s.R * s.D; ++i) check(got.dA[i] == 0, "dA of expert 4/5");
+  for (int64_t i = 4 * s.O * s.R; i < s.E * s.O * s.R; ++i) check(got.dB[i] == 0, "dB of expert 4/5");
+});
+
+CUDA_CPU_CASE("lora/only null experts give zero delta", "", [] {
+  const LoraShape s{10, 6, 7, 2, 3, 2, 2, 1.0};
+  Inputs in = make_inputs(s, 6);
+  for (int64_t t = 0; t < s.T; ++t) in.logits[t * 4] = in.logits[t * 4 + 1] = -50.0;
+  const Result got = check_lora(DType::kFloat64, s, in);
+  for (double v : got.y) check(v == 0, "y is not exactly 0");
+  for (double v : got.dx) check(v == 0, "dx is not exactly 0");
+});
+
+// test_out_of_range_ids_add_nothing_without_debug_mode: ids past E + N and negative ones
+// act as null experts, with no out-of-bounds access (ASan watches).
+CUDA_CPU_CASE("lora/bad ids act as null experts", "", [] {
+  const LoraShape bad_s{24, 24, 20, 2, 4, 0, 2, 0.5}, null_s{24, 24, 20, 2, 4, 1, 2, 0.5};
+  const Inputs in = make_inputs(null_s, 8);
+  const ref::Routing r = ref::route(in.logits, {}, null_s.T, 3, 2, 1.0, true);
+  std::vector<int64_t> bad = r.experts;
+  for (auto& e : bad)
+    if (e == 2) e = 7;
+  bad[1] = -3;
+  std::vector<int64_t> as_null = bad;
+  for (auto& e : as_null)
+    if (e < 0 || e >= 2) e = 2;
+  const Result got = run_model(DType::kFloat32, bad_s, in, r.weights, bad);
+  const Result want = run_model(DType::kFloat32, null_s, in, r.weights, as_null);
+  expect_result(DType::kFloat64, got, want);  // identical up to float64 tolerance
+  expect_result(DType::kFloat32, got, run_reference(DType::kFloat32, bad_s, in, r.weights, bad));
+});
+
+CUDA_CPU_CASE("lora/K-combine in column slabs", "", [] {
+  // A 1-byte pair-buffer budget: slabs of 128 columns (128 + 128 + 44 for y and dx).
+  const LoraShape s{20, 300, 300, 4, 8, 0, 2, 0.8};
+  const Inputs in = make_inputs(s, 9);
+  const ref::Routing r = ref::route(in.logits, {}, s.T, s.E, s.K, 1.0, true);
+  expect_result(DType::kFloat64, run_model(DType::kFloat64, s, in, r.weights, r.experts, 1),
+                run_reference(DType::kFloat64, s, in, r.weights, r.experts));
+});
+
+CUDA_CPU_CASE("lora/bitwise repeatable", "", [] {
+  const LoraShape s{40, 24, 20, 4, 8, 1, 2, 0.8};
+  const Inputs in = make_inputs(s, 10);
+  const ref::Routing r = ref::route(in.logits, {}, s.T, s.E + s.N, s.K, 1.0, true);
+  const Result a = run_model(DType::kBFloat16, s, in, r.weights, r.experts);
+  const Result b = run_model(DType::kBFloat16, s, in, r.weights, r.experts);
+  for (auto [name, u, v] : {std::make_tuple("y", &a.y, &b.y), std::make_tuple("dx", &a.dx, &b.dx),
+                            std::make_tuple("dA", &a.dA, &b.dA), std::make_tuple("dB", &a.dB, &b.dB),
+                            std::make_tuple("dw", &a.dw, &b.dw)})
+    check(std::memcmp(u->data(), v->data(), u->size() * sizeof(double)) == 0, name,
+          " differs between two runs");
+});
+
+// The reference's gradients against central differences of the reference forward.
+CUDA_CPU_CASE("reference/lora backward = finite differences", "", [] {
+  const ref::Lora s{3, 4, 5, 2, 3, 2, 0.7};
+  const LoraShape ls{3, 4, 5, 2, 3, 1, 2, 0.7};
+  Inputs in = make_inputs(ls, 31);
+  const ref::Routing r = ref::route(in.logits, {}, 3, 3, 2, 1.0, true);
+  auto loss = [&](const Inputs& v, const std::vector<double>& w) {
+    std::vector<double> y, h;
+    ref::lora_forward(s, v.x, v.A, v.B, w, r.experts, y, h);
+    double l = 0;
+    for (size_t i = 0; i < y.size(); ++i) l += y[i] * in.gy[i];
+    return l;
+  };
+  std::vector<double> y, h;
+  ref::lora_forward(s, in.x, in.A, in.B, r.weights, r.experts, y, h);
+  const ref::LoraGrads g = ref::lora_backward(s, in.gy, in.x, in.A, in.B, r.weights, r.experts, h);
+  auto probe = [&](const char* name, std::vector<double>& v, const std::vector<double>& grad,
+                   std::vector<double>& w) {
+    for (size_t i = 0; i < v.size(); ++i) {
+      const double keep = v[i];
+      v[i] = keep + 1e-6;
+      const double up = loss(in, w);
+      v[i] = keep - 1e-6;
+      const double down = loss(in, w);
+      v[i] = keep;
+      const double fd = (up - down) / 2e-6;
+      check(std::fabs(fd - grad[i]) < 1e-7, name, "[", i, "] = ", grad[i], ", finite differences ", fd);
+    }
+  };
+  std::vector<double> w = r.weights;
+  probe("dx", in.x, g.dx, w);
+  probe("dA", in.A, g.dA, w);
+  probe("dB", in.B, g.dB, w);
+  probe("dw", w, g.dw, w);
+});
+
+}  // namespace
+}  // namespace cuda_cpu
