@@ -62,7 +62,7 @@ def adapter_base(adapter: str, base: Optional[str] = None) -> tuple[str, Optiona
     name = base or meta.get("base_model_name_or_path")
     if not name:
         raise ValueError(f"adapter in {adapter!r} records no base model; name one (--base)")
-    return name, meta.get("base_model_class")
+    return name, meta.get("base_model_class") or meta.get("base_model_auto_class")
 
 
 def load_molora_model(adapter: str, base: Optional[str] = None, dtype: str = "float32") -> nn.Module:

@@ -82,18 +82,39 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
         if missing:
             raise ValueError(f"state_dict lacks the adapter tensors {missing[:5]}")
         state = {k: state_dict[k] for k in state}
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    write_adapter_files(directory, meta, state)
+
+
+def write_adapter_files(directory: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The one writer of adapter folders (MoLoRA's, and PEFT's when converting):
+    adapter_model.safetensors, then adapter_config.json, each written atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(os.path.join(directory, WEIGHTS_NAME),
-                 lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(os.path.join(directory, CONFIG_NAME), meta)
 
 
-def read_adapter_meta(directory: str) -> dict:
-    """adapter_config.json of a MoLoRA adapter folder; FileNotFoundError / ValueError."""
+def read_adapter_files(directory: str, tensors: bool = True) -> tuple[dict, dict]:
+    """The one reader of adapter folders: (adapter_config.json, the tensors of
+    adapter_model.safetensors, or {} when tensors=False); FileNotFoundError naming the
+    missing file."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
     meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    if not tensors:
+        return meta, {}
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
+    return meta, load_file(weights)
+
+
+def check_molora_meta(meta: dict, directory: str) -> dict:
+    """ValueError unless `meta` is the config of a MoLoRA adapter this version reads."""
+    path = os.path.join(directory, CONFIG_NAME)
     if meta.get("peft_type") is not None and "moe_ext_config" not in meta:
         raise ValueError(f"{path} is a PEFT adapter, not a MoLoRA one; convert it with "
                          f"`moe-ext convert --from-peft {directory} --output DIR`")
@@ -104,29 +125,38 @@ def read_adapter_meta(directory: str) -> dict:
     return meta
 
 
+def read_adapter_meta(directory: str) -> dict:
+    """adapter_config.json of a MoLoRA adapter folder; FileNotFoundError / ValueError."""
+    return check_molora_meta(read_adapter_files(directory, tensors=False)[0], directory)
+
+
 def read_molora_config(directory: str) -> MoLoRAConfig:
     return MoLoRAConfig.from_dict(read_adapter_meta(directory)["moe_ext_config"])
 
 
 def load_molora(model: nn.Module, directory: str) -> nn.Module:
-    """Injects MoLoRA layers as saved in `directory` into the base `model` and loads their
-    weights and the modules_to_save; ValueError when the saved adapter does not fit the
-    model (another architecture, other layers or shapes)."""
-    meta = read_adapter_meta(directory)
+    """Injects MoLoRA layers as saved in `directory` into the base `model` (or, if it has
+    them already with the same config, into those) and loads their weights and the
+    modules_to_save; ValueError when the saved adapter does not fit the model (another
+    architecture, other layers or shapes)."""
+    meta, state = read_adapter_files(directory)
+    check_molora_meta(meta, directory)
     config = MoLoRAConfig.from_dict(meta["moe_ext_config"])
     weights = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
     saved_class = meta.get("base_model_class")
     if saved_class and saved_class != type(model).__name__:
         raise ValueError(f"adapter in {directory!r} was trained on a {saved_class} "
                          f"({meta.get('base_model_name_or_path') or 'unnamed base'}) and does "
                          f"not fit a {type(model).__name__}")
-    state = load_file(weights)
-    try:
-        get_molora_model(model, config)
-    except ValueError as err:
-        raise ValueError(f"adapter in {directory!r} does not fit {type(model).__name__}: {err}")
+    if molora_layers(model):  # e.g. a Trainer resuming: load into the layers it has
+        if model.molora_config.to_dict() != config.to_dict():
+            raise ValueError(f"the model's MoLoRA adapter has another config than the one in "
+                             f"{directory!r}")
+    else:
+        try:
+            get_molora_model(model, config)
+        except ValueError as err:
+            raise ValueError(f"adapter in {directory!r} does not fit {type(model).__name__}: {err}")
     have = sorted(molora_layers(model))
     if have != sorted(meta["layers"]):
         missing, extra = sorted(set(meta["layers"]) - set(have)), sorted(set(have) - set(meta["layers"]))
