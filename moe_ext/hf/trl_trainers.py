@@ -18,6 +18,7 @@ from torch import nn
 from trl import DPOTrainer, RewardTrainer
 
 from ..molora import disable_adapters
+from ..molora.outputs import router_flag_hidden
 from .trainer import MoLoRATrainerMixin
 
 
@@ -47,7 +48,7 @@ class AdaptersOffReference(nn.Module):
     def __call__(self, *args, **kwargs):
         kwargs.pop("preference", None)
         kwargs.pop("output_router_logits", None)
-        with torch.no_grad(), disable_adapters(self.policy):
+        with torch.no_grad(), disable_adapters(self.policy), router_flag_hidden(self.policy):
             return super().__call__(*args, **kwargs)
 
 

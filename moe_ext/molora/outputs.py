@@ -21,6 +21,7 @@ that code reading it for a native MoE (TRL's fused LM head) leaves a dense base 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -81,6 +82,21 @@ def _post_hook(model: nn.Module, args: tuple, kwargs: dict, output):
     if output.get("loss") is not None:
         output["loss"] = output["loss"] + float(getattr(config, "router_aux_loss_coef", 1.0)) * aux
     return output
+
+
+@contextlib.contextmanager
+def router_flag_hidden(model: nn.Module):
+    """model.config.output_router_logits reads False inside the block (see the module
+    docstring); for forwards that bypass the model's own hooks (TRL's patched forwards)."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "output_router_logits", None)
+    if before is not None:
+        config.output_router_logits = False
+    try:
+        yield
+    finally:
+        if before is not None:
+            config.output_router_logits = before
 
 
 def install_router_outputs(model: nn.Module) -> None:
