@@ -25,7 +25,11 @@ class MoLoRATrainerMixin:
     """Mix into a Trainer subclass before it (class T(MoLoRATrainerMixin, Trainer))."""
 
     def _wrap_preference_collator(self) -> None:
-        groups = list(getattr(self.model, "molora_config").expert_groups)
+        config = getattr(self.model, "molora_config", None)
+        if config is None:
+            raise ValueError(f"{type(self).__name__} needs a model with MoLoRA layers "
+                             "(moe_ext.get_molora_model or load_molora)")
+        groups = list(config.expert_groups)
         self.data_collator = PreferenceCollator(self.data_collator, groups)
 
     def _set_signature_columns_if_needed(self):

@@ -61,8 +61,8 @@ def _post_hook(model: nn.Module, args: tuple, kwargs: dict, output):
     config = getattr(model, "config", None)
     if hidden is not None:
         config.output_router_logits = hidden
-    if output is None or not want or not hasattr(output, "keys"):
-        return output
+    if output is None or not want or not hasattr(output, "keys") or torch.compiler.is_exporting():
+        return output  # an exported graph (ONNX) serves inference: no losses in it
     routed = [m for m in molora_layers(model).values() if m.last_routing is not None]
     if not routed:
         return output

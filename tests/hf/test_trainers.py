@@ -59,6 +59,11 @@ def test_dpo_trainer(hf_models, tmp_path):
     with torch.no_grad():   # B = 0 at the start: the routers would not matter to DPO yet
         for layer in moe_ext.molora_layers(model).values():
             layer.lora_B.normal_(0, 0.1)
+    ids = torch.randint(3, 400, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():                                  # the reference is exactly the base
+        base = transformers.AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits
+        torch.testing.assert_close(trainer.ref_model(input_ids=ids).logits, base, rtol=0, atol=0)
+        assert (model(input_ids=ids).logits - base).abs().max() > 1e-4
     grads = {}
     for coef in (0.0, 3.0):
         trainer.router_aux_loss_coef = coef
