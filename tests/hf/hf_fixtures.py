@@ -1,4 +1,7 @@
-"""Small random-weight Llama, Qwen2 and GPT-2 causal LMs saved to local folders with a real
+"""Fixtures and helpers of the Hugging Face tests (imported by each test module: a
+conftest.py here would shadow tests/conftest.py for `from conftest import ...`).
+
+Small random-weight Llama, Qwen2 and GPT-2 causal LMs saved to local folders with a real
 byte-level BPE tokenizer (trained here with `tokenizers`) and a ChatML chat template, as a
 user's model folders would be; and preference data for them. Everything offline."""
 import json

@@ -8,7 +8,7 @@ import pytest
 
 from moe_ext import cli
 
-from hf_fixtures import GROUPS
+from hf_fixtures import GROUPS, hf_models, pref_files  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 FAST = ["--steps", "2", "--batch-size", "4", "--no-progress", "--json"]

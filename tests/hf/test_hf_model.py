@@ -12,7 +12,7 @@ from moe_ext import pmol
 from moe_ext.hf import load_molora_model
 from moe_ext.molora import losses
 
-from hf_fixtures import GROUPS, transformers
+from hf_fixtures import GROUPS, transformers, hf_models  # noqa: F401 (fixtures)
 
 IDS = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(1))
 

@@ -9,7 +9,7 @@ import moe_ext
 from moe_ext import cli
 from moe_ext.hf.peft import molora_to_peft, peft_to_molora, pmol_adapter_from_peft
 
-from hf_fixtures import transformers
+from hf_fixtures import transformers, hf_models  # noqa: F401 (fixtures)
 
 peft = pytest.importorskip("peft")
 IDS = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(2))

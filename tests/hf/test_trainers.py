@@ -11,7 +11,7 @@ import moe_ext
 from moe_ext import pmol
 from moe_ext.hf.trainer import MoLoRATrainer
 
-from hf_fixtures import GROUPS, as_conversational, transformers
+from hf_fixtures import GROUPS, as_conversational, transformers, hf_models  # noqa: F401 (fixtures)
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
