@@ -14,6 +14,8 @@ from ..training import TrainConfig, TrainResult, train
 from .data import PreferenceExample, collate_encoded, encode_examples, pad_id
 from .dpo import DPOConfig, dpo_loss, pmol_loss, sequence_logps
 
+UNLABELLED = "unlabelled"  # the report's row for examples without a preference label
+
 
 def train_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
                train_config: TrainConfig, dpo: Optional[DPOConfig] = None,
@@ -89,9 +91,6 @@ def evaluate_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer
         report["all"]["routing_accuracy"] = (sum(s["route_correct"] for s in labelled)
                                              / sum(s["n"] for s in labelled))
     return report
-
-
-UNLABELLED = "unlabelled"
 
 
 def _group_routing(model, batch, groups, B) -> torch.Tensor:
