@@ -70,3 +70,17 @@ def quiet_transformers() -> None:
         return
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def parse_assignments(values, option: str, form: str) -> dict[str, str]:
+    """["KEY=VALUE", ...] -> {key: value}; ValueError naming `option` and the expected
+    `form` (e.g. "GROUP=BIAS") for a malformed or repeated key."""
+    out = {}
+    for value in values or []:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise ValueError(f"{option} {value!r}: expected {form}")
+        if key in out:
+            raise ValueError(f"{option}: {key!r} given twice")
+        out[key] = rest
+    return out

@@ -3,20 +3,7 @@ per-preference PEFT LoRAs into the expert groups of a PMoL adapter."""
 from __future__ import annotations
 
 from ..hf.peft import molora_to_peft, peft_to_molora, pmol_adapter_from_peft
-from .common import add_json, fail, print_json
-
-
-def parse_groups(values) -> dict[str, str]:
-    """["GROUP=DIR", ...] -> {group: dir}; ValueError naming --from-peft-groups."""
-    groups = {}
-    for value in values:
-        group, sep, folder = value.partition("=")
-        if not sep or not group or not folder:
-            raise ValueError(f"--from-peft-groups {value!r}: expected GROUP=PEFT_DIR")
-        if group in groups:
-            raise ValueError(f"--from-peft-groups: group {group!r} given twice")
-        groups[group] = folder
-    return groups
+from .common import add_json, fail, parse_assignments, print_json
 
 
 def cmd_convert(args) -> int:
@@ -28,9 +15,9 @@ def cmd_convert(args) -> int:
             molora_to_peft(args.to_peft, args.output)
             what = f"MoLoRA adapter {args.to_peft} -> PEFT LoRA"
         else:
-            config = pmol_adapter_from_peft(parse_groups(args.from_peft_groups), args.output,
-                                            args.experts_per_group, args.null_experts, args.top_k,
-                                            args.seed)
+            groups = parse_assignments(args.from_peft_groups, "--from-peft-groups", "GROUP=PEFT_DIR")
+            config = pmol_adapter_from_peft(groups, args.output, args.experts_per_group,
+                                            args.null_experts, args.top_k, args.seed)
             what = (f"{len(config.expert_groups)} PEFT LoRAs -> PMoL adapter with groups "
                     f"{config.expert_groups}")
     except (OSError, ValueError) as err:

@@ -7,20 +7,17 @@ import argparse
 
 from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
 from ..pmol.generate import GenerationOptions, generate
-from .common import add_json, fail, print_json, quiet_transformers
+from .common import add_json, fail, parse_assignments, print_json, quiet_transformers
 
 
 def parse_steer(values) -> dict[str, float]:
     """["GROUP=BIAS", ...] -> {group: bias}; ValueError naming --steer."""
     steer = {}
-    for value in values or []:
-        group, sep, bias = value.partition("=")
+    for group, bias in parse_assignments(values, "--steer", "GROUP=BIAS, e.g. safe=2.0").items():
         try:
-            if not sep or not group:
-                raise ValueError
             steer[group] = float(bias)
         except ValueError:
-            raise ValueError(f"--steer {value!r}: expected GROUP=BIAS, e.g. safe=2.0") from None
+            raise ValueError(f"--steer {group}={bias}: BIAS must be a number") from None
     return steer
 
 
