@@ -4,8 +4,9 @@ the wrapped layers, the base model's name or path and class) and adapter_model.s
 
 get_molora_model makes the model's `save_pretrained` write the adapter only (as a PEFT
 model does), so that HF Trainer and TRL checkpoints and `save_model` hold the adapter and
-reload exactly with load_molora. save_molora is the one function that writes the files,
-load_molora the one that reads them.
+reload exactly with load_molora. write_adapter_files is the one function that writes
+adapter folders (save_molora and the PEFT conversions in moe_ext.hf.peft go through it),
+read_adapter_files the one that reads them.
 """
 from __future__ import annotations
 
