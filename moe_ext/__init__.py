@@ -1,5 +1,5 @@
 """moe_ext: fast Mixture-of-LoRA-experts (MoLoRA) layers for PyTorch."""
-from . import functional, ops
+from . import functional, hf, ops
 from .molora import (MoLoRAConfig, MoLoRALinear, disable_adapters, get_molora_model,
                      last_routing, load_molora, molora_layers, save_molora, set_group_bias)
 from .ops import reference

@@ -39,6 +39,9 @@ class TrainConfig:
     resume: bool = True            # continue from checkpoint_dir when it holds a checkpoint
     progress: bool = True
     amp: str = "auto"              # "auto": bf16 autocast on CUDA, none on CPU; "bf16"; "none"
+    # what the run trains on (model, adapter, data): stored with each checkpoint, and a
+    # checkpoint with another fingerprint is refused on resume
+    fingerprint: Optional[dict] = None
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "checkpoint_every"):
@@ -74,7 +77,8 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 # ---------------------------------------------------------------- checkpoints
-def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, history) -> None:
+def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, history,
+                    fingerprint: Optional[dict] = None) -> None:
     """Tensors to ckpt-<step>.safetensors, then trainer_state.json naming it (both atomic), so
     a crash at any point leaves the previous checkpoint intact."""
     os.makedirs(directory, exist_ok=True)
@@ -86,16 +90,25 @@ def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, hist
     tensors["rng.torch"] = torch.get_rng_state()
     name = f"ckpt-{step}.safetensors"
     atomic_write(os.path.join(directory, name), lambda tmp: save_file(tensors, tmp))
-    meta = {"step": step, "tensors": name, "param_groups": opt["param_groups"], "history": history}
+    meta = {"step": step, "tensors": name, "param_groups": opt["param_groups"], "history": history,
+            "fingerprint": fingerprint}
     write_json(os.path.join(directory, STATE_NAME), meta, indent=None)
     for old in os.listdir(directory):  # keep only the checkpoint the state points to
         if old.startswith("ckpt-") and old.endswith(".safetensors") and old != name:
             os.remove(os.path.join(directory, old))
 
 
-def load_checkpoint(directory: str, model: nn.Module, optimizer) -> tuple[int, list]:
-    """Restores parameters, optimizer state and RNG; returns (step, history)."""
+def load_checkpoint(directory: str, model: nn.Module, optimizer,
+                    fingerprint: Optional[dict] = None) -> tuple[int, list]:
+    """Restores parameters, optimizer state and RNG; returns (step, history). ValueError
+    when the checkpoint was written for another fingerprint (model, adapter or data)."""
     meta = read_json(os.path.join(directory, STATE_NAME))
+    saved = meta.get("fingerprint")
+    if fingerprint is not None and saved != fingerprint:
+        differ = sorted(k for k in set(fingerprint) | set(saved or {})
+                        if (saved or {}).get(k) != fingerprint.get(k))
+        raise ValueError(f"the checkpoint in {directory!r} was trained on another "
+                         f"{', '.join(differ)}; use another output folder")
     tensors = load_file(os.path.join(directory, meta["tensors"]))
     params = dict(trainable_parameters(model))
     with torch.no_grad():
@@ -131,7 +144,8 @@ def train(model: nn.Module, batch_fn: Callable, loss_fn: Callable, config: Train
     result = TrainResult()
     start = 0
     if config.resume and has_checkpoint(config.checkpoint_dir):
-        start, result.history = load_checkpoint(config.checkpoint_dir, model, optimizer)
+        start, result.history = load_checkpoint(config.checkpoint_dir, model, optimizer,
+                                                config.fingerprint)
         result.resumed_from = start
     wrapped = model
     if world > 1:
@@ -165,7 +179,8 @@ def train(model: nn.Module, batch_fn: Callable, loss_fn: Callable, config: Train
         done = step + 1
         if config.checkpoint_dir and rank == 0 and (done % config.checkpoint_every == 0
                                                     or done == config.steps):
-            save_checkpoint(config.checkpoint_dir, done, model, optimizer, result.history)
+            save_checkpoint(config.checkpoint_dir, done, model, optimizer, result.history,
+                            config.fingerprint)
         if world > 1 and config.checkpoint_dir:
             dist.barrier()
     bar.close()

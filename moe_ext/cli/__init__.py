@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench, demo, export, info, pmol, reward
+from . import bench, convert, demo, export, generate, info, pmol, reward
 from .common import fail
 
-COMMANDS = (info, demo, pmol, reward, export, bench)
+COMMANDS = (info, demo, pmol, reward, generate, convert, export, bench)
 
 
 def make_parser() -> argparse.ArgumentParser:

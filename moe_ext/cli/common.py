@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
+from typing import Union
 
 
 def fail(message: str) -> int:
@@ -38,3 +40,47 @@ def job_from_args(job_class, args: argparse.Namespace, **overrides):
 
 def print_json(value) -> None:
     print(json.dumps(value))
+
+
+def parse_target_modules(values) -> Union[str, list[str]]:
+    """--target-modules in PEFT's forms: "all-linear", names (several values or a comma
+    list: name suffixes), or one regex matched against whole module names."""
+    values = [values] if isinstance(values, str) else list(values)
+    if values == ["all-linear"]:
+        return "all-linear"
+    names = [n for v in values for n in v.split(",") if n]
+    if names and all(re.fullmatch(r"[\w.\-]+", n) for n in names):
+        return names
+    if len(values) != 1:
+        raise ValueError(f"--target-modules: give names (q_proj v_proj or q_proj,v_proj), one "
+                         f"regex or all-linear, got {values}")
+    try:
+        re.compile(values[0])
+    except re.error as err:
+        raise ValueError(f"--target-modules: {values[0]!r} is not a valid regex ({err})") from None
+    return values[0]
+
+
+def quiet_transformers() -> None:
+    """transformers' info logs and weight-loading progress bars off: the command's own
+    output stays readable (its errors still come through)."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def parse_assignments(values, option: str, form: str) -> dict[str, str]:
+    """["KEY=VALUE", ...] -> {key: value}; ValueError naming `option` and the expected
+    `form` (e.g. "GROUP=BIAS") for a malformed or repeated key."""
+    out = {}
+    for value in values or []:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise ValueError(f"{option} {value!r}: expected {form}")
+        if key in out:
+            raise ValueError(f"{option}: {key!r} given twice")
+        out[key] = rest
+    return out

@@ -1,23 +1,31 @@
-"""`moe-ext train-pmol`: a thin shell over moe_ext.pmol.run_pmol_job."""
+"""`moe-ext train-pmol`: a thin shell over moe_ext.pmol (prepare_data, prepare_model,
+run_pmol_job)."""
 from __future__ import annotations
 
 import os
 
-from ..pmol import PMoLJob, prepare_data, run_pmol_job
+from ..hf.models import DTYPES
+from ..pmol import PMoLJob, prepare_data, prepare_model, run_pmol_job
+from ..pmol.job import check_resume
 from ..training import init_distributed
-from .common import add_json, add_progress, add_source, fail, job_from_args, print_json
+from .common import (add_json, add_progress, add_source, fail, job_from_args, parse_target_modules,
+                     print_json, quiet_transformers)
 
 
 def cmd_train_pmol(args) -> int:
-    """DPO + expert-group + balance losses on a tiny Llama-style LM built from a config."""
+    """DPO + expert-group + balance losses on a causal LM with a PMoL adapter."""
+    quiet_transformers()
     try:
-        job = job_from_args(PMoLJob, args, resume=not args.no_resume,
+        job = job_from_args(PMoLJob, args, chat_template=not args.no_chat_template,
+                            target_modules=parse_target_modules(args.target_modules),
                             progress=not args.no_progress and not args.json)
         prepared = prepare_data(job)
         job.validate(prepared.groups)
+        check_resume(job, args.output)
+        model = prepare_model(job, prepared)
+        run = run_pmol_job(job, args.output, prepared, model)
     except (OSError, ValueError) as err:
         return fail(str(err))
-    run = run_pmol_job(job, args.output, prepared)
     if init_distributed()[0] != 0:
         return 0
     if args.json:
@@ -38,11 +46,32 @@ def register(sub) -> None:
         description="Train a PMoL preference-mixing adapter: LoRA experts grouped per "
                     "preference, null experts, expert-group soft loss, load balance and DPO "
                     "against the same model with adapters off. Runs under torchrun (DDP).")
-    add_source(p, "JSONL with prompt, chosen, rejected, preference per line",
+    add_source(p, "preference data in TRL's formats (standard or conversational, explicit or "
+                  "implicit prompt): a .jsonl, .json or .parquet file, a datasets folder or a "
+                  "dataset name; the --preference-column names each row's group",
                "the built-in synthetic data (concise / verbose / safe)")
+    p.add_argument("--split", default=d.split, help="split of a datasets folder or name")
+    p.add_argument("--preference-column", default=d.preference_column,
+                   help="the column naming each row's preference; rows without one skip the "
+                        "group loss")
     p.add_argument("--synthetic-size", type=int, default=d.synthetic_size,
                    help="examples per preference")
+    p.add_argument("--model", help="causal LM to adapt: hub id or local folder (default: a "
+                                   "built-in tiny Llama, see --hidden and --layers)")
+    p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the model's; "
+                                       "without --model, a word tokenizer over the data)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype, help="dtype of --model")
+    p.add_argument("--max-length", type=int, help="truncate prompt + response to this many tokens")
+    p.add_argument("--max-prompt-length", type=int, help="keep the last tokens of long prompts")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="tokenise standard-format rows as plain text even when the tokenizer "
+                        "has a chat template")
+    p.add_argument("--init-adapter", help="start from this MoLoRA adapter folder (e.g. from "
+                                          "`moe-ext convert --from-peft-groups`)")
     p.add_argument("--output", default="out/pmol", help="folder for adapter, metrics, checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint in --output (refused if it was trained on "
+                        "another model, adapter or data)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="examples per micro-step and rank")
@@ -55,14 +84,15 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r of each expert")
     p.add_argument("--alpha", type=float, default=d.alpha, help="lora_alpha")
-    p.add_argument("--target-modules", default=d.target_modules)
+    p.add_argument("--target-modules", nargs="+", default=[d.target_modules],
+                   help="module names (q_proj v_proj, or q_proj,v_proj), one regex over whole "
+                        "names, or all-linear")
     p.add_argument("--group-loss-coef", type=float, default=d.group_loss_coef)
     p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef)
-    p.add_argument("--hidden", type=int, default=d.hidden, help="base model width")
-    p.add_argument("--layers", type=int, default=d.layers, help="base model depth")
+    p.add_argument("--hidden", type=int, default=d.hidden, help="built-in base model width")
+    p.add_argument("--layers", type=int, default=d.layers, help="built-in base model depth")
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     add_progress(p)
     p.add_argument("--seed", type=int, default=d.seed)
     add_json(p)

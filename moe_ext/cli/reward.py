@@ -54,7 +54,8 @@ def register(sub) -> None:
         description="Train a sparse mixture-of-experts reward model (embedding mode): a "
                     "router on the prompt embedding picks top-k expert reward heads; "
                     "Bradley-Terry with sparsity, balance and diversity regularizers.")
-    add_source(rm, "JSONL with prompt, chosen, rejected (optional int category)",
+    add_source(rm, "preference pairs in any TRL format (standard or conversational): a .jsonl, "
+                   ".json or .parquet file, a datasets folder or name; optional int `category`",
                "built-in synthetic category data with known latent criteria")
     rm.add_argument("--synthetic-pairs", type=int, default=d.synthetic_pairs)
     rm.add_argument("--encoder", choices=["hashing", "minilm"], default=d.encoder,

@@ -24,6 +24,10 @@ class MoLoRAConfig(DictConfig):
     router_z_loss_coef: float = 0.0
     group_loss_coef: float = 0.0         # expert-group soft loss (PMoL)
     strategy: str = "auto"               # "auto", "sparse" or "dense" (moe_ext.functional)
+    # modules trained and saved whole beside the experts (PEFT's modules_to_save, matched by
+    # name suffix); None: the head of a sequence/token-classification model ("score",
+    # "classifier"), nothing otherwise
+    modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
@@ -45,6 +49,9 @@ class MoLoRAConfig(DictConfig):
              "must be 'auto', 'sparse' or 'dense'")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "group_loss_coef"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.modules_to_save is None or (isinstance(self.modules_to_save, list) and all(
+            isinstance(m, str) and m for m in self.modules_to_save)), "modules_to_save",
+            "must be None or a list of module names")
         for group, ids in self.expert_groups.items():
             if not ids or any(not (0 <= int(i) < total) for i in ids):
                 raise ValueError(f"MoLoRAConfig.expert_groups[{group!r}] must list expert ids "

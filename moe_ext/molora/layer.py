@@ -105,3 +105,8 @@ class MoLoRALinear(nn.Module):
         c = self.config
         return (f"in={self.in_features}, out={self.out_features}, E={c.num_experts}, "
                 f"N={c.num_null_experts}, K={c.top_k}, r={c.r}, scaling={c.scaling:g}")
+
+
+def molora_layers(model: nn.Module) -> dict[str, MoLoRALinear]:
+    """Every MoLoRALinear of the model by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoLoRALinear)}

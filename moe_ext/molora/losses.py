@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import MoLoRAConfig
-from .model import molora_layers
+from .layer import molora_layers
 
 
 def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,16 +1,19 @@
-"""MoLoRA inside any model: inject into target modules, freeze the rest, turn adapters off
-(the DPO reference for free), read the routing, steer it. Saving and loading the adapter
-is in saving.py."""
+"""MoLoRA inside any model: inject into target modules, freeze the rest (but the
+modules_to_save), turn adapters off (the DPO reference for free), read the routing, steer
+it. get_molora_model and the adapter files are in saving.py."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from typing import Iterator, Optional, Union
 
+import torch
 from torch import nn
 
 from .config import MoLoRAConfig
-from .layer import MoLoRALinear, is_conv1d
+from .layer import MoLoRALinear, is_conv1d, molora_layers
+from .outputs import install_router_outputs
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -28,16 +31,21 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _linear_suffixes(model: nn.Module) -> str:
+    names = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and _is_linear(m)})
+    return ", ".join(names) or "(none)"
+
+
 def find_target_modules(model: nn.Module, target_modules: Union[str, list[str], None]) -> list[str]:
-    """Names of the linear modules to wrap. target_modules: a list of name suffixes
+    """Names of the linear modules to wrap, in PEFT's forms: a list of name suffixes
     ("q_proj" matches "model.layers.0.self_attn.q_proj"), a single string used as a regex
     that must match the whole name, or "all-linear" (every nn.Linear / Conv1D but the
-    output head)."""
+    output head). ValueError when nothing matches or a listed name matches nothing."""
     if target_modules is None:
         raise ValueError("MoLoRAConfig.target_modules must be set: a list of module-name "
                          "suffixes, a regex string, or 'all-linear'")
     heads = _output_embedding_names(model)
-    names = []
+    names, used = [], set()
     for name, module in model.named_modules():
         if not name or not _is_linear(module) or isinstance(module, MoLoRALinear):
             continue
@@ -46,13 +54,56 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, list[str], 
         elif isinstance(target_modules, str):
             hit = re.fullmatch(target_modules, name) is not None
         else:
-            hit = any(name == t or name.endswith("." + t) for t in target_modules)
+            found = [t for t in target_modules if _matches(name, t)]
+            used.update(found)
+            hit = bool(found)
         if hit:
             names.append(name)
-    if not names:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear or Conv1D "
-                         f"module of {type(model).__name__}")
+    unused = [t for t in target_modules if t not in used] if isinstance(target_modules, list) else []
+    if not names or unused:
+        what = f"entries {unused}" if unused else repr(target_modules)
+        raise ValueError(f"target_modules {what} matched no nn.Linear or Conv1D module of "
+                         f"{type(model).__name__}; its linear modules: {_linear_suffixes(model)}")
     return names
+
+
+def _matches(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def default_modules_to_save(model: nn.Module) -> list[str]:
+    """The head of a sequence- or token-classification model ("score" or "classifier"),
+    trained and saved with the adapter as in PEFT's SEQ_CLS task; [] otherwise."""
+    if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        return []
+    return [n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def find_modules_to_save(model: nn.Module, modules_to_save: list[str]) -> list[str]:
+    """Full names of the modules matching each modules_to_save entry (by suffix)."""
+    found = []
+    for key in modules_to_save:
+        hits = [n for n, _ in model.named_modules() if n and _matches(n, key)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {key!r} matches no module of "
+                             f"{type(model).__name__}")
+        found += hits
+    return sorted(set(found))
+
+
+class _Originals(nn.Module):
+    """The base values of the modules_to_save parameters (non-persistent buffers), swapped
+    in by disable_adapters so that the adapters-off model is exactly the base."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.names = {}
+        for i, (name, value) in enumerate(params.items()):
+            self.register_buffer(f"p{i}", value.detach().clone(), persistent=False)
+            self.names[name] = f"p{i}"
+
+    def get(self, name: str) -> torch.Tensor:
+        return getattr(self, self.names[name])
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -61,29 +112,54 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
+def inject_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
     """Wraps config.target_modules of `model` in MoLoRALinear layers in place, freezes every
-    other parameter, stores the config as `model.molora_config`, and returns the model."""
+    other parameter but those of modules_to_save (None: default_modules_to_save), stores
+    the config (with modules_to_save resolved) as `model.molora_config` and adds the
+    router-loss outputs (outputs.py). get_molora_model (saving.py) also makes
+    save_pretrained write the adapter."""
     if not isinstance(config, MoLoRAConfig):
         raise ValueError(f"config must be a MoLoRAConfig, got {type(config).__name__}")
     if molora_layers(model):
         raise ValueError("model already has MoLoRA layers; load or train those instead")
-    names = find_target_modules(model, config.target_modules)
+    keep = config.modules_to_save if config.modules_to_save is not None else default_modules_to_save(model)
+    config = dataclasses.replace(config, modules_to_save=list(keep))
+    saved = find_modules_to_save(model, keep)
+    names = [n for n in find_target_modules(model, config.target_modules)
+             if not any(n == s or n.startswith(s + ".") for s in saved)]
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         _set_submodule(model, name, MoLoRALinear(model.get_submodule(name), config))
+    trained = {}
+    for name in saved:
+        for pname, p in model.get_submodule(name).named_parameters():
+            p.requires_grad_(True)
+            trained[f"{name}.{pname}"] = p
+    model.molora_originals = _Originals(trained)
     model.molora_config = config
     model.molora_targets = names
+    model.molora_saved_modules = saved
+    install_router_outputs(model)
     return model
+
+
+def modules_to_save_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trained parameters of the modules_to_save, by full name."""
+    names = getattr(getattr(model, "molora_originals", None), "names", {})
+    return {n: model.get_parameter(n) for n in names}
 
 
 def base_state_dict(model: nn.Module) -> dict:
     """The state dict of the model as it was before injection: each MoLoRA layer's base
-    tensors under the layer's own name (".base." dropped), its adapter tensors left out."""
+    tensors under the layer's own name (".base." dropped), its adapter tensors left out,
+    the modules_to_save at their base values."""
     layers = molora_layers(model)
+    originals = getattr(model, "molora_originals", None)
     state = {}
     for key, value in model.state_dict().items():
+        if originals is not None and key in originals.names:
+            value = originals.get(key)
         owner = next((n for n in layers if key.startswith(n + ".")), None)
         if owner is None:
             state[key] = value
@@ -92,23 +168,25 @@ def base_state_dict(model: nn.Module) -> dict:
     return state
 
 
-def molora_layers(model: nn.Module) -> dict[str, MoLoRALinear]:
-    """Every MoLoRALinear of the model by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, MoLoRALinear)}
-
-
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block every MoLoRA layer returns exactly its base layer's output."""
+    """Inside the block the model is exactly its base: every MoLoRA layer returns its base
+    layer's output and the modules_to_save hold their base values."""
     layers = list(molora_layers(model).values())
     before = [layer.adapters_enabled for layer in layers]
+    trained = modules_to_save_parameters(model)
+    kept = {name: p.data for name, p in trained.items()}
     for layer in layers:
         layer.adapters_enabled = False
+    for name, p in trained.items():
+        p.data = model.molora_originals.get(name)
     try:
         yield model
     finally:
         for layer, state in zip(layers, before):
             layer.adapters_enabled = state
+        for name, p in trained.items():
+            p.data = kept[name]
 
 
 def last_routing(model: nn.Module) -> dict:

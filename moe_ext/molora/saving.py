@@ -1,9 +1,18 @@
-"""Saving and loading a MoLoRA adapter without pickle: adapter_config.json (the config and
-the wrapped layers) and adapter_model.safetensors (lora_A, lora_B and the router of each
-layer), PEFT's file names."""
+"""A MoLoRA adapter on a model and its files, without pickle: adapter_config.json (the config,
+the wrapped layers, the base model's name or path and class) and adapter_model.safetensors
+(lora_A, lora_B and the router of each layer, and the modules_to_save), PEFT's file names.
+
+get_molora_model makes the model's `save_pretrained` write the adapter only (as a PEFT
+model does), so that HF Trainer and TRL checkpoints and `save_model` hold the adapter and
+reload exactly with load_molora. write_adapter_files is the one function that writes
+adapter folders (save_molora and the PEFT conversions in moe_ext.hf.peft go through it),
+read_adapter_files the one that reads them.
+"""
 from __future__ import annotations
 
 import os
+import types
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -11,65 +20,147 @@ from torch import nn
 
 from ..utils.io import atomic_write, read_json, write_json
 from .config import MoLoRAConfig
-from .model import get_molora_model, molora_layers
+from .layer import is_conv1d, molora_layers
+from .model import inject_molora, modules_to_save_parameters
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
+    """Wraps config.target_modules of `model` (any transformers model) in MoLoRALinear
+    layers in place, freezes the rest but the modules_to_save, adds the router losses to
+    its outputs (`aux_loss`, see outputs.py), makes `model.save_pretrained(dir)` write the
+    adapter only (save_molora), and returns the model."""
+    inject_molora(model, config)
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
+    return model
+
+
+def _save_pretrained(model, save_directory: str, state_dict: Optional[dict] = None,
+                     is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
+    """save_pretrained of a MoLoRA model: the adapter only (save_molora). Other
+    transformers options (safe_serialization, max_shard_size, ...) do not apply."""
+    if push_to_hub:
+        raise ValueError("save_pretrained(push_to_hub=True) is not supported for MoLoRA "
+                         "adapters; save, then upload the folder")
+    if is_main_process:
+        save_molora(model, save_directory, state_dict=state_dict)
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable adapter tensors: <layer>.lora_A, <layer>.lora_B, <layer>.router.weight."""
+    """The trained tensors, under the model's own state-dict keys: <layer>.lora_A,
+    <layer>.lora_B, <layer>.router.weight, and every modules_to_save parameter."""
     state = {}
     for name, layer in molora_layers(model).items():
         state[f"{name}.lora_A"] = layer.lora_A.detach()
         state[f"{name}.lora_B"] = layer.lora_B.detach()
         state[f"{name}.router.weight"] = layer.router.weight.detach()
+    state.update({k: p.detach() for k, p in modules_to_save_parameters(model).items()})
     return state
 
 
-def save_molora(model: nn.Module, directory: str) -> None:
-    """Writes directory/adapter_config.json and directory/adapter_model.safetensors."""
+def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = None) -> None:
+    """Writes directory/adapter_config.json and directory/adapter_model.safetensors.
+    state_dict: take the tensors from it (e.g. a gathered state dict from a Trainer)
+    instead of the model."""
     layers = molora_layers(model)
     if not layers:
         raise ValueError("model has no MoLoRA layers to save (call get_molora_model first)")
     config = getattr(model, "molora_config")
+    model_config = getattr(model, "config", None)
     meta = {"format_version": FORMAT_VERSION, "moe_ext_config": config.to_dict(),
-            "layers": sorted(layers), "base_model_class": type(model).__name__}
-    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+            "layers": sorted(layers), "base_model_class": type(model).__name__,
+            "base_model_name_or_path": (getattr(model_config, "name_or_path", None)
+                                        or getattr(model, "name_or_path", None) or None),
+            "base_model_type": getattr(model_config, "model_type", None),
+            "fan_in_fan_out": any(is_conv1d(m.base) for m in layers.values())}
+    state = adapter_state_dict(model)
+    if state_dict is not None:
+        missing = [k for k in state if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks the adapter tensors {missing[:5]}")
+        state = {k: state_dict[k] for k in state}
+    write_adapter_files(directory, meta, state)
+
+
+def write_adapter_files(directory: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The one writer of adapter folders (MoLoRA's, and PEFT's when converting):
+    adapter_model.safetensors, then adapter_config.json, each written atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(os.path.join(directory, WEIGHTS_NAME),
-                 lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(os.path.join(directory, CONFIG_NAME), meta)
 
 
-def read_molora_config(directory: str) -> MoLoRAConfig:
+def read_adapter_files(directory: str, tensors: bool = True) -> tuple[dict, dict]:
+    """The one reader of adapter folders: (adapter_config.json, the tensors of
+    adapter_model.safetensors, or {} when tensors=False); FileNotFoundError naming the
+    missing file."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
     meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    if not tensors:
+        return meta, {}
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
+    return meta, load_file(weights)
+
+
+def check_molora_meta(meta: dict, directory: str) -> dict:
+    """ValueError unless `meta` is the config of a MoLoRA adapter this version reads."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if meta.get("peft_type") is not None and "moe_ext_config" not in meta:
+        raise ValueError(f"{path} is a PEFT adapter, not a MoLoRA one; convert it with "
+                         f"`moe-ext convert --from-peft {directory} --output DIR`")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r} is not supported "
                          f"(this moe_ext reads {FORMAT_VERSION})")
-    return MoLoRAConfig.from_dict(meta["moe_ext_config"])
+    return meta
+
+
+def read_adapter_meta(directory: str) -> dict:
+    """adapter_config.json of a MoLoRA adapter folder; FileNotFoundError / ValueError."""
+    return check_molora_meta(read_adapter_files(directory, tensors=False)[0], directory)
+
+
+def read_molora_config(directory: str) -> MoLoRAConfig:
+    return MoLoRAConfig.from_dict(read_adapter_meta(directory)["moe_ext_config"])
 
 
 def load_molora(model: nn.Module, directory: str) -> nn.Module:
-    """Injects MoLoRA layers as saved in `directory` into the base `model` and loads their
-    weights; ValueError when the saved adapter does not fit the model."""
-    config = read_molora_config(directory)
+    """Injects MoLoRA layers as saved in `directory` into the base `model` (or, if it has
+    them already with the same config, into those) and loads their weights and the
+    modules_to_save; ValueError when the saved adapter does not fit the model (another
+    architecture, other layers or shapes)."""
+    meta, state = read_adapter_files(directory)
+    check_molora_meta(meta, directory)
+    config = MoLoRAConfig.from_dict(meta["moe_ext_config"])
     weights = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
-    saved = read_json(os.path.join(directory, CONFIG_NAME))["layers"]
-    state = load_file(weights)
-    try:
-        get_molora_model(model, config)
-    except ValueError as err:
-        raise ValueError(f"adapter in {directory!r} does not fit {type(model).__name__}: {err}")
+    saved_class = meta.get("base_model_class")
+    if saved_class and saved_class != type(model).__name__:
+        raise ValueError(f"adapter in {directory!r} was trained on a {saved_class} "
+                         f"({meta.get('base_model_name_or_path') or 'unnamed base'}) and does "
+                         f"not fit a {type(model).__name__}")
+    if molora_layers(model):  # e.g. a Trainer resuming: load into the layers it has
+        if model.molora_config.to_dict() != config.to_dict():
+            raise ValueError(f"the model's MoLoRA adapter has another config than the one in "
+                             f"{directory!r}")
+    else:
+        try:
+            get_molora_model(model, config)
+        except ValueError as err:
+            raise ValueError(f"adapter in {directory!r} does not fit {type(model).__name__}: {err}")
     have = sorted(molora_layers(model))
-    if have != sorted(saved):
-        missing, extra = sorted(set(saved) - set(have)), sorted(set(have) - set(saved))
+    if have != sorted(meta["layers"]):
+        missing, extra = sorted(set(meta["layers"]) - set(have)), sorted(set(have) - set(meta["layers"]))
         raise ValueError(f"adapter in {directory!r} does not fit {type(model).__name__}: "
                          f"saved layers missing from the model: {missing[:5]}, model layers "
                          f"not in the adapter: {extra[:5]}")

@@ -4,23 +4,27 @@ reference model is the same network with its adapters disabled.
 
   dpo.py        DPOConfig, pmol_config, the DPO and PMoL losses
   train.py      train_pmol, evaluate_pmol
-  data.py       preference examples (JSONL), DPO collation
-  tokenizer.py  the built-in word tokenizer
+  data.py       preference examples (moe_ext.data), tokenisation once, DPO collation
+  tokenizer.py  the built-in word tokenizer (a real Hugging Face tokenizer)
+  generate.py   generation with steering (moe-ext generate)
   synthetic.py  the built-in data, tokenizer and tiny base model
   job.py        the whole job (data -> model -> training -> evaluation -> artefact)
 """
 from ..molora import get_molora_model, set_group_bias
-from .data import PreferenceExample, collate_dpo, load_preference_jsonl, save_preference_jsonl
+from .data import (PreferenceExample, collate_dpo, collate_encoded, encode_examples, load_preference_jsonl,
+                   save_preference_jsonl)
 from .dpo import DPOConfig, dpo_loss, pmol_config, pmol_loss, sequence_logps
-from .job import PMoLData, PMoLJob, PMoLRun, load_pmol, prepare_data, run_pmol_job
+from .generate import GenerationOptions, generate
+from .job import PMoLData, PMoLJob, PMoLRun, load_pmol, prepare_data, prepare_model, run_pmol_job
 from .synthetic import (SYNTHETIC_PREFERENCES, build_tiny_causal_lm, synthetic_preference_data,
                         synthetic_tokenizer)
-from .tokenizer import WordTokenizer
+from .tokenizer import word_tokenizer, word_tokenizer_from_examples
 from .train import evaluate_pmol, train_pmol
 
 __all__ = ["DPOConfig", "pmol_config", "sequence_logps", "dpo_loss", "pmol_loss", "train_pmol",
            "evaluate_pmol", "build_tiny_causal_lm", "get_molora_model", "set_group_bias",
-           "PreferenceExample", "collate_dpo", "load_preference_jsonl", "save_preference_jsonl",
-           "WordTokenizer", "SYNTHETIC_PREFERENCES", "synthetic_preference_data",
+           "PreferenceExample", "collate_dpo", "collate_encoded", "encode_examples",
+           "load_preference_jsonl", "save_preference_jsonl", "word_tokenizer",
+           "word_tokenizer_from_examples", "GenerationOptions", "generate", "prepare_model", "SYNTHETIC_PREFERENCES", "synthetic_preference_data",
            "synthetic_tokenizer", "PMoLJob", "PMoLData", "PMoLRun", "prepare_data",
            "run_pmol_job", "load_pmol"]

@@ -60,7 +60,8 @@ def pmol_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfi
               groups: list[str]):
     """One PMoL step's loss for a collated batch (data.collate_dpo)."""
     B = batch["input_ids"].shape[0] // 2
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_router_logits=False)  # the router losses come from router_losses below
     policy = sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
     aux = router_losses(raw_model, batch["preference"], batch["attention_mask"], groups,
                         dpo.count_null_in_group)

@@ -7,8 +7,8 @@ import random
 import torch
 from torch import nn
 
-from .data import PreferenceExample
-from .tokenizer import WordTokenizer
+from ..data import PreferenceExample
+from .tokenizer import word_tokenizer
 
 SYNTHETIC_PREFERENCES = ("concise", "verbose", "safe")
 _MARKERS = {
@@ -49,11 +49,12 @@ def synthetic_preference_data(n_per_preference: int, seed: int = 0,
     return [synthetic_example(p, rng) for _ in range(n_per_preference) for p in preferences]
 
 
-def synthetic_tokenizer() -> WordTokenizer:
+def synthetic_tokenizer():
+    """The built-in word tokenizer (a PreTrainedTokenizerFast) over the synthetic words."""
     words = list(_TOPICS) + list(_ANSWERS) + _REFUSAL + _COMPLY
     for m in _MARKERS.values():
         words += m
-    return WordTokenizer(words)
+    return word_tokenizer(words)
 
 
 def build_tiny_causal_lm(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,

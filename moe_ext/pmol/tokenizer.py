@@ -1,36 +1,37 @@
-"""A whitespace word-level tokenizer over a fixed vocabulary: the built-in default, no
-download needed."""
+"""The built-in tokenizer: whitespace words over a fixed vocabulary, built as a real Hugging
+Face tokenizer (PreTrainedTokenizerFast over a `tokenizers` WordLevel model), so that it is
+saved as tokenizer.json and loads with AutoTokenizer. Its chat template gives the layout
+`<bos> prompt <sep> response <eos>`; no download needed."""
 from __future__ import annotations
 
 PAD, BOS, EOS, SEP, UNK = "<pad>", "<bos>", "<eos>", "<sep>", "<unk>"
+SPECIALS = [PAD, BOS, EOS, SEP, UNK]
+
+# user and system turns end with <sep>, assistant turns with <eos>
+CHAT_TEMPLATE = ("{{ bos_token }} {% for message in messages %}"
+                 "{% if message['role'] == 'assistant' %}{{ message['content'] }} {{ eos_token }} "
+                 "{% else %}{{ message['content'] }} " + SEP + " {% endif %}{% endfor %}")
 
 
-class WordTokenizer:
-    """Whitespace word-level tokenizer over a fixed vocabulary (special tokens first)."""
+def word_tokenizer(words):
+    """A PreTrainedTokenizerFast over the special tokens then the sorted distinct `words`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers  # with transformers (hf extra)
+    from transformers import PreTrainedTokenizerFast
 
-    def __init__(self, words: list[str]):
-        specials = [PAD, BOS, EOS, SEP, UNK]
-        self.vocab = specials + sorted(set(words) - set(specials))
-        self.index = {w: i for i, w in enumerate(self.vocab)}
-        self.pad_id, self.bos_id, self.eos_id = self.index[PAD], self.index[BOS], self.index[EOS]
-        self.sep_id, self.unk_id = self.index[SEP], self.index[UNK]
+    vocab = SPECIALS + sorted(set(words) - set(SPECIALS))
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=UNK))
+    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, pad_token=PAD, bos_token=BOS,
+                                        eos_token=EOS, sep_token=SEP, unk_token=UNK)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
-    @classmethod
-    def from_examples(cls, examples) -> "WordTokenizer":
-        """The vocabulary of the prompts and responses of PreferenceExample-like objects."""
-        words = set()
-        for e in examples:
-            words.update(e.prompt.split() + e.chosen.split() + e.rejected.split())
-        return cls(sorted(words))
 
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.index.get(w, self.unk_id) for w in text.split()]
-
-    def decode(self, ids) -> str:
-        return " ".join(self.vocab[int(i)] for i in ids)
-
-    def to_dict(self) -> dict:
-        return {"type": "word", "vocab": self.vocab}
+def word_tokenizer_from_examples(examples):
+    """word_tokenizer over the words of the prompts and responses of PreferenceExamples."""
+    words = set()
+    for e in examples:
+        for text in (e.prompt, e.chosen, e.rejected):
+            contents = [text] if isinstance(text, str) else [m["content"] for m in text]
+            words.update(w for c in contents for w in c.split())
+    return word_tokenizer(sorted(words))

@@ -11,15 +11,20 @@ from torch import nn
 
 from ..molora import disable_adapters, molora_layers
 from ..training import TrainConfig, TrainResult, train
-from .data import PreferenceExample, collate_dpo
+from .data import PreferenceExample, collate_encoded, encode_examples, pad_id
 from .dpo import DPOConfig, dpo_loss, pmol_loss, sequence_logps
+
+UNLABELLED = "unlabelled"  # the report's row for examples without a preference label
 
 
 def train_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
                train_config: TrainConfig, dpo: Optional[DPOConfig] = None,
-               batch_size: int = 16) -> TrainResult:
-    """DPO + router losses over `examples`; the model must hold MoLoRA layers. Each rank
-    draws its own batch_size examples per micro-step, seeded by (seed, step, micro, rank)."""
+               batch_size: int = 16, **encode_options) -> TrainResult:
+    """DPO + router losses over `examples`; the model must hold MoLoRA layers; `tokenizer`
+    any Hugging Face tokenizer (encode_options: max_length, max_prompt_length,
+    chat_template, see moe_ext.data.encode_example). Each rank draws its own batch_size
+    examples per micro-step, seeded by (seed, step, micro, rank); rows without a
+    preference label skip the group loss."""
     dpo = dpo or DPOConfig()
     if not molora_layers(model):
         raise ValueError("model has no MoLoRA layers: call get_molora_model first")
@@ -27,11 +32,12 @@ def train_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
         raise ValueError("examples is empty")
     groups = list(model.molora_config.expert_groups)
     device = next(model.parameters()).device
+    encoded = encode_examples(examples, tokenizer, **encode_options)
+    pad = pad_id(tokenizer)
 
     def batch_fn(step, micro, rank, world):
         rng = random.Random(hash((train_config.seed, step, micro, rank)) & 0xFFFFFFFF)
-        return collate_dpo([rng.choice(examples) for _ in range(batch_size)], tokenizer, groups,
-                           device)
+        return collate_encoded([rng.choice(encoded) for _ in range(batch_size)], pad, groups, device)
 
     return train(model, batch_fn, lambda m, raw, b: pmol_loss(m, raw, b, dpo, groups),
                  train_config, describe="pmol")
@@ -39,20 +45,24 @@ def train_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
 
 @torch.no_grad()
 def evaluate_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
-                  beta: float = 0.1, batch_size: int = 64) -> dict:
+                  beta: float = 0.1, batch_size: int = 64, **encode_options) -> dict:
     """Held-out metrics per preference: DPO preference accuracy (implicit reward of chosen >
     rejected) and, when the config has expert groups, group routing accuracy (the group with
     the most router mass, averaged over the prompt's tokens and all layers, is the
-    example's preference)."""
+    example's preference). Unlabelled examples count under "unlabelled" and in "all"
+    (DPO accuracy only)."""
     model.eval()
     groups = list(getattr(model, "molora_config").expert_groups)
     stats: dict[str, dict[str, float]] = {}
+    encoded = encode_examples(examples, tokenizer, **encode_options)
+    pad = pad_id(tokenizer)
+    device = next(model.parameters()).device
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        device = next(model.parameters()).device
-        batch = collate_dpo(chunk, tokenizer, groups, device)
+        chunk = encoded[i:i + batch_size]
+        batch = collate_encoded(chunk, pad, groups, device)
         B = len(chunk)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_router_logits=False)
         policy = sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
         routed = _group_routing(model, batch, groups, B) if groups else None
         with disable_adapters(model):
@@ -61,20 +71,25 @@ def evaluate_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer
         ref = sequence_logps(ref_logits, batch["input_ids"], batch["response_mask"])
         _, margins = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta)
         for j, e in enumerate(chunk):
-            s = stats.setdefault(e.preference, {"n": 0, "dpo_correct": 0, "route_correct": 0})
+            label = str(e.preference) if e.preference is not None else UNLABELLED
+            s = stats.setdefault(label, {"n": 0, "dpo_correct": 0, "route_correct": 0})
             s["n"] += 1
             s["dpo_correct"] += float(margins[j] > 0)
             if routed is not None:
-                s["route_correct"] += float(groups[int(routed[j])] == e.preference)
+                s["route_correct"] += float(groups[int(routed[j])] == label)
     model.train()
+    routable = bool(groups)
     report = {p: {"n": int(s["n"]), "dpo_accuracy": s["dpo_correct"] / s["n"],
-                  **({"routing_accuracy": s["route_correct"] / s["n"]} if groups else {})}
+                  **({"routing_accuracy": s["route_correct"] / s["n"]}
+                     if routable and p != UNLABELLED else {})}
               for p, s in sorted(stats.items())}
     total = sum(s["n"] for s in stats.values())
     report["all"] = {"n": total,
                      "dpo_accuracy": sum(s["dpo_correct"] for s in stats.values()) / total}
-    if groups:
-        report["all"]["routing_accuracy"] = sum(s["route_correct"] for s in stats.values()) / total
+    labelled = [s for p, s in stats.items() if p != UNLABELLED]
+    if routable and labelled:
+        report["all"]["routing_accuracy"] = (sum(s["route_correct"] for s in labelled)
+                                             / sum(s["n"] for s in labelled))
     return report
 
 

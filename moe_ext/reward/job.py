@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from ..utils.io import read_json, read_jsonl, write_json
+from ..data import flatten, load_preferences
+from ..utils.io import read_json, write_json
 from . import synthetic
 from .adapt import adapt, average_routing, pairwise_accuracy, purity_nmi
 from .embed import embed
@@ -24,7 +25,7 @@ INFO_NAME = "train_info.json"
 @dataclass
 class RewardJob:
     """Every knob of a reward-model run (the `moe-ext train-rm` options)."""
-    data: Optional[str] = None       # JSONL of prompt, chosen, rejected (optional int category)
+    data: Optional[str] = None       # pairs in a TRL format (optional int category column)
     synthetic_pairs: int = 6000      # without data: pairs of the synthetic category world
     encoder: str = "hashing"         # text encoder for data: "hashing" or "minilm"
     experts: int = 6
@@ -68,22 +69,21 @@ class RewardData:
 
 
 def load_text_pairs(path: str, encoder: str) -> RewardData:
-    """JSONL rows with string prompt, chosen, rejected (optional integer `category`) ->
-    embeddings; ValueError naming the file and line for bad rows."""
-    if not os.path.isfile(path):
-        raise ValueError(f"data file not found: {path!r}")
-    rows = []
-    for lineno, row in read_jsonl(path):
-        if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise ValueError(f"{path}:{lineno}: needs string fields prompt, chosen, rejected")
-        rows.append(row)
+    """Preference pairs in any TRL format and source (moe_ext.data.load_preferences; an
+    optional integer `category` column) -> embeddings of the prompt and of each response
+    (conversational fields as "role: content" lines); ValueError naming the file, line and
+    field for bad rows."""
+    try:
+        rows = load_preferences(path, label_column="category")
+    except FileNotFoundError:
+        raise ValueError(f"data file not found: {path!r}") from None
     if len(rows) < 2:
         raise ValueError(f"{path}: need at least 2 pairs, got {len(rows)}")
-    cats = [r.get("category") for r in rows]
+    cats = [r.preference for r in rows]
     label = torch.tensor(cats) if all(isinstance(c, int) for c in cats) else None
-    return RewardData(embed([r["prompt"] for r in rows], encoder),
-                      embed([r["chosen"] for r in rows], encoder),
-                      embed([r["rejected"] for r in rows], encoder), label,
+    return RewardData(embed([flatten(r.prompt) for r in rows], encoder),
+                      embed([flatten(r.chosen) for r in rows], encoder),
+                      embed([flatten(r.rejected) for r in rows], encoder), label,
                       {"kind": "text", "encoder": encoder, "data": os.path.abspath(path)})
 
 

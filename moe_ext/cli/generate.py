@@ -1,0 +1,76 @@
+"""`moe-ext generate`: text from a MoLoRA adapter on its base model (PyTorch). The option
+parsing (add_generation_options, generation_options, parse_steer) is reusable by other
+back ends of the command."""
+from __future__ import annotations
+
+import argparse
+
+from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
+from ..pmol.generate import GenerationOptions, generate
+from .common import add_json, fail, parse_assignments, print_json, quiet_transformers
+
+
+def parse_steer(values) -> dict[str, float]:
+    """["GROUP=BIAS", ...] -> {group: bias}; ValueError naming --steer."""
+    steer = {}
+    for group, bias in parse_assignments(values, "--steer", "GROUP=BIAS, e.g. safe=2.0").items():
+        try:
+            steer[group] = float(bias)
+        except ValueError:
+            raise ValueError(f"--steer {group}={bias}: BIAS must be a number") from None
+    return steer
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """--prompt, --max-new-tokens, --steer and the decoding flags."""
+    d = GenerationOptions
+    p.add_argument("--prompt", required=True, help="the user's message (the tokenizer's chat "
+                                                   "template is applied when it has one)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--steer", nargs="+", metavar="GROUP=BIAS",
+                   help="add BIAS to the router logits of an expert group (e.g. safe=2)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling")
+    p.add_argument("--seed", type=int, help="seed of the sampling")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
+
+
+def generation_options(args: argparse.Namespace) -> GenerationOptions:
+    """GenerationOptions from the parsed options; ValueError naming a bad one."""
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed, chat_template=not args.no_chat_template)
+
+
+def cmd_generate(args) -> int:
+    quiet_transformers()
+    try:
+        options = generation_options(args)
+        steer = parse_steer(args.steer)
+        model = load_molora_model(args.adapter, args.base, args.dtype)
+        tokenizer = load_adapter_tokenizer(args.adapter, args.base)
+        text = generate(model, tokenizer, args.prompt, options, steer)
+    except (OSError, ValueError) as err:
+        return fail(str(err))
+    if args.json:
+        print_json({"prompt": args.prompt, "steer": steer, "text": text})
+    else:
+        print(text)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a MoLoRA adapter on its base model",
+                       description="Load a MoLoRA / PMoL adapter on its base model (the one "
+                                   "the adapter records, or --base) and print the text it "
+                                   "generates for --prompt; greedy unless --do-sample; "
+                                   "--steer dials the preference mix.")
+    p.add_argument("--adapter", required=True, help="adapter folder (train-pmol's output/adapter, "
+                                                    "a Trainer checkpoint, save_pretrained)")
+    p.add_argument("--base", help="base model hub id or folder (default: the adapter's record)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_generation_options(p)
+    add_json(p, "the prompt and the text")
+    p.set_defaults(func=cmd_generate)

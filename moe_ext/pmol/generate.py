@@ -1,0 +1,71 @@
+"""Generation from a PMoL (or any MoLoRA) causal LM with PyTorch: the prompt rendered with
+the tokenizer's chat template (moe_ext.data.encode_prompt), greedy by default or sampled,
+optionally steered by a logit bias per expert group (set_group_bias) for this call only."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..data import Text, encode_prompt
+from ..molora import set_group_bias
+
+
+@dataclass
+class GenerationOptions:
+    """Decoding options (the `moe-ext generate` flags); greedy unless do_sample."""
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+    chat_template: bool = True        # render the prompt with the tokenizer's template if it has one
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        """Keyword arguments for transformers' generate (only the flags that apply)."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                  "pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k or 0,
+                          top_p=self.top_p if self.top_p is not None else 1.0)
+        else:  # greedy: neutral sampling flags, so a model's sampling defaults do not warn
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        return kwargs
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: Text, options: Optional[GenerationOptions] = None,
+             steer: Optional[dict[str, float]] = None) -> str:
+    """The text the model generates after `prompt` (a string or a list of messages).
+    steer: {group: logit bias} added to the router logits of that expert group during this
+    call (the model's biases are reset afterwards)."""
+    options = options or GenerationOptions()
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, options.chat_template)])
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    was_training = model.training
+    model.eval()
+    set_group_bias(model, steer or None)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             **options.generate_kwargs(tokenizer))
+    finally:
+        set_group_bias(model, None)
+        model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
