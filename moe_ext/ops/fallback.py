@@ -49,7 +49,7 @@ def _shrink_all(x, lora_A):
 
 def _chosen(values, experts, E):
     """values (T, E, ...) gathered at each pair's expert, zero for null experts: (T, K, ...)."""
-    is_lora = experts < E
+    is_lora = (experts >= 0) & (experts < E)
     idx = torch.where(is_lora, experts, torch.zeros_like(experts))
     idx = idx.view(*idx.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
     mask = is_lora.view(*is_lora.shape, *([1] * (values.dim() - 2)))

@@ -48,9 +48,12 @@ def align(experts: torch.Tensor, num_bins: int):
 def gates(weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
           num_null_experts: int) -> torch.Tensor:
     """(T, E): each token's routing weights scattered to their experts (summed if an id
-    repeats), the null experts' columns dropped."""
-    full = weights.new_zeros(experts.shape[0], num_experts + num_null_experts)
-    return full.scatter_add(1, experts, weights)[:, :num_experts]
+    repeats). Null experts (and any id outside [0, E), as the CUDA kernels treat them) share
+    one spare column that is dropped, so nothing grows with num_null_experts."""
+    lora = (experts >= 0) & (experts < num_experts)
+    idx = torch.where(lora, experts, torch.full_like(experts, num_experts))
+    full = weights.new_zeros(experts.shape[0], num_experts + 1)
+    return full.scatter_add(1, idx, weights)[:, :num_experts]
 
 
 def gate_dense(h_all: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
