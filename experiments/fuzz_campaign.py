@@ -36,9 +36,9 @@ def asan_env() -> dict:
     libs = glob.glob(os.path.join(ROOT, "build", "asan", "lib", "moe_ext", "_C*.so"))
     if not libs:
         sys.exit("no sanitizer build: run `make asan-build` first")
-    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True,
-                             text=True).stdout.strip()
-    return {"MOE_EXT_EXTENSION": libs[0], "LD_PRELOAD": libasan,
+    runtime = [subprocess.run(["g++", f"-print-file-name={lib}"], capture_output=True,
+                              text=True).stdout.strip() for lib in ("libasan.so", "libstdc++.so")]
+    return {"MOE_EXT_EXTENSION": libs[0], "LD_PRELOAD": " ".join(runtime),
             "ASAN_OPTIONS": "detect_leaks=0:allocator_may_return_null=1:"
                             "max_allocation_size_mb=4096:hard_rss_limit_mb=6144",
             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}

@@ -87,8 +87,9 @@ def gate_dense_backward(grad_gated, h_all, weights, experts, num_experts, num_nu
                         scaling):
     acc = acc_dtype(h_all.dtype)
     gates = scaling * reference.gates(weights, experts, num_experts, num_null_experts)
-    g3 = grad_gated.to(acc).view(h_all.shape[0], num_experts, -1)
-    h3 = h_all.to(acc).view(h_all.shape[0], num_experts, -1)
+    shape3 = (h_all.shape[0], num_experts, h_all.shape[1] // num_experts)  # (T, E, R); T may be 0
+    g3 = grad_gated.to(acc).view(shape3)
+    h3 = h_all.to(acc).view(shape3)
     dh = (g3 * gates[:, :, None]).reshape(h_all.shape).to(h_all.dtype)
     dw = _chosen(scaling * (g3 * h3).sum(-1), experts, num_experts)
     return dh, dw.to(weights.dtype)

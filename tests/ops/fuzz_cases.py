@@ -325,11 +325,14 @@ def gate_dense_case(rng) -> Case:
 
 def _finish(case, rng, value_mutations) -> Case:
     """Up to three mutations: generic ones (shape, dtype, layout, device) first, then
-    value ones, so that a value mutation is not undone by a later reshaping."""
+    value ones, each at most once, so that no mutation undoes another (a reshaping that
+    drops a bad id, a second scaling over the first, a swap swapped back)."""
     n = rng.choice([0, 1, 1, 2, 2, 3])
     chosen = [rng.choice(GENERIC + tuple(value_mutations)) for _ in range(n)]
-    for m in sorted(chosen, key=lambda m: m not in GENERIC):
-        m(case, rng) if m in GENERIC else m()
+    for m in [m for m in chosen if m in GENERIC]:
+        m(case, rng)
+    for m in dict.fromkeys(m for m in chosen if m not in GENERIC):
+        m()
     return case
 
 

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from moe_ext.ops import fallback, reference
+from moe_ext.ops import acc_dtype, fallback, reference
 
 from fuzz_cases import MAX_BINS, Case, lora_pair_rows
 
@@ -28,7 +28,9 @@ def ref_route(logits, bias, top_k, temperature, normalize):
         raise ValueError("reference: top_k or temperature out of range")
     if not torch.isfinite(logits).all() or (bias is not None and not torch.isfinite(bias).all()):
         raise ValueError("reference: non-finite logits")
-    return reference.route(_f64(logits), top_k, temperature, _f64(bias), normalize)
+    acc = acc_dtype(logits.dtype)  # the op rounds the bias to the routing dtype first
+    return reference.route(_f64(logits), top_k, temperature,
+                           None if bias is None else _f64(bias.to(acc)), normalize)
 
 
 def ref_route_backward(gp, gw, probs, weights, experts, temperature, normalize):
@@ -36,6 +38,7 @@ def ref_route_backward(gp, gw, probs, weights, experts, temperature, normalize):
         raise ValueError("reference: grad_probs shape")
     if not (gw.shape == weights.shape == experts.shape) or not 0 < temperature < float("inf"):
         raise ValueError("reference: shapes or temperature")
+    gp, gw, weights = (None if t is None else t.to(probs.dtype) for t in (gp, gw, weights))
     return fallback.route_backward(_f64(gp), _f64(gw), _f64(probs), _f64(weights), experts,
                                    temperature, normalize)
 
@@ -66,6 +69,7 @@ def ref_lora_backward(gy, x, A, B, w, experts, order, offsets, h, scaling, N):
     if (w.shape != experts.shape or x.shape[0] != T or gy.shape != (T, B.shape[1])
             or h.shape != (T * K, A.shape[1])):
         raise ValueError("reference: shapes")
+    gy, h = gy.to(x.dtype), h.to(acc_dtype(x.dtype))  # as the op converts them
     gy, x, A, B, w, h = (_f64(t) for t in (gy, x, A, B, w, h))
     lora = experts.flatten() < E
     idx = torch.where(lora, experts.flatten(), torch.zeros_like(experts.flatten()))
@@ -90,6 +94,7 @@ def ref_gate_dense_backward(gg, h_all, w, experts, E, N, scaling):
     _check_gate_args(h_all, w, experts, E, N)
     if gg.shape != h_all.shape:
         raise ValueError("reference: grad_gated shape")
+    gg = gg.to(h_all.dtype)  # as the op converts it
     return fallback.gate_dense_backward(_f64(gg), _f64(h_all), _f64(w), experts, E, N, scaling)
 
 

@@ -170,7 +170,7 @@ def test_opcheck_lora_ops(device):
     torch.library.opcheck(torch.ops.moe_ext.lora_forward.default, (x, A, B, w, r.experts, 0.5, 1))
     y, h = torch.ops.moe_ext.lora_forward(x.detach(), A.detach(), B.detach(), r.weights, r.experts,
                                           0.5, 1)
-    order, offsets = ops.align(r.experts, 4)
+    order, offsets = ops.pair_alignment(r.experts, 3)
     torch.library.opcheck(torch.ops.moe_ext.lora_backward.default,
                           (torch.randn_like(y), x.detach(), A.detach(), B.detach(), r.weights,
                            r.experts, order, offsets, h, 0.5, 1))
