@@ -35,3 +35,16 @@ lib = torch.ops.moe_ext
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the kernels: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def register_no_derivative(op: str, use_instead: str) -> None:
+    """Backward ops have no derivative of their own: differentiating one (inputs that require
+    grad) raises a clear error instead of PyTorch's silent zero gradient with a warning.
+    Second derivatives come from the forward ops' autograd, whose backward under
+    create_graph=True is written in differentiable PyTorch ops."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"moe_ext::{op} has no derivative; for second derivatives "
+                           f"differentiate {use_instead} with create_graph=True")
+
+    torch.library.register_autograd(f"moe_ext::{op}", backward,
+                                    setup_context=lambda ctx, inputs, output: None)

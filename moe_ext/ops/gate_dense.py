@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import checks, fallback
-from .common import lib
+from .common import lib, register_no_derivative
 
 
 def gate_dense(h_all: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
@@ -45,3 +45,4 @@ def _backward(ctx, grad_gated):
 
 
 torch.library.register_autograd("moe_ext::gate_dense", _backward, setup_context=_setup)
+register_no_derivative("gate_dense_backward", "ops.gate_dense or functional.molora")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import checks, fallback
-from .common import acc_dtype, lib
+from .common import acc_dtype, lib, register_no_derivative
 
 
 def lora_sparse(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -66,3 +66,4 @@ def pair_alignment(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
 
 
 torch.library.register_autograd("moe_ext::lora_forward", _backward, setup_context=_setup)
+register_no_derivative("lora_backward", "ops.lora_sparse or functional.molora")

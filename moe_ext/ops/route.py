@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import checks, fallback
-from .common import acc_dtype, lib
+from .common import acc_dtype, lib, register_no_derivative
 
 
 class Routing(NamedTuple):
@@ -71,3 +71,4 @@ def _backward(ctx, grad_probs, grad_weights, _grad_experts, _grad_counts):
 
 
 torch.library.register_autograd("moe_ext::route", _backward, setup_context=_setup)
+register_no_derivative("route_backward", "ops.route")
