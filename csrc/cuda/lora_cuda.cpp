@@ -104,9 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   check_columns(D, "D");
   check_columns(O, "O");
   if (debug_checks()) {
-    const at::Tensor e = experts.cpu(), o = order_in.contiguous().cpu(), f = offsets_in.contiguous().cpu();
-    check_pair_alignment(e.data_ptr<int64_t>(), o.data_ptr<int64_t>(), f.data_ptr<int64_t>(), P, E,
-                         E + num_null_experts);
+    const at::Tensor e = experts.cpu(), o = order_in.contiguous().cpu(),
+                     f = offsets_in.contiguous().cpu();
+    check_pair_alignment(e.data_ptr<int64_t>(), o.data_ptr<int64_t>(), f.data_ptr<int64_t>(), P,
+                         E, E + num_null_experts);
   }
   // Without the debug checks nothing is read back, but the kernels index with order and
   // offsets: clamped on the device (three small launches, no sync; valid ones are unchanged),

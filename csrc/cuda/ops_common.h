@@ -41,7 +41,6 @@ inline void debug_check_ids(const at::Tensor& ids, int64_t num_ids, const char* 
   TORCH_CHECK_VALUE(ok, name, " holds an id outside [0, ", num_ids, ")");
 }
 
-
 // Grouped kernels put column blocks of 128 on the grid's y axis (at most 65535 blocks).
 inline void check_columns(int64_t n, const char* what) {
   TORCH_CHECK_VALUE(n <= int64_t(65535) * 128, what, " = ", n, " is too large for the CUDA kernels");

@@ -237,7 +237,7 @@ def lora_case(rng) -> Case:
     T, D, O = _size(rng, 10, (129, 300)), _size(rng, 9, (257, 300)), _size(rng, 9, (257, 300))
     E, R, N = rng.randint(1, 6), rng.randint(1, 5), rng.randint(0, 2)
     K, dtype, s = rng.randint(1, E + N), rng.choice(FLOATS), rng.uniform(-2, 2)
-    x, A, B = _data(rng, T, D, dtype=dtype), _data(rng, E, R, D, dtype=dtype), _data(rng, E, O, R, dtype=dtype)
+    x, A, B = (_data(rng, *shape, dtype=dtype) for shape in ((T, D), (E, R, D), (E, O, R)))
     w, e = _routing(rng, T, E + N, K)
     w = w.to(_acc(dtype))
     if rng.random() < 0.4:
