@@ -110,6 +110,7 @@ def markdown(results: dict) -> str:
         lines += [f"## {label}", "",
                   f"{facts['date']}, commit {facts['commit']}, {facts['cpu']} ({facts['cores']} "
                   f"cores), torch {facts['torch']}, build: {run['build']}, {run['seconds']:.0f} s", "",
+                  *([run["note"], ""] if run.get("note") else []),
                   "| family | cases | result | clear error | wrong | crash |",
                   "|---|---|---|---|---|---|"]
         for family, s in run["families"].items():
@@ -134,6 +135,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--asan", action="store_true", help="run the sanitizer build")
     parser.add_argument("--label", default="after", help="name of this run in the results")
+    parser.add_argument("--note", default="", help="a sentence shown with this run's results")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     parser.add_argument("--output", default=os.path.join(ROOT, "experiments", "results",
                                                          "fuzz_campaign"))
@@ -148,7 +150,8 @@ def main() -> int:
     path = args.output + ".json"
     results = read_json(path) if os.path.exists(path) else {}
     results[args.label] = {"facts": run_facts(ROOT), "build": "ASan+UBSan CPU" if args.asan
-                           else "release", "seconds": time.time() - began, "families": families}
+                           else "release", "seconds": time.time() - began, "families": families,
+                           "note": args.note}
     write_json(path, results)
     write_text(args.output + ".md", markdown(results))
     return 0
