@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EDIT   := $(VENV)/.editable-installed
 export MAX_JOBS ?= 2
 
-.PHONY: all build test demo info bench-cpu gpu-site clean
+.PHONY: all build test test-asan asan-build demo info bench-cpu gpu-site clean
 
 all: test
 
@@ -27,8 +27,26 @@ $(EDIT): $(DEPS) pyproject.toml setup.py
 build: $(EDIT)
 	$(BIN)/python setup.py -q build_ext --inplace
 
-test: build test-cuda-cpu
+test: build test-cuda-cpu test-asan
 	$(BIN)/python -m pytest -q tests
+
+# The CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer (every report
+# aborts) into build/asan, apart from the in-place build; test-asan runs the op tests and
+# the op fuzzer (tests/ops) on it. ASan's runtime must be loaded first (LD_PRELOAD); leaks
+# are not checked (Python keeps much alive at exit); absurd allocations fail instead of
+# swapping, so a missing size check shows up as an error or a report.
+# (libstdc++ too: ASan's __cxa_throw interceptor needs it loaded before torch.)
+ASAN_RUNTIME = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
+
+asan-build: $(EDIT)
+	MOE_EXT_SANITIZE=1 $(BIN)/python setup.py -q build_ext -b build/asan/lib -t build/asan/tmp
+
+test-asan: asan-build
+	MOE_EXT_EXTENSION=$$(ls build/asan/lib/moe_ext/_C*.so) \
+	LD_PRELOAD="$(ASAN_RUNTIME)" \
+	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:max_allocation_size_mb=4096 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/ops
 
 demo: build
 	$(BIN)/moe-ext demo

@@ -1,7 +1,8 @@
 """Builds moe_ext._C: the C++ CPU kernels always, the CUDA kernels in csrc/cuda/ when nvcc
 and a CUDA build of torch are present (MOE_EXT_CUDA=0|1 forces the choice).
 MOE_EXT_NO_EXT=1 installs the Python package only (the Makefile's editable install, which
-is followed by an in-place incremental build of the extension)."""
+is followed by an in-place incremental build of the extension). MOE_EXT_SANITIZE=1 builds the
+CPU kernels only, with AddressSanitizer and UndefinedBehaviorSanitizer (`make test-asan`)."""
 import glob
 import os
 import shutil
@@ -29,7 +30,16 @@ from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+SANITIZE = os.environ.get("MOE_EXT_SANITIZE") == "1"
+# Every error aborts (-fno-sanitize-recover); -fno-wrapv undoes Python's -fwrapv so that signed
+# overflow is undefined again and UBSan reports it.
+SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                   "-fno-omit-frame-pointer", "-fno-wrapv", "-g1", "-DMOE_EXT_NO_SIMD_CLONES"]
+
+
 def want_cuda() -> bool:
+    if SANITIZE:
+        return False
     forced = os.environ.get("MOE_EXT_CUDA")
     if forced is not None:
         return forced == "1"
@@ -45,9 +55,11 @@ def extension():
     macros = [("MOE_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O3", "-fopenmp", "-Wno-psabi"]  # psabi: internal 32-byte vector helpers
     if not want_cuda():
+        if SANITIZE:  # -O1: fast enough to run the op tests, quicker to build
+            cxx = ["-O1", "-fopenmp", "-Wno-psabi"] + SANITIZER_FLAGS
         return cpp_extension.CppExtension(
             "moe_ext._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] + (SANITIZER_FLAGS if SANITIZE else []),
         )
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     # sm_80 (A100) and sm_90a (H100/H200, Hopper-only instructions) unless the user asks

@@ -3,9 +3,18 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
 
 namespace moe_ext {
+
+// Integer arguments are checked against these before any arithmetic or allocation uses them,
+// so `E + num_null_experts`, `num_bins + 1` and the like cannot overflow, and a small input
+// cannot ask for gigabytes.
+constexpr int64_t kMaxExperts = (int64_t(1) << 31) - 1;  // M = E + N, expert ids fit in int32
+constexpr int64_t kMaxBins = int64_t(1) << 24;           // align: offsets and counts per bin
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must be a ", dim, "-D tensor, got shape ", t.sizes());
@@ -21,6 +30,19 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
                               const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
               " is on ", ref.device());
+}
+
+inline void check_scaling(double scaling) {
+  TORCH_CHECK_VALUE(std::isfinite(scaling), "scaling must be a finite number, got ", scaling);
+}
+
+// 0 <= num_null_experts and M = E + N <= kMaxExperts (checked without forming E + N first).
+inline void check_num_null_experts(int64_t num_null_experts, int64_t E) {
+  TORCH_CHECK_VALUE(E >= 1 && E <= kMaxExperts, "the number of LoRA experts E must be in [1, ",
+                    kMaxExperts, "], got ", E);
+  TORCH_CHECK_VALUE(num_null_experts >= 0 && num_null_experts <= kMaxExperts - E,
+                    "num_null_experts must be in [0, ", kMaxExperts - E, "] (E=", E,
+                    " LoRA experts + num_null_experts <= ", kMaxExperts, "), got ", num_null_experts);
 }
 
 // Accumulation dtype: float64 for float64 inputs, float32 otherwise.
@@ -67,6 +89,17 @@ inline void check_lora(const at::Tensor& x, const at::Tensor& A, const at::Tenso
                     A.sizes());
 }
 
+// The router temperature tau: positive, finite, and 1 / tau finite in the accumulation
+// dtype, so that no (logit difference) / tau and no softmax gradient / tau can be 0 * inf.
+inline void check_temperature(double temperature, at::ScalarType acc) {
+  const double largest = acc == at::kDouble ? std::numeric_limits<double>::max()
+                                            : std::numeric_limits<float>::max();
+  const bool ok = temperature > 0 && std::isfinite(temperature) && 1.0 / temperature <= largest;
+  TORCH_CHECK_VALUE(ok, "temperature must be a positive finite number whose inverse is finite in ",
+                    acc, " (the routing dtype), i.e. at least ", 1.0 / largest, ", got ",
+                    temperature);
+}
+
 // route: logits (T, M) float, 1 <= top_k <= M, finite temperature > 0, bias (M,) on the
 // logits' device. Value checks on the data (non-finite logits) are the kernels' business.
 inline void check_route_args(const at::Tensor& logits, const c10::optional<at::Tensor>& bias,
@@ -78,10 +111,10 @@ inline void check_route_args(const at::Tensor& logits, const c10::optional<at::T
                     logits.sizes());
   TORCH_CHECK_VALUE(top_k >= 1 && top_k <= M, "top_k must be in [1, ", M,
                     "] (the number of experts incl. null experts), got ", top_k);
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
-                    "temperature must be a positive finite number, got ", temperature);
+  check_temperature(temperature, acc_type_of(logits.scalar_type()));
   if (bias.has_value() && bias->defined()) {
     check_dim(*bias, 1, "logit_bias");
+    check_float(*bias, "logit_bias");
     TORCH_CHECK_VALUE(bias->size(0) == M, "logit_bias must have shape (", M, ",), got ",
                       bias->sizes());
     check_same_device(*bias, logits, "logit_bias", "router_logits");
@@ -95,8 +128,11 @@ inline void check_route_backward_args(const c10::optional<at::Tensor>& grad_prob
   check_dim(probs, 2, "probs");
   TORCH_CHECK(probs.scalar_type() == at::kFloat || probs.scalar_type() == at::kDouble,
               "probs must be float32 or float64, got ", probs.scalar_type());
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be positive, got ", temperature);
+  check_temperature(temperature, probs.scalar_type());
   check_dim(experts, 2, "experts");
+  check_dim(grad_weights, 2, "grad_weights");
+  check_float(grad_weights, "grad_weights");
+  check_float(weights, "weights");
   TORCH_CHECK_VALUE(experts.size(0) == probs.size(0), "experts must have ", probs.size(0),
                     " rows, got ", experts.size(0));
   TORCH_CHECK_VALUE(grad_weights.sizes() == experts.sizes(), "grad_weights shape ",
@@ -107,6 +143,7 @@ inline void check_route_backward_args(const c10::optional<at::Tensor>& grad_prob
   if (grad_probs.has_value() && grad_probs->defined()) {
     TORCH_CHECK_VALUE(grad_probs->sizes() == probs.sizes(), "grad_probs shape ",
                       grad_probs->sizes(), " must equal probs shape ", probs.sizes());
+    check_float(*grad_probs, "grad_probs");
     check_same_device(*grad_probs, probs, "grad_probs", "probs");
   }
   check_same_device(grad_weights, probs, "grad_weights", "probs");
@@ -118,28 +155,44 @@ inline void check_align_args(const at::Tensor& experts, int64_t num_bins) {
   check_dim(experts, 2, "experts");
   TORCH_CHECK(experts.scalar_type() == at::kLong, "experts must be int64, got ",
               experts.scalar_type());
-  TORCH_CHECK_VALUE(num_bins >= 1, "num_bins must be >= 1, got ", num_bins);
+  TORCH_CHECK_VALUE(num_bins >= 1 && num_bins <= kMaxBins, "num_bins must be in [1, ", kMaxBins,
+                    "], got ", num_bins);
+}
+
+// lora_forward: the x, lora_A, lora_B, routing, scaling and num_null_experts checks.
+inline void check_lora_forward_args(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                    const at::Tensor& weights, const at::Tensor& experts,
+                                    double scaling, int64_t num_null_experts) {
+  check_lora(x, A, B);
+  check_routing(weights, experts, x.size(0), x, "x");
+  check_scaling(scaling);
+  check_num_null_experts(num_null_experts, A.size(0));
 }
 
 // lora_backward's extra tensors against x (T, D), lora_A (E, R, D), lora_B (E, O, R).
+// order (P,) and offsets (E + 2,) are the alignment of the pairs with every null expert in
+// one bin E: align(experts.clamp(max=E), E + 1), so nothing here grows with N.
 inline void check_lora_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
                                      const at::Tensor& A, const at::Tensor& B,
-                                     const at::Tensor& experts, const at::Tensor& order,
-                                     const at::Tensor& offsets, const at::Tensor& h,
+                                     const at::Tensor& weights, const at::Tensor& experts,
+                                     const at::Tensor& order, const at::Tensor& offsets,
+                                     const at::Tensor& h, double scaling,
                                      int64_t num_null_experts) {
+  check_lora_forward_args(x, A, B, weights, experts, scaling, num_null_experts);
   const int64_t T = x.size(0), E = A.size(0), R = A.size(1), O = B.size(1), K = experts.size(1);
-  TORCH_CHECK_VALUE(num_null_experts >= 0, "num_null_experts must be >= 0, got ", num_null_experts);
   TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == T && grad_y.size(1) == O,
                     "grad_y must have shape (", T, ", ", O, "), got ", grad_y.sizes());
+  check_float(grad_y, "grad_y");
   TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == T * K && h.size(1) == R, "h must have shape (",
                     T * K, ", ", R, "), got ", h.sizes());
+  check_float(h, "h");
   TORCH_CHECK_VALUE(order.dim() == 1 && order.size(0) == T * K, "order must have shape (", T * K,
                     ",), got ", order.sizes());
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == E + num_null_experts + 1,
-                    "offsets must have shape (", E + num_null_experts + 1, ",), got ",
-                    offsets.sizes());
-  TORCH_CHECK(order.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong,
-              "order and offsets must be int64, got ", order.scalar_type(), " and ",
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == E + 2, "offsets must have shape (",
+                    E + 2, ",) (E + 2: align(experts.clamp(max=E), E + 1) puts every null expert "
+                    "in bin E), got ", offsets.sizes());
+  TORCH_CHECK(order.scalar_type() == at::kLong, "order must be int64, got ", order.scalar_type());
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, "offsets must be int64, got ",
               offsets.scalar_type());
   check_same_device(grad_y, x, "grad_y", "x");
   check_same_device(h, x, "h", "x");
@@ -149,17 +202,52 @@ inline void check_lora_backward_args(const at::Tensor& grad_y, const at::Tensor&
 
 // gate_dense: h_all (T, E*R) float, weights/experts (T, K); grad (if given) shaped like h_all.
 inline void check_gate_dense_args(const at::Tensor& h_all, const at::Tensor& weights,
-                                  const at::Tensor& experts, int64_t E,
-                                  const at::Tensor* grad_gated = nullptr) {
+                                  const at::Tensor& experts, int64_t E, int64_t num_null_experts,
+                                  double scaling, const at::Tensor* grad_gated = nullptr) {
   check_dim(h_all, 2, "h_all");
   check_float(h_all, "h_all");
   check_routing(weights, experts, h_all.size(0), h_all, "h_all");
-  TORCH_CHECK_VALUE(E >= 1 && h_all.size(1) % E == 0, "h_all width ", h_all.size(1),
-                    " must be a multiple of num_experts=", E);
+  TORCH_CHECK_VALUE(E >= 1 && E <= kMaxExperts && h_all.size(1) % E == 0, "h_all width ",
+                    h_all.size(1), " must be a multiple of num_experts=", E,
+                    " (num_experts in [1, ", kMaxExperts, "])");
+  check_num_null_experts(num_null_experts, E);
+  check_scaling(scaling);
   if (grad_gated) {
     TORCH_CHECK_VALUE(grad_gated->sizes() == h_all.sizes(), "grad_gated shape ",
                       grad_gated->sizes(), " must equal h_all shape ", h_all.sizes());
+    check_float(*grad_gated, "grad_gated");
     check_same_device(*grad_gated, h_all, "grad_gated", "h_all");
+  }
+}
+
+// Host data check of lora_backward's pair alignment (the CPU kernels always, the CUDA ones
+// with MOE_EXT_DEBUG=1 on a host copy): ids in [0, M), offsets (E + 2,) from 0 to P never
+// decreasing, order a permutation of [0, P) whose bin b holds exactly the pairs of expert b
+// (bin E: the null experts). The weight gradients walk order[offsets[e]:offsets[e+1]], so
+// anything else would read out of bounds or give wrong gradients.
+inline void check_pair_alignment(const int64_t* experts, const int64_t* order,
+                                 const int64_t* offsets, int64_t P, int64_t E, int64_t M) {
+  for (int64_t p = 0; p < P; ++p)
+    TORCH_CHECK_VALUE(experts[p] >= 0 && experts[p] < M, "experts holds id ", experts[p],
+                      " outside [0, ", M, ") (E=", E, " LoRA experts + num_null_experts=", M - E,
+                      ")");
+  TORCH_CHECK_VALUE(offsets[0] == 0 && offsets[E + 1] == P, "offsets must start at 0 and end at P=",
+                    P, ", got ", offsets[0], " and ", offsets[E + 1],
+                    " (use align(experts.clamp(max=E), E + 1))");
+  for (int64_t b = 0; b <= E; ++b)  // so that every offsets[b] lies in [0, P] below
+    TORCH_CHECK_VALUE(offsets[b] <= offsets[b + 1], "offsets must never decrease, got offsets[",
+                      b, "]=", offsets[b], " > offsets[", b + 1, "]=", offsets[b + 1]);
+  std::vector<bool> seen(P, false);
+  for (int64_t b = 0; b <= E; ++b) {
+    for (int64_t i = offsets[b]; i < offsets[b + 1]; ++i) {
+      const int64_t p = order[i];
+      TORCH_CHECK_VALUE(p >= 0 && p < P, "order holds ", p, " outside [0, P=", P, ")");
+      TORCH_CHECK_VALUE(!seen[p], "order is not a permutation of [0, P): pair ", p, " appears twice");
+      seen[p] = true;
+      TORCH_CHECK_VALUE(std::min(experts[p], E) == b, "order and offsets do not match experts: pair ",
+                        p, " (expert ", experts[p], ") is in bin ", b,
+                        " (use align(experts.clamp(max=E), E + 1))");
+    }
   }
 }
 

@@ -26,9 +26,11 @@ std::tuple<at::Tensor, at::Tensor> align_cpu(const at::Tensor& experts, int64_t 
                     num_bins, ")");
   at::Tensor order = at::empty({P}, ids_t.options());
   at::Tensor offsets = at::empty({num_bins + 1}, ids_t.options());
-  const int64_t chunk = std::max<int64_t>(4096, (P + at::get_num_threads() - 1) /
-                                                    std::max(1, at::get_num_threads()));
-  const int64_t C = std::max<int64_t>(1, (P + chunk - 1) / chunk);
+  // C chunks of at least 4096 pairs, at most one per thread, and at most P / num_bins of
+  // them: the (chunk, bin) histogram then holds no more entries than max(P, num_bins).
+  const int64_t C = std::max<int64_t>(
+      1, std::min({int64_t(std::max(1, at::get_num_threads())), P / 4096, P / num_bins}));
+  const int64_t chunk = std::max<int64_t>(1, (P + C - 1) / C);
   std::vector<int64_t> hist(C * num_bins, 0);
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {

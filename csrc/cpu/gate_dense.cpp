@@ -18,7 +18,7 @@ namespace {
 at::Tensor gate_dense_cpu(const at::Tensor& h_all_in, const at::Tensor& w_in,
                           const at::Tensor& experts_in, int64_t E, int64_t num_null_experts,
                           double scaling) {
-  check_gate_dense_args(h_all_in, w_in, experts_in, E);
+  check_gate_dense_args(h_all_in, w_in, experts_in, E, num_null_experts, scaling);
   const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous();
   const int64_t T = h.size(0), ER = h.size(1), R = ER / E, K = ex.size(1);
   const int64_t bad = first_bad_expert_id(ex.data_ptr<int64_t>(), T * K, E + num_null_experts);
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> gate_dense_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& w_in,
                                                            const at::Tensor& experts_in, int64_t E,
                                                            int64_t num_null_experts, double scaling) {
-  check_gate_dense_args(h_all_in, w_in, experts_in, E, &grad_in);
+  check_gate_dense_args(h_all_in, w_in, experts_in, E, num_null_experts, scaling, &grad_in);
   const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous(),
                    g = grad_in.to(h.scalar_type()).contiguous();
   const int64_t T = h.size(0), ER = h.size(1), R = ER / E, K = ex.size(1);

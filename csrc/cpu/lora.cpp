@@ -287,9 +287,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
                                                     const at::Tensor& B_in, const at::Tensor& w_in,
                                                     const at::Tensor& experts_in, double scaling,
                                                     int64_t num_null_experts) {
-  check_lora(x_in, A_in, B_in);
-  check_routing(w_in, experts_in, x_in.size(0), x_in, "x");
-  TORCH_CHECK_VALUE(num_null_experts >= 0, "num_null_experts must be >= 0, got ", num_null_experts);
+  check_lora_forward_args(x_in, A_in, B_in, w_in, experts_in, scaling, num_null_experts);
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), w = w_in.contiguous(),
                    experts = experts_in.contiguous();
   const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), O = B_in.size(1),
@@ -325,10 +323,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor& B_in, const at::Tensor& w_in, const at::Tensor& experts_in,
     const at::Tensor& order_in, const at::Tensor& offsets_in, const at::Tensor& h_in,
     double scaling, int64_t num_null_experts) {
-  check_lora(x_in, A_in, B_in);
-  check_routing(w_in, experts_in, x_in.size(0), x_in, "x");
-  check_lora_backward_args(grad_y_in, x_in, A_in, B_in, experts_in, order_in, offsets_in, h_in,
-                           num_null_experts);
+  check_lora_backward_args(grad_y_in, x_in, A_in, B_in, w_in, experts_in, order_in, offsets_in,
+                           h_in, scaling, num_null_experts);
   const int64_t T = x_in.size(0), D = x_in.size(1), E = A_in.size(0), R = A_in.size(1),
                 O = B_in.size(1), K = experts_in.size(1);
   const auto acc = acc_type_of(x_in.scalar_type());
@@ -336,6 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
                    experts = experts_in.contiguous(), order = order_in.contiguous(),
                    offsets = offsets_in.contiguous(), h = h_in.to(acc).contiguous(),
                    dy = grad_y_in.to(x.scalar_type()).contiguous();
+  check_pair_alignment(experts.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+                       offsets.data_ptr<int64_t>(), T * K, E, E + num_null_experts);
   const at::Tensor Ap = pack_panels(A, acc), Bp = pack_panels(B_in.transpose(1, 2), acc);
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw = at::empty({T, K}, w.options());

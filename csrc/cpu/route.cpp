@@ -18,25 +18,27 @@ namespace moe_ext {
 namespace cpu {
 namespace {
 
-// One row: z = (logits + bias) / tau; p = softmax(z); the K largest p (ties: lower index
-// first, the same rule as a stable descending sort); w = p[chosen] (/ their sum).
-// Returns false if the row holds a non-finite logit.
+// One row: p = softmax((logits + bias) / tau); the K largest p (ties: lower index first, the
+// same rule as a stable descending sort); w = p[chosen] (/ their sum). Returns false if the
+// row holds a non-finite logit.
+// The exponents are ((u - u_max) * (1/tau)) * 2 with u = logits/2 + bias/2: halving keeps the
+// sum of two finite numbers finite, and subtracting the max before scaling keeps every
+// exponent <= 0 (exactly 0 at the max), so finite inputs never give inf - inf = NaN.
 template <typename scalar_t, typename acc_t>
 bool route_row(const scalar_t* logits, const acc_t* bias, int64_t M, int64_t K, acc_t inv_tau,
                bool normalize, acc_t* probs, acc_t* weights, int64_t* experts,
                std::vector<int64_t>& index_buffer) {
-  acc_t zmax = -std::numeric_limits<acc_t>::infinity();
+  acc_t umax = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < M; ++j) {
-    acc_t z = static_cast<acc_t>(logits[j]);
-    if (!std::isfinite(z)) return false;
-    if (bias) z += bias[j];
-    z *= inv_tau;
-    probs[j] = z;
-    zmax = std::max(zmax, z);
+    const acc_t l = static_cast<acc_t>(logits[j]);
+    if (!std::isfinite(l)) return false;
+    const acc_t u = bias ? l * acc_t(0.5) + bias[j] * acc_t(0.5) : l * acc_t(0.5);
+    probs[j] = u;
+    umax = std::max(umax, u);
   }
   acc_t total = 0;
   for (int64_t j = 0; j < M; ++j) {
-    probs[j] = std::exp(probs[j] - zmax);
+    probs[j] = std::exp(((probs[j] - umax) * inv_tau) * acc_t(2));
     total += probs[j];
   }
   const acc_t inv_total = acc_t(1) / total;
@@ -77,9 +79,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
   const auto acc = acc_type_of(router_logits.scalar_type());
   at::Tensor bias;
   if (logit_bias.has_value() && logit_bias->defined()) {
-    bias = logit_bias->to(acc).contiguous();
-    TORCH_CHECK_VALUE(at::isfinite(bias).all().item<bool>(),
+    TORCH_CHECK_VALUE(at::isfinite(*logit_bias).all().item<bool>(),
                       "logit_bias contains non-finite values (NaN or Inf)");
+    bias = logit_bias->to(acc).contiguous();
+    TORCH_CHECK_VALUE(at::isfinite(bias).all().item<bool>(), "logit_bias holds values too large for ",
+                      acc, ", the routing dtype of ", router_logits.scalar_type(), " logits");
   }
   const at::Tensor logits = router_logits.contiguous();
   auto fopts = logits.options().dtype(acc);

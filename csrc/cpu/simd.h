@@ -1,10 +1,13 @@
 // CPU code generation helpers. The wheel is built for baseline x86-64, so hot loops are
 // compiled three times (AVX-512, AVX2+FMA, baseline) and the loader picks the best clone
-// for the running CPU (GCC function multi-versioning).
+// for the running CPU (GCC function multi-versioning). The sanitizer build (setup.py,
+// MOE_EXT_SANITIZE=1) defines MOE_EXT_NO_SIMD_CLONES: one copy of the same source compiles
+// three times faster, and bounds do not depend on the instruction set.
 #pragma once
 #include <cstdint>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(MOE_EXT_NO_SIMD_CLONES)
 #define MOE_EXT_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

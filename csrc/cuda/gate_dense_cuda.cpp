@@ -11,7 +11,7 @@ namespace {
 at::Tensor gate_dense_cuda(const at::Tensor& h_all_in, const at::Tensor& w_in,
                            const at::Tensor& experts_in, int64_t E, int64_t num_null_experts,
                            double scaling) {
-  check_gate_dense_args(h_all_in, w_in, experts_in, E);
+  check_gate_dense_args(h_all_in, w_in, experts_in, E, num_null_experts, scaling);
   const c10::cuda::CUDAGuard guard(h_all_in.device());
   const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous();
   debug_check_ids(ex, E + num_null_experts, "experts");
@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> gate_dense_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& experts_in, int64_t E,
                                                             int64_t num_null_experts,
                                                             double scaling) {
-  check_gate_dense_args(h_all_in, w_in, experts_in, E, &grad_in);
+  check_gate_dense_args(h_all_in, w_in, experts_in, E, num_null_experts, scaling, &grad_in);
   const c10::cuda::CUDAGuard guard(h_all_in.device());
   const at::Tensor h = h_all_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous(),
                    g = grad_in.to(h.scalar_type()).contiguous();

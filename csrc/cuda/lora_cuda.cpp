@@ -59,9 +59,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, con
                                                      const at::Tensor& B_in, const at::Tensor& w_in,
                                                      const at::Tensor& experts_in, double scaling,
                                                      int64_t num_null_experts) {
-  check_lora(x_in, A_in, B_in);
-  check_routing(w_in, experts_in, x_in.size(0), x_in, "x");
-  TORCH_CHECK_VALUE(num_null_experts >= 0, "num_null_experts must be >= 0, got ", num_null_experts);
+  check_lora_forward_args(x_in, A_in, B_in, w_in, experts_in, scaling, num_null_experts);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous(),
                    w = w_in.contiguous(), experts = experts_in.contiguous();
@@ -73,7 +71,9 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, con
   const auto acc = acc_type_of(x.scalar_type());
   const cudaStream_t stream = current_stream();
 
-  auto [order, offsets] = align_cuda(experts, E + num_null_experts);  // checks ids in debug mode
+  debug_check_ids(experts, E + num_null_experts, "experts");
+  // Bins 0..E-1 for the LoRA experts, bin E for every null expert (and any bad id).
+  auto [order, offsets] = align_unchecked_ids(experts, E + 1);
   const at::Tensor tile_start = tile_map(offsets, E);
   at::Tensor h = at::zeros({P, R}, x.options().dtype(acc));  // rows of null pairs stay 0
   C10_CUDA_CHECK(launch_grouped_shrink(dtype, x.data_ptr(), D, a_rows(A), order.data_ptr<int64_t>(),
@@ -91,24 +91,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     const at::Tensor& B_in, const at::Tensor& w_in, const at::Tensor& experts_in,
     const at::Tensor& order_in, const at::Tensor& offsets_in, const at::Tensor& h_in,
     double scaling, int64_t num_null_experts) {
-  check_lora(x_in, A_in, B_in);
-  check_routing(w_in, experts_in, x_in.size(0), x_in, "x");
-  check_lora_backward_args(grad_y_in, x_in, A_in, B_in, experts_in, order_in, offsets_in, h_in,
-                           num_null_experts);
+  check_lora_backward_args(grad_y_in, x_in, A_in, B_in, w_in, experts_in, order_in, offsets_in,
+                           h_in, scaling, num_null_experts);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto acc = acc_type_of(x_in.scalar_type());
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous(),
                    w = w_in.contiguous(), experts = experts_in.contiguous(),
-                   order = order_in.contiguous(), offsets = offsets_in.contiguous(),
                    h = h_in.to(acc).contiguous(), dy = grad_y_in.to(x.scalar_type()).contiguous();
   const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), O = B.size(1),
                 K = experts.size(1), P = T * K;
   check_int32_range(P, "the number of (token, k) pairs");
   check_columns(D, "D");
   check_columns(O, "O");
-  debug_check_ids(experts, E + num_null_experts, "experts");
-  debug_check_ids(order, P, "order");
-  debug_check_offsets(offsets, P);
+  if (debug_checks()) {
+    const at::Tensor e = experts.cpu(), o = order_in.contiguous().cpu(),
+                     f = offsets_in.contiguous().cpu();
+    check_pair_alignment(e.data_ptr<int64_t>(), o.data_ptr<int64_t>(), f.data_ptr<int64_t>(), P,
+                         E, E + num_null_experts);
+  }
+  // Without the debug checks nothing is read back, but the kernels index with order and
+  // offsets: clamped on the device (three small launches, no sync; valid ones are unchanged),
+  // wrong ones can only give wrong gradients, never an access out of bounds. Offsets then run
+  // from [0, P] without decreasing, so the tiles also stay within the grid's upper bound.
+  const at::Tensor offsets = std::get<0>(at::cummax(offsets_in.clamp(0, P), 0)).contiguous();
+  const at::Tensor order = P > 0 ? order_in.clamp(0, P - 1).contiguous() : order_in.contiguous();
   const DType dtype = dtype_of(x.scalar_type());
   const cudaStream_t stream = current_stream();
   const int64_t* ord = order.data_ptr<int64_t>();

@@ -41,16 +41,6 @@ inline void debug_check_ids(const at::Tensor& ids, int64_t num_ids, const char* 
   TORCH_CHECK_VALUE(ok, name, " holds an id outside [0, ", num_ids, ")");
 }
 
-// Debug mode only: offsets (bins + 1,) start at 0, never decrease and end at P.
-inline void debug_check_offsets(const at::Tensor& offsets, int64_t P) {
-  if (!debug_checks()) return;
-  const at::Tensor o = offsets.cpu();
-  const bool ok = o[0].item<int64_t>() == 0 && o[-1].item<int64_t>() == P &&
-                  (o.numel() < 2 || (o.slice(0, 1) >= o.slice(0, 0, -1)).all().item<bool>());
-  TORCH_CHECK_VALUE(ok, "offsets must start at 0, never decrease and end at P=", P,
-                    " (use the offsets that align returns)");
-}
-
 // Grouped kernels put column blocks of 128 on the grid's y axis (at most 65535 blocks).
 inline void check_columns(int64_t n, const char* what) {
   TORCH_CHECK_VALUE(n <= int64_t(65535) * 128, what, " = ", n, " is too large for the CUDA kernels");
@@ -61,8 +51,11 @@ inline void check_int32_range(int64_t n, const char* what) {
   TORCH_CHECK_VALUE(n < (int64_t(1) << 31), what, " = ", n, " is too large for the CUDA kernels");
 }
 
-// The align op (align_cuda.cpp), also run inside lora_forward.
+// The align op (align_cuda.cpp) and its launch without the debug id check, for the LoRA
+// ops: ids outside [0, num_bins) are counted in the last bin. Sizes are always checked.
 std::tuple<at::Tensor, at::Tensor> align_cuda(const at::Tensor& experts, int64_t num_bins);
+std::tuple<at::Tensor, at::Tensor> align_unchecked_ids(const at::Tensor& experts,
+                                                       int64_t num_bins);
 
 }  // namespace cuda
 }  // namespace moe_ext

@@ -23,18 +23,19 @@ __global__ void route_kernel(const scalar_t* __restrict__ logits, const acc_of<s
   const scalar_t* row = logits + t * M;
   acc_t* p = probs + t * M;
 
+  // Exponents ((u - u_max) / tau) * 2 with u = logits/2 + bias/2, as on the CPU: finite
+  // logits, bias and temperature never overflow to inf - inf = NaN.
   acc_t zmax = -std::numeric_limits<acc_t>::infinity();
   for (int j = lane; j < M; j += 32) {
-    acc_t z = to_acc(row[j]);
-    if (bias) z += bias[j];
-    z *= inv_tau;
+    acc_t z = to_acc(row[j]) * acc_t(0.5);
+    if (bias) z += bias[j] * acc_t(0.5);
     p[j] = z;
     zmax = max(zmax, z);
   }
   zmax = warp_max(zmax);
   acc_t total = 0;
   for (int j = lane; j < M; j += 32) {
-    const acc_t e = acc_exp(p[j] - zmax);
+    const acc_t e = acc_exp(((p[j] - zmax) * inv_tau) * acc_t(2));
     p[j] = e;
     total += e;
   }

@@ -45,7 +45,7 @@ def choose_strategy(num_experts: int, top_k: int, rank: int, device: torch.devic
     return "dense" if 3 * top_k >= num_experts else "sparse"
 
 
-def _check(x, router_logits, lora_A, lora_B, top_k, num_null_experts, strategy):
+def _check(x, router_logits, lora_A, lora_B, top_k, num_null_experts, strategy, logit_bias):
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"x must be a tensor of shape (..., D), got {type(x).__name__}")
     if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 3:
@@ -67,8 +67,16 @@ def _check(x, router_logits, lora_A, lora_B, top_k, num_null_experts, strategy):
         raise ValueError(f"top_k must be in [1, {M}] (E + num_null_experts), got {top_k}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    for name, t in (("router_logits", router_logits), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.device != x.device:
+    if logit_bias is not None:
+        if not isinstance(logit_bias, torch.Tensor) or tuple(logit_bias.shape) != (M,):
+            raise ValueError(f"logit_bias must be a tensor of shape ({M},) (E + num_null_experts), "
+                             f"got {tuple(getattr(logit_bias, 'shape', ())) or type(logit_bias).__name__}")
+        if not logit_bias.is_floating_point():
+            raise ValueError(f"logit_bias must be a floating-point tensor, got {logit_bias.dtype}")
+    named = (("router_logits", router_logits), ("lora_A", lora_A), ("lora_B", lora_B),
+             ("logit_bias", logit_bias))
+    for name, t in named:
+        if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     for name, t in (("x", x), ("router_logits", router_logits)):
         if not t.is_floating_point():
@@ -84,7 +92,7 @@ def molora_with_routing(x: torch.Tensor, router_logits: torch.Tensor, lora_A: to
                         temperature: float = 1.0, logit_bias: Optional[torch.Tensor] = None,
                         strategy: str = "auto") -> MoLoRAOutput:
     """`molora` that also returns the routing (probs keep their graph, for router losses)."""
-    _check(x, router_logits, lora_A, lora_B, top_k, num_null_experts, strategy)
+    _check(x, router_logits, lora_A, lora_B, top_k, num_null_experts, strategy, logit_bias)
     E, R, D = lora_A.shape
     O = lora_B.shape[1]
     lead = x.shape[:-1]

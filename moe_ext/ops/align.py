@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import checks
 from .common import lib
 
 
@@ -18,5 +19,6 @@ def align(experts: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Ten
 
 @torch.library.register_fake("moe_ext::align")
 def _align_fake(experts, num_bins):
+    checks.align_args(experts, num_bins)
     return (experts.new_empty((experts.numel(),), dtype=torch.int64),
             experts.new_empty((num_bins + 1,), dtype=torch.int64))

@@ -5,9 +5,29 @@ N null experts, M = E + N router outputs, K experts per token, R LoRA rank, P = 
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import torch
 
-from .. import _C  # noqa: F401  (loading the library registers the ops' schemas and kernels)
+
+def _load_extension_override() -> None:
+    """MOE_EXT_EXTENSION=path/to/_C.so loads that build of moe_ext._C instead of the in-tree
+    one: `make test-asan` runs the op tests on the sanitizer build this way."""
+    path = os.environ.get("MOE_EXT_EXTENSION")
+    if not path or "moe_ext._C" in sys.modules:
+        return
+    if not os.path.isfile(path):
+        raise RuntimeError(f"MOE_EXT_EXTENSION names {path!r}, which is not a file")
+    spec = importlib.util.spec_from_file_location("moe_ext._C", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["moe_ext._C"] = module
+    spec.loader.exec_module(module)
+
+
+_load_extension_override()
+from .. import _C  # noqa: E402,F401  (loading the library registers the ops' schemas and kernels)
 
 lib = torch.ops.moe_ext
 
@@ -15,3 +35,16 @@ lib = torch.ops.moe_ext
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the kernels: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def register_no_derivative(op: str, use_instead: str) -> None:
+    """Backward ops have no derivative of their own: differentiating one (inputs that require
+    grad) raises a clear error instead of PyTorch's silent zero gradient with a warning.
+    Second derivatives come from the forward ops' autograd, whose backward under
+    create_graph=True is written in differentiable PyTorch ops."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"moe_ext::{op} has no derivative; for second derivatives "
+                           f"differentiate {use_instead} with create_graph=True")
+
+    torch.library.register_autograd(f"moe_ext::{op}", backward,
+                                    setup_context=lambda ctx, inputs, output: None)

@@ -5,8 +5,10 @@ a GPU (at PyTorch speed, not kernel speed). `moe-ext info` reports them as fallb
 Same contracts as the C++ kernels (csrc/ops.cpp), no host synchronisation. route, align
 and gate_dense are the references (reference.py); the LoRA ops use the dense-gated form:
 all experts' shrink as one GEMM, the routing weights scattered into a (T, E) gate matrix,
-one GEMM for the expand. Non-finite router logits are only checked when MOE_EXT_DEBUG=1
-(the check costs a host sync).
+one GEMM for the expand. The registered ops check sizes, dtypes and devices as the kernels
+do (checks.py); non-finite router logits and out-of-range ids to align are only checked when
+MOE_EXT_DEBUG=1 (the check costs a host sync), and otherwise bad ids act as null experts /
+the last bin, as in the CUDA kernels: no index ever leaves its tensor.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 
 import torch
 
-from . import reference
+from . import checks, reference
 from .common import acc_dtype
 
 REGISTERED: list[str] = []
@@ -30,15 +32,27 @@ def route(router_logits, logit_bias, top_k, temperature, normalize_weights):
 
 def route_backward(grad_probs, grad_weights, probs, weights, experts, temperature,
                    normalize_weights):
+    """Differentiable (the forward ops' backward under create_graph=True uses it). Ids outside
+    [0, M) add nothing, as in the CUDA kernel."""
     g = grad_probs.to(probs.dtype).clone() if grad_probs is not None else torch.zeros_like(probs)
     gw = grad_weights.to(probs.dtype)
+    valid = (experts >= 0) & (experts < probs.shape[1])
+    idx = torch.where(valid, experts, torch.zeros_like(experts))
     if normalize_weights:
-        S = probs.gather(1, experts).sum(-1, keepdim=True)
+        S = (probs.gather(1, idx) * valid).sum(-1, keepdim=True)
         dot = (gw * weights.to(probs.dtype)).sum(-1, keepdim=True)
-        g.scatter_add_(1, experts, (gw - dot) / S)
+        g.scatter_add_(1, idx, (gw - dot) / S * valid)
     else:
-        g.scatter_add_(1, experts, gw)
+        g.scatter_add_(1, idx, gw * valid)
     return probs * (g - (probs * g).sum(-1, keepdim=True)) / temperature
+
+
+def align(experts, num_bins):
+    """reference.align with ids outside [0, num_bins) counted in the last bin (CUDA's rule)."""
+    valid = (experts >= 0) & (experts < num_bins)
+    if os.environ.get("MOE_EXT_DEBUG") == "1" and not valid.all():
+        raise ValueError(f"experts holds an id outside [0, {num_bins})")
+    return reference.align(torch.where(valid, experts, num_bins - 1), num_bins)
 
 
 def _shrink_all(x, lora_A):
@@ -49,7 +63,7 @@ def _shrink_all(x, lora_A):
 
 def _chosen(values, experts, E):
     """values (T, E, ...) gathered at each pair's expert, zero for null experts: (T, K, ...)."""
-    is_lora = experts < E
+    is_lora = (experts >= 0) & (experts < E)
     idx = torch.where(is_lora, experts, torch.zeros_like(experts))
     idx = idx.view(*idx.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
     mask = is_lora.view(*is_lora.shape, *([1] * (values.dim() - 2)))
@@ -87,16 +101,33 @@ def gate_dense_backward(grad_gated, h_all, weights, experts, num_experts, num_nu
                         scaling):
     acc = acc_dtype(h_all.dtype)
     gates = scaling * reference.gates(weights, experts, num_experts, num_null_experts)
-    g3 = grad_gated.to(acc).view(h_all.shape[0], num_experts, -1)
-    h3 = h_all.to(acc).view(h_all.shape[0], num_experts, -1)
+    shape3 = (h_all.shape[0], num_experts, h_all.shape[1] // num_experts)  # (T, E, R); T may be 0
+    g3 = grad_gated.to(acc).view(shape3)
+    h3 = h_all.to(acc).view(shape3)
     dh = (g3 * gates[:, :, None]).reshape(h_all.shape).to(h_all.dtype)
     dw = _chosen(scaling * (g3 * h3).sum(-1), experts, num_experts)
     return dh, dw.to(weights.dtype)
 
 
-OPS = {"route": route, "route_backward": route_backward, "align": reference.align,
-       "lora_forward": lora_forward, "lora_backward": lora_backward,
-       "gate_dense": reference.gate_dense, "gate_dense_backward": gate_dense_backward}
+def _checked(fn, check):
+    """fn behind the argument checks of the fake kernels (checks.py)."""
+    def op(*args):
+        check(*args)
+        return fn(*args)
+    return op
+
+
+OPS = {
+    "route": _checked(route, lambda L, b, k, tau, _: checks.route_args(L, b, k, tau)),
+    "route_backward": _checked(route_backward, lambda gp, gw, p, w, e, tau, _:
+                               checks.route_backward_args(gp, gw, p, w, e, tau)),
+    "align": _checked(align, checks.align_args),
+    "lora_forward": _checked(lora_forward, checks.lora_forward_args),
+    "lora_backward": _checked(lora_backward, checks.lora_backward_args),
+    "gate_dense": _checked(reference.gate_dense, checks.gate_dense_args),
+    "gate_dense_backward": _checked(gate_dense_backward, lambda g, h, w, e, E, N, s:
+                                    checks.gate_dense_args(h, w, e, E, N, s, g)),
+}
 
 
 def register_cuda_fallbacks() -> None:

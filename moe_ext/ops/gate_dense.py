@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import lib
+from . import checks, fallback
+from .common import lib, register_no_derivative
 
 
 def gate_dense(h_all: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
@@ -17,12 +18,15 @@ def gate_dense(h_all: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
 
 @torch.library.register_fake("moe_ext::gate_dense")
 def _gate_dense_fake(h_all, weights, experts, num_experts, num_null_experts, scaling):
+    checks.gate_dense_args(h_all, weights, experts, num_experts, num_null_experts, scaling)
     return torch.empty_like(h_all)
 
 
 @torch.library.register_fake("moe_ext::gate_dense_backward")
 def _gate_dense_backward_fake(grad_gated, h_all, weights, experts, num_experts, num_null_experts,
                               scaling):
+    checks.gate_dense_args(h_all, weights, experts, num_experts, num_null_experts, scaling,
+                           grad_gated)
     return torch.empty_like(h_all), torch.empty_like(weights)
 
 
@@ -34,8 +38,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_gated):
     h_all, weights, experts = ctx.saved_tensors
-    dh, dw = lib.gate_dense_backward(grad_gated, h_all, weights, experts, *ctx.args)
+    # create_graph=True: the differentiable PyTorch formula (fallback.py) instead of the kernel.
+    backward = fallback.gate_dense_backward if torch.is_grad_enabled() else lib.gate_dense_backward
+    dh, dw = backward(grad_gated, h_all, weights, experts, *ctx.args)
     return dh, dw, None, None, None, None
 
 
 torch.library.register_autograd("moe_ext::gate_dense", _backward, setup_context=_setup)
+register_no_derivative("gate_dense_backward", "ops.gate_dense or functional.molora")

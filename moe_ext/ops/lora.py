@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import acc_dtype, lib
+from . import checks, fallback
+from .common import acc_dtype, lib, register_no_derivative
 
 
 def lora_sparse(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -22,6 +23,7 @@ def lora_sparse(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
 
 @torch.library.register_fake("moe_ext::lora_forward")
 def _lora_forward_fake(x, lora_A, lora_B, weights, experts, scaling, num_null_experts):
+    checks.lora_forward_args(x, lora_A, lora_B, weights, experts, scaling, num_null_experts)
     T, K, R, O = x.shape[0], experts.shape[1], lora_A.shape[1], lora_B.shape[1]
     return x.new_empty((T, O)), x.new_empty((T * K, R), dtype=acc_dtype(x.dtype))
 
@@ -29,6 +31,8 @@ def _lora_forward_fake(x, lora_A, lora_B, weights, experts, scaling, num_null_ex
 @torch.library.register_fake("moe_ext::lora_backward")
 def _lora_backward_fake(grad_y, x, lora_A, lora_B, weights, experts, order, offsets, h, scaling,
                         num_null_experts):
+    checks.lora_backward_args(grad_y, x, lora_A, lora_B, weights, experts, order, offsets, h,
+                              scaling, num_null_experts)
     return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(lora_A),
             torch.empty_like(lora_B))
 
@@ -43,10 +47,23 @@ def _backward(ctx, grad_y, _grad_h):
     x, lora_A, lora_B, weights, experts, h = ctx.saved_tensors
     if grad_y is None:
         grad_y = x.new_zeros((x.shape[0], lora_B.shape[1]))
-    order, offsets = lib.align(experts, lora_A.shape[0] + ctx.num_null)
+    if torch.is_grad_enabled():
+        # create_graph=True: the gradient must itself be differentiable, so it comes from the
+        # same math in PyTorch ops (fallback.py, the dense form) instead of the kernel.
+        dx, dw, dA, dB = fallback.lora_backward(grad_y, x, lora_A, lora_B, weights, experts, None,
+                                                None, h, ctx.scaling, ctx.num_null)
+        return dx, dA, dB, dw, None, None, None
+    order, offsets = pair_alignment(experts, lora_A.shape[0])
     dx, dw, dA, dB = lib.lora_backward(grad_y, x, lora_A, lora_B, weights, experts, order,
                                        offsets, h, ctx.scaling, ctx.num_null)
     return dx, dA, dB, dw, None, None, None
 
 
+def pair_alignment(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_backward's order (P,) and offsets (E + 2,): the pairs sorted by expert with every
+    null expert in one bin E, so that nothing grows with num_null_experts."""
+    return lib.align(experts.clamp(max=num_experts), num_experts + 1)
+
+
 torch.library.register_autograd("moe_ext::lora_forward", _backward, setup_context=_setup)
+register_no_derivative("lora_backward", "ops.lora_sparse or functional.molora")

@@ -27,10 +27,13 @@ def route(router_logits: torch.Tensor, top_k: int, temperature: float = 1.0,
           logit_bias: Optional[torch.Tensor] = None, normalize_weights: bool = True):
     """router_logits (T, M) -> probs (T, M), weights (T, K), experts (T, K), counts (M,).
     Ties between equal probabilities pick the lower expert id (stable sort)."""
-    z = router_logits.to(_acc(router_logits.dtype))
+    # softmax((L + b) / tau) as softmax(((u - max u) / tau) * 2) with u = L/2 + b/2: halves
+    # cannot overflow when added, and the max is taken out before dividing, so finite inputs
+    # never give inf - inf = NaN.
+    u = router_logits.to(_acc(router_logits.dtype)) / 2
     if logit_bias is not None:
-        z = z + logit_bias.to(z.dtype)
-    probs = torch.softmax(z / temperature, dim=-1)
+        u = u + logit_bias.to(u.dtype) / 2
+    probs = torch.softmax((u - u.amax(-1, keepdim=True)) / temperature * 2, dim=-1)
     experts = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
     weights = probs.gather(1, experts)
     if normalize_weights:
@@ -48,16 +51,19 @@ def align(experts: torch.Tensor, num_bins: int):
 def gates(weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
           num_null_experts: int) -> torch.Tensor:
     """(T, E): each token's routing weights scattered to their experts (summed if an id
-    repeats), the null experts' columns dropped."""
-    full = weights.new_zeros(experts.shape[0], num_experts + num_null_experts)
-    return full.scatter_add(1, experts, weights)[:, :num_experts]
+    repeats). Null experts (and any id outside [0, E), as the CUDA kernels treat them) share
+    one spare column that is dropped, so nothing grows with num_null_experts."""
+    lora = (experts >= 0) & (experts < num_experts)
+    idx = torch.where(lora, experts, torch.full_like(experts, num_experts))
+    full = weights.new_zeros(experts.shape[0], num_experts + 1)
+    return full.scatter_add(1, idx, weights)[:, :num_experts]
 
 
 def gate_dense(h_all: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                num_experts: int, num_null_experts: int, scaling: float) -> torch.Tensor:
     """h_all (T, E*R) -> gated (T, E*R): expert e's R columns times s * gate(t, e)."""
     g = gates(weights, experts, num_experts, num_null_experts).to(h_all.dtype)
-    h3 = h_all.view(h_all.shape[0], num_experts, -1)
+    h3 = h_all.view(h_all.shape[0], num_experts, h_all.shape[1] // num_experts)
     return (h3 * (scaling * g)[:, :, None]).reshape(h_all.shape)
 
 

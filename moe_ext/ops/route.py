@@ -6,7 +6,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .common import acc_dtype, lib
+from . import checks, fallback
+from .common import acc_dtype, lib, register_no_derivative
 
 
 class Routing(NamedTuple):
@@ -29,6 +30,7 @@ def route(router_logits: torch.Tensor, top_k: int, temperature: float = 1.0,
 
 @torch.library.register_fake("moe_ext::route")
 def _route_fake(router_logits, logit_bias, top_k, temperature, normalize_weights):
+    checks.route_args(router_logits, logit_bias, top_k, temperature)
     T, M = router_logits.shape
     acc = acc_dtype(router_logits.dtype)
     return (router_logits.new_empty((T, M), dtype=acc),
@@ -40,6 +42,7 @@ def _route_fake(router_logits, logit_bias, top_k, temperature, normalize_weights
 @torch.library.register_fake("moe_ext::route_backward")
 def _route_backward_fake(grad_probs, grad_weights, probs, weights, experts, temperature,
                          normalize_weights):
+    checks.route_backward_args(grad_probs, grad_weights, probs, weights, experts, temperature)
     return torch.empty_like(probs)
 
 
@@ -56,8 +59,11 @@ def _backward(ctx, grad_probs, grad_weights, _grad_experts, _grad_counts):
     probs, weights, experts = ctx.saved_tensors
     if grad_weights is None:
         grad_weights = torch.zeros_like(weights)
-    g = lib.route_backward(grad_probs, grad_weights, probs, weights, experts, ctx.temperature,
-                           ctx.normalize)
+    # Under create_graph=True the gradient must itself be differentiable: the same formula in
+    # PyTorch ops (fallback.py), whose graph reaches the logits through the saved probs.
+    backward = fallback.route_backward if torch.is_grad_enabled() else lib.route_backward
+    g = backward(grad_probs, grad_weights, probs, weights, experts, ctx.temperature,
+                 ctx.normalize)
     grad_bias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
         grad_bias = g.sum(0).to(ctx.bias_dtype)  # z = (L + b) / tau: dL and db share dz
@@ -65,3 +71,4 @@ def _backward(ctx, grad_probs, grad_weights, _grad_experts, _grad_counts):
 
 
 torch.library.register_autograd("moe_ext::route", _backward, setup_context=_setup)
+register_no_derivative("route_backward", "ops.route")

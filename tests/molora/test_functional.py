@@ -56,6 +56,12 @@ def test_bad_inputs_name_the_argument():
         (dict(num_null_experts=-1), ValueError, "num_null_experts"),
         (dict(strategy="fast"), ValueError, "strategy"),
         (dict(lora_A=A.to("meta")), ValueError, "lora_A is on meta but x is on cpu"),
+        (dict(logit_bias=torch.zeros(3, device="meta")), ValueError, "logit_bias is on meta"),
+        (dict(logit_bias=torch.zeros(4)), ValueError, "logit_bias must be a tensor of shape"),
+        (dict(logit_bias=[0.0] * 3), ValueError, "logit_bias must be a tensor"),
+        (dict(logit_bias=torch.zeros(3, dtype=torch.long)), ValueError, "logit_bias must be a floating"),
+        (dict(scaling=float("nan")), ValueError, "scaling"),
+        (dict(temperature=0.0), ValueError, "temperature"),
     ]
     base = dict(x=x, router_logits=L, lora_A=A, lora_B=B, top_k=2, scaling=1.0)
     for change, exc, pattern in cases:

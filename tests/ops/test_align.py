@@ -75,3 +75,20 @@ def test_align_random(T, K, bins):
     experts = torch.randint(0, bins, (T, K))
     order, offsets = ops.align(experts, bins)
     check_invariants(experts, bins, order, offsets)
+
+
+@pytest.mark.parametrize("bins", [2**24 + 1, 2**31, 2**62, 2**63 - 1])
+def test_align_refuses_huge_num_bins_before_allocating(bins):
+    """align(num_bins=2**31) asked for ~24 GB, 2**63 - 1 overflowed num_bins + 1."""
+    with pytest.raises(ValueError, match="num_bins"):
+        ops.align(torch.zeros(3, 2, dtype=torch.long), bins)
+    with pytest.raises(ValueError, match="num_bins"):
+        ops.align(torch.zeros(3, 2, dtype=torch.long, device="meta"), bins)
+
+
+def test_align_many_bins_few_pairs():
+    """The histogram has one chunk when bins outnumber pairs: 2**20 bins cost 8 MB, not 16."""
+    experts = torch.tensor([[5, 2**20 - 1], [5, 0]])
+    order, offsets = ops.align(experts, 2**20)
+    want = reference.align(experts, 2**20)
+    assert torch.equal(order, want[0]) and torch.equal(offsets, want[1])

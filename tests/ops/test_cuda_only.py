@@ -107,7 +107,7 @@ def test_out_of_range_ids_add_nothing_without_debug_mode():
 
     def fwd_bwd(experts, N):
         y, h = C.lora_forward(x, A, B, r.weights, experts, 0.5, N)
-        order, offsets = C.align(experts, E + N)
+        order, offsets = ops.pair_alignment(experts, E)
         gy = torch.ones_like(y)
         return [y, h, *C.lora_backward(gy, x, A, B, r.weights, experts, order, offsets, h, 0.5, N)]
 
@@ -122,3 +122,24 @@ def test_bad_inputs_name_the_argument_on_cuda():
     with pytest.raises(RuntimeError, match="lora_A"):
         torch.ops.moe_ext.lora_forward(x, A.cpu(), B, torch.ones(6, 2, device=CUDA),
                                        torch.zeros(6, 2, dtype=torch.long, device=CUDA), 1.0, 0)
+
+
+def test_bad_order_and_offsets_stay_in_bounds_without_debug_mode(monkeypatch):
+    """Without MOE_EXT_DEBUG nothing is read back, but lora_backward clamps order and offsets
+    on the device: garbage gives garbage gradients, never an access out of bounds (run under
+    compute-sanitizer to see that); with the debug switch it is a ValueError."""
+    T, D, O, E, R, K = 40, 24, 20, 3, 4, 2
+    x, L, A, B = make_inputs(T, D, O, E, R, 1, torch.float32, CUDA)
+    r = ops.route(L, K)
+    C = torch.ops.moe_ext
+    y, h = C.lora_forward(x, A, B, r.weights, r.experts, 0.5, 1)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randint(-2**62, 2**62, (T * K,), generator=g).to(CUDA)
+    offsets = torch.randint(-2**62, 2**62, (E + 2,), generator=g).to(CUDA)
+    args = (torch.ones_like(y), x, A, B, r.weights, r.experts, order, offsets, h, 0.5, 1)
+    outs = C.lora_backward(*args)
+    torch.cuda.synchronize()
+    assert [tuple(o.shape) for o in outs] == [(T, D), (T, K), (E, R, D), (E, O, R)]
+    monkeypatch.setenv("MOE_EXT_DEBUG", "1")
+    with pytest.raises(ValueError, match="offsets|order"):
+        C.lora_backward(*args)

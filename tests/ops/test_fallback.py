@@ -43,7 +43,7 @@ def test_lora_and_gate_ops_match_kernels(dtype, K, N):
     torch.testing.assert_close(fy, y, **tol)
     torch.testing.assert_close(fh, h, **tol)
     dy = torch.randn_like(y)
-    order, offsets = C.align(r.experts, 4 + N)
+    order, offsets = ops.pair_alignment(r.experts, 4)
     want = C.lora_backward(dy, x, A, B, w, r.experts, order, offsets, h, 0.9, N)
     got = fallback.lora_backward(dy, x, A, B, w, r.experts, order, offsets, h, 0.9, N)
     for g, k in zip(got, want):
@@ -61,3 +61,27 @@ def test_fallbacks_registered_for_cuda_only_where_no_kernel():
     for name in fallback.REGISTERED:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_ext::{name}", "CUDA")
     assert set(fallback.REGISTERED) <= set(fallback.OPS)
+
+
+def test_fallbacks_check_arguments_and_keep_bad_ids_in_bounds(monkeypatch):
+    """As the CUDA kernels: sizes always checked; without MOE_EXT_DEBUG bad ids act as the
+    last bin / add nothing instead of an out-of-range scatter (a device assert on a GPU)."""
+    monkeypatch.delenv("MOE_EXT_DEBUG", raising=False)
+    experts = torch.tensor([[0, 7], [-3, 1]])
+    order, offsets = fallback.OPS["align"](experts, 3)
+    assert offsets.tolist() == [0, 1, 2, 4] and sorted(order.tolist()) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="num_bins"):
+        fallback.OPS["align"](experts, 2**40)
+    monkeypatch.setenv("MOE_EXT_DEBUG", "1")
+    with pytest.raises(ValueError, match="experts"):
+        fallback.OPS["align"](experts, 3)
+    r = ops.route(torch.randn(2, 3, dtype=torch.float64), 2)
+    gw = torch.ones(2, 2, dtype=torch.float64)
+    valid = fallback.OPS["route_backward"](None, gw, r.probs, r.weights, r.experts, 1.0, True)
+    bad = r.experts.clone()
+    bad[0, 1] = 2**40
+    g = fallback.OPS["route_backward"](None, gw, r.probs, r.weights, bad, 1.0, True)
+    assert torch.isfinite(g).all() and torch.equal(g[1], valid[1])
+    with pytest.raises(ValueError, match="scaling"):
+        fallback.OPS["gate_dense"](torch.zeros(2, 6, dtype=torch.float64), r.weights, r.experts, 3, 0,
+                                   float("nan"))

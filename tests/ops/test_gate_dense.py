@@ -45,3 +45,25 @@ def test_gate_rejects_bad_ids():
     bad[0, 0] = 3  # no null experts: id 3 is out of range
     with pytest.raises(ValueError, match="experts"):
         ops.gate_dense(torch.randn(6, 6), r.weights, bad, 3, 0, 1.0)
+
+
+@pytest.mark.parametrize("op", ["gate_dense", "gate_dense_backward"])
+def test_gate_ops_reject_bad_scalars_before_any_arithmetic(op):
+    r = ops.route(torch.randn(6, 4), 2)
+    h_all = torch.randn(6, 6)
+    args = lambda E, N, s: ((h_all, r.weights, r.experts, E, N, s) if op == "gate_dense" else
+                            (torch.randn_like(h_all), h_all, r.weights, r.experts, E, N, s))
+    for E, N, s, name in [(3, 1, float("nan"), "scaling"), (3, 1, float("inf"), "scaling"),
+                          (3, -1, 1.0, "num_null_experts"), (3, 2**63 - 1, 1.0, "num_null_experts"),
+                          (0, 1, 1.0, "num_experts"), (2**62, 1, 1.0, "num_experts")]:
+        with pytest.raises(ValueError, match=name):
+            getattr(C, op)(*args(E, N, s))
+
+
+def test_gate_ops_with_no_tokens():
+    """T = 0 (the reference and the CUDA fallback could not reshape it before)."""
+    w, e = torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long)
+    for impl in (C.gate_dense, reference.gate_dense):
+        assert impl(torch.zeros(0, 6), w, e, 3, 1, 1.0).shape == (0, 6)
+    dh, dw = C.gate_dense_backward(torch.zeros(0, 6), torch.zeros(0, 6), w, e, 3, 1, 1.0)
+    assert dh.shape == (0, 6) and dw.shape == (0, 2)

@@ -1,6 +1,8 @@
 """The sparse grouped LoRA ops (lora_forward / lora_backward) and both strategies of
 functional.molora, against reference.molora in float64, on every device (the CUDA
 parametrisation runs where there is a GPU)."""
+import resource
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -170,7 +172,7 @@ def test_opcheck_lora_ops(device):
     torch.library.opcheck(torch.ops.moe_ext.lora_forward.default, (x, A, B, w, r.experts, 0.5, 1))
     y, h = torch.ops.moe_ext.lora_forward(x.detach(), A.detach(), B.detach(), r.weights, r.experts,
                                           0.5, 1)
-    order, offsets = ops.align(r.experts, 4)
+    order, offsets = ops.pair_alignment(r.experts, 3)
     torch.library.opcheck(torch.ops.moe_ext.lora_backward.default,
                           (torch.randn_like(y), x.detach(), A.detach(), B.detach(), r.weights,
                            r.experts, order, offsets, h, 0.5, 1))
@@ -204,3 +206,115 @@ def test_random_shapes(T, D, O, E, R, N, data):
     want = torch.autograd.grad(y_ref.sum(), (x, L, A, B))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-9)
+
+
+def backward_args(T=20, D=6, O=5, E=3, R=2, N=1, K=2, seed=0):
+    """A valid lora_backward call: (grad_y, x, A, B, weights, experts, order, offsets, h, s, N)."""
+    x, L, A, B = make_inputs(T, D, O, E, R, N, torch.float64, seed=seed)
+    r = ops.route(L, K)
+    y, h = torch.ops.moe_ext.lora_forward(x, A, B, r.weights, r.experts, 0.7, N)
+    order, offsets = ops.pair_alignment(r.experts, E)
+    return [torch.randn_like(y), x, A, B, r.weights, r.experts, order, offsets, h, 0.7, N]
+
+
+def _swap_across_bins(args):
+    order, offsets = args[6].clone(), args[7]
+    i, j = int(offsets[0]), int(offsets[-2])  # first pair of bin 0 and first of the null bin
+    order[i], order[j] = order[j].clone(), order[i].clone()
+    return order
+
+
+@pytest.mark.parametrize("mutate,name", [
+    (lambda a: {7: a[7] + 1}, "offsets"),                                   # does not start at 0
+    (lambda a: {7: torch.cat([a[7][:2].flip(0), a[7][2:]])}, "offsets"),    # decreases
+    (lambda a: {7: a[7].clamp(max=int(a[7][-1]) - 1)}, "offsets"),          # ends before P
+    (lambda a: {7: torch.full_like(a[7], 2**62)}, "offsets"),
+    (lambda a: {7: a[7][:-1]}, "offsets"),                                  # (E + N + 1,) no more
+    (lambda a: {6: a[6].index_fill(0, torch.tensor([3]), 40)}, "order"),    # past P
+    (lambda a: {6: a[6].index_fill(0, torch.tensor([3]), -2**63)}, "order"),
+    (lambda a: {6: a[6].index_fill(0, torch.tensor([3]), int(a[6][4]))}, "order"),  # repeated
+    (lambda a: {6: _swap_across_bins(a)}, "order"),                         # wrong bins
+    (lambda a: {5: a[5].index_fill(1, torch.tensor([0]), -1)}, "experts"),
+    (lambda a: {9: float("nan")}, "scaling"),
+    (lambda a: {10: 2**63 - 1}, "num_null_experts"),
+])
+def test_lora_backward_rejects_bad_alignment_ids_and_scalars(mutate, name):
+    """These read out of bounds (SIGSEGV, ASan heap overflows) or overflowed before."""
+    args = backward_args()
+    for i, v in mutate(args).items():
+        args[i] = v
+    with pytest.raises(ValueError, match=name):
+        torch.ops.moe_ext.lora_backward(*args)
+
+
+def test_lora_backward_takes_the_null_experts_in_one_bin():
+    args = backward_args(N=3, K=3)
+    want = torch.autograd.grad(reference.lora_delta(*[a.requires_grad_(a.is_floating_point())
+                                                      for a in args[1:6]], 0.7), args[1:5], args[0])
+    dx, dw, dA, dB = torch.ops.moe_ext.lora_backward(*args)
+    for g, w in zip((dx, dA, dB, dw), want):
+        torch.testing.assert_close(g, w)
+
+
+def test_null_experts_cost_nothing():
+    """num_null_experts = 2**30 used to make the backward align 2**30 bins (~16 GB)."""
+    x, L, A, B = make_inputs(30, 8, 6, 3, 2, 1, torch.float64, grad=True)
+    r = ops.route(L, 2)
+    huge = r.experts.masked_fill(r.experts == 3, 3 + 2**30 - 1)  # the last of 2**30 null experts
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    outs = []
+    for experts, N in ((r.experts, 1), (huge, 2**30)):
+        y = ops.lora_sparse(x, A, B, r.weights.detach(), experts, 0.5, N)
+        outs.append([y] + list(torch.autograd.grad(y.square().sum(), (x, A, B))))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_scaling_and_num_null_experts_checked_before_use():
+    x, L, A, B = make_inputs(6, 5, 4, 3, 2)
+    r = ops.route(L, 2)
+    for s, N, name in [(float("inf"), 0, "scaling"), (float("nan"), 0, "scaling"),
+                       (1.0, -1, "num_null_experts"), (1.0, 2**63 - 1, "num_null_experts"),
+                       (1.0, 2**31 - 3, "num_null_experts")]:  # E + N = 2**31: past int32 ids
+        with pytest.raises(ValueError, match=name):
+            ops.lora_sparse(x, A, B, r.weights, r.experts, s, N)
+
+
+def test_meta_tensor_among_real_ones_is_an_error():
+    x, L, A, B = make_inputs(6, 5, 4, 3, 2)
+    r = ops.route(L, 2)
+    with pytest.raises(RuntimeError, match="lora_A is on meta"):
+        ops.lora_sparse(x, A.to("meta"), B, r.weights, r.experts, 1.0)
+    args = backward_args()
+    args[7] = args[7].to("meta")
+    with pytest.raises(RuntimeError, match="offsets is on meta"):
+        torch.ops.moe_ext.lora_backward(*args)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_second_derivatives_match_reference(strategy):
+    """create_graph=True used to give silently wrong (zero) second derivatives."""
+    x, L, A, B = make_inputs(7, 5, 6, 3, 2, 1, torch.float64, grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, L, A, B, bias):
+        return functional.molora(x, L, A, B, 2, 1.3, 1, temperature=0.7, logit_bias=bias,
+                                 strategy=strategy)
+
+    assert torch.autograd.gradgradcheck(f, (x, L, A, B, bias))
+    inputs = (x, L, A, B, bias)
+    got = torch.autograd.grad(f(*inputs).square().sum(), inputs, create_graph=True)
+    want = torch.autograd.grad(reference.molora(x, L, A, B, 2, 1.3, 1, True, 0.7, bias).square().sum(),
+                               inputs, create_graph=True)
+    second = torch.autograd.grad(sum((g * g).sum() for g in got), inputs)
+    second_ref = torch.autograd.grad(sum((g * g).sum() for g in want), inputs)
+    for a, b in zip(second, second_ref):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_lora_backward_op_has_no_derivative():
+    args = backward_args()
+    args[0].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="has no derivative"):
+        torch.ops.moe_ext.lora_backward(*args)[0].sum().backward()

@@ -129,3 +129,68 @@ def test_route_random_shapes(T, M, data):
     want = reference.route(logits, K)
     assert torch.equal(got.experts, want[2])
     torch.testing.assert_close(got.weights, want[1], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_route_finite_extremes_never_give_nan(device, dtype):
+    """Finite logits, bias and temperature at the ends of the dtype's range route without
+    NaN: (L + b) / tau overflowed to inf - inf before."""
+    big = torch.finfo(dtype).max
+    logits = torch.tensor([[big, big, -big, 0.0], [big, 1.0, 2.0, -big], [0.0, 1.0, 2.0, 3.0]],
+                          dtype=dtype, device=device)
+    bias = torch.tensor([big, -big, big, 0.0], dtype=dtype, device=device)
+    tiny_tau = 1.0 / big * 2  # the smallest temperatures whose inverse is finite
+    for b, tau in ((None, 1.0), (bias, 1.0), (None, tiny_tau), (bias, 1e-3), (None, 1e300)):
+        r = ops.route(logits, 2, tau, b)
+        for t in (r.probs, r.weights):
+            assert torch.isfinite(t).all(), (b, tau)
+        torch.testing.assert_close(r.probs.sum(-1).cpu(), torch.ones(3, dtype=dtype))
+        want = reference.route(logits.cpu().double(), 2, tau, None if b is None else b.cpu().double())
+        torch.testing.assert_close(r.probs.cpu().double(), want[0], atol=1e-6, rtol=1e-6)
+    # with the bias: expert 0 takes all of rows 0 and 1, the others tie at 0 (lower id
+    # first); in row 2, big + 0 and big + 2 are equal in the dtype: half each
+    r = ops.route(logits, 2, 1.0, bias)
+    assert r.experts.tolist() == [[0, 1], [0, 1], [0, 2]]
+    assert r.weights[2].tolist() == [0.5, 0.5]
+
+
+def test_route_temperature_needs_a_finite_inverse_in_the_routing_dtype():
+    with pytest.raises(ValueError, match="temperature"):
+        ops.route(torch.randn(4, 3), 1, temperature=1e-45)  # 1 / tau overflows float32
+    r = ops.route(torch.randn(4, 3, dtype=torch.float64), 1, temperature=1e-300)
+    assert torch.isfinite(r.probs).all()
+    r = ops.route(torch.randn(4, 3), 2)
+    with pytest.raises(ValueError, match="temperature"):
+        torch.ops.moe_ext.route_backward(None, r.weights, r.probs, r.weights, r.experts, 1e-45, True)
+
+
+def test_route_meta_tensor_among_real_ones_is_an_error():
+    """A meta tensor dispatches to the fake kernel, which used to return uninitialised ids."""
+    with pytest.raises(RuntimeError, match="logit_bias is on meta"):
+        ops.route(torch.randn(4, 3), 1, logit_bias=torch.zeros(3, device="meta"))
+    r = ops.route(torch.randn(4, 3), 2)
+    with pytest.raises(RuntimeError, match="experts is on meta"):
+        torch.ops.moe_ext.route_backward(None, r.weights, r.probs, r.weights,
+                                         r.experts.to("meta"), 1.0, True)
+    meta = ops.route(torch.randn(4, 3, device="meta"), 2)
+    assert meta.experts.device.type == "meta" and meta.experts.shape == (4, 2)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_second_derivatives(normalize):
+    logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def f(logits, bias):
+        r = ops.route(logits, 2, 0.8, bias, normalize)
+        return r.probs, r.weights
+
+    assert torch.autograd.gradgradcheck(f, (logits, bias))
+
+
+def test_route_backward_op_has_no_derivative():
+    r = ops.route(torch.randn(4, 3, dtype=torch.float64), 2)
+    gw = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    g = torch.ops.moe_ext.route_backward(None, gw, r.probs, r.weights, r.experts, 1.0, True)
+    with pytest.raises(RuntimeError, match="has no derivative"):
+        g.sum().backward()
