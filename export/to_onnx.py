@@ -12,15 +12,14 @@ from torch import nn
 
 from moe_ext import __version__
 from moe_ext.molora import MoLoRALinear
-from moe_ext.reward import SparseMoERewardModel
 from moe_ext.utils.io import atomic_write
 
 from .onnx_ops import translation_table
+from .reward import REWARD_KINDS, reward_kind, reward_to_onnx
 
-# kind -> (input names in order, required inputs, output name)
+# kind -> (input names in order, required inputs, output name); reward models: reward.py
 KINDS = {
     "causal_lm": (("input_ids", "attention_mask"), ("input_ids",), "logits"),
-    "reward_model": (("prompt_emb", "response_emb"), ("prompt_emb", "response_emb"), "rewards"),
     "molora_linear": (("x",), ("x",), "y"),
 }
 
@@ -28,13 +27,14 @@ KINDS = {
 def model_kind(model: nn.Module) -> str:
     if isinstance(model, MoLoRALinear):
         return "molora_linear"
-    if isinstance(model, SparseMoERewardModel):
-        return "reward_model"
+    if reward_kind(model) is not None:
+        return reward_kind(model)
     if hasattr(model, "molora_config") and hasattr(model, "config") and \
             callable(getattr(model, "get_output_embeddings", None)):
         return "causal_lm"
     raise ValueError(f"to_onnx exports a MoLoRA-injected transformers causal LM, a "
-                     f"SparseMoERewardModel or a MoLoRALinear; got {type(model).__name__}")
+                     f"SparseMoERewardModel, a BackboneRewardModel or a MoLoRALinear; got "
+                     f"{type(model).__name__}")
 
 
 class _Graph(nn.Module):
@@ -47,8 +47,6 @@ class _Graph(nn.Module):
     def run(self, inputs: dict):
         if self.kind == "causal_lm":
             return self.model(**inputs, use_cache=False).logits
-        if self.kind == "reward_model":
-            return self.model(inputs["prompt_emb"], inputs["response_emb"])
         return self.model(inputs["x"])
 
 
@@ -65,18 +63,13 @@ class _Graph2(_Graph):
 def _dynamic_shapes(kind: str, names, tensors):
     if kind == "causal_lm":
         return tuple({0: "batch", 1: "sequence"} for _ in names)
-    if kind == "reward_model":
-        return tuple({0: "batch"} for _ in names)
     return ({i: f"dim{i}" for i in range(tensors[0].dim() - 1)},)
 
 
 def _metadata(model: nn.Module, kind: str) -> dict[str, str]:
     meta = {"moe_ext.kind": kind, "moe_ext.version": __version__}
-    if kind == "reward_model":
-        meta["moe_ext.reward_config"] = json.dumps(model.config.to_dict())
-    else:
-        config = model.config if kind == "molora_linear" else model.molora_config
-        meta["moe_ext.molora_config"] = json.dumps(config.to_dict())
+    config = model.config if kind == "molora_linear" else model.molora_config
+    meta["moe_ext.molora_config"] = json.dumps(config.to_dict())
     if kind == "causal_lm":
         meta["moe_ext.vocab_size"] = str(model.config.vocab_size)
     return meta
@@ -87,14 +80,18 @@ def to_onnx(model: nn.Module, path: str, example_inputs: dict[str, torch.Tensor]
     """Exports `model` to `path` and returns the path.
 
     model: a MoLoRA-injected HF causal LM (inputs input_ids [, attention_mask]; output
-      "logits"), a SparseMoERewardModel (inputs prompt_emb, response_emb; output "rewards")
-      or a MoLoRALinear (input x; output "y").
+      "logits"), a MoLoRALinear (input x; output "y"), or a reward model: a
+      SparseMoERewardModel (inputs prompt_emb, response_emb) or a BackboneRewardModel
+      (token inputs), each optionally with a user_weights input; outputs "rewards",
+      "expert_rewards" [, "routing_weights"] (see export/reward.py).
     example_inputs: name -> tensor, used to trace; other shapes work when dynamic=True.
     dtype: None (the model's), "float32" or "float16" (weights and float inputs cast).
     """
     import onnx
 
     kind = model_kind(model)
+    if kind in REWARD_KINDS:
+        return reward_to_onnx(model, path, example_inputs, dynamic, dtype, opset)
     order, required, output = KINDS[kind]
     if not isinstance(example_inputs, dict):
         raise ValueError("example_inputs must be a dict of input name -> tensor")

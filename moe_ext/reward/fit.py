@@ -71,7 +71,7 @@ def moe_loss(model: SparseMoERewardModel, prompt, chosen, rejected, cfg: FitConf
 
 def fit(model: nn.Module, prompt_emb: torch.Tensor, chosen_emb: torch.Tensor,
         rejected_emb: torch.Tensor, config: Optional[FitConfig] = None, **options) -> list[dict]:
-    """Trains `model` (SparseMoERewardModel or UniversalRewardModel) on preference pairs
+    """Trains `model` (SparseMoERewardModel, UniversalRewardModel or HeadEnsemble) on pairs
     (prompt_emb (n, P), chosen_emb and rejected_emb (n, Dr)) for cfg.epochs passes over
     shuffled mini-batches, on the shared training loop (moe_ext.training); options override
     FitConfig fields. Returns one metrics row per epoch (the mean over its batches)."""
@@ -98,6 +98,8 @@ def fit(model: nn.Module, prompt_emb: torch.Tensor, chosen_emb: torch.Tensor,
         p, c, r = batch
         if isinstance(raw, SparseMoERewardModel):
             return moe_loss(raw, p, c, r, cfg)
+        if hasattr(raw, "ensemble_loss"):  # heads trained on their own losses (baselines.py)
+            return raw.ensemble_loss(p, c, r)
         loss = -F.logsigmoid(wrapped(p, c) - wrapped(p, r)).mean()
         return loss, {"bt": loss.item()}
 

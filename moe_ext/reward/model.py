@@ -135,12 +135,19 @@ class SparseMoERewardModel(nn.Module):
 
 
 class UniversalRewardModel(nn.Module):
-    """Baseline: one Bradley-Terry reward head on the response embedding, for every user."""
+    """Baseline: one Bradley-Terry reward head on the response embedding, for every user.
+    Seen as a mixture it has one expert, so adaptation cannot change it."""
+
+    num_experts = 1
 
     def __init__(self, response_dim: int, hidden: Optional[int] = None):
         super().__init__()
         self.net = (nn.Linear(response_dim, 1) if hidden is None else
                     nn.Sequential(nn.Linear(response_dim, hidden), nn.GELU(), nn.Linear(hidden, 1)))
+
+    def expert_rewards(self, response_emb: torch.Tensor) -> torch.Tensor:
+        """(B, 1): the one head's reward."""
+        return self.net(response_emb)
 
     def forward(self, prompt_emb, response_emb, user_weights=None) -> torch.Tensor:
         return self.net(response_emb).squeeze(-1)
