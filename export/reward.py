@@ -143,3 +143,27 @@ def reward_to_onnx(model: nn.Module, path: str, example_inputs: dict, dynamic: b
         entry.key, entry.value = key, value
     atomic_write(path, lambda tmp: onnx.save(proto, tmp))
     return path
+
+
+def reward_example_inputs(model: nn.Module, personalised: bool = False, batch: int = 2) -> dict:
+    """Example inputs to trace `model` with (random embeddings, or a few tokenized texts for
+    a backbone model; uniform user weights when personalised)."""
+    kind = reward_kind(model)
+    if kind is None:
+        raise ValueError(f"not a reward model: {type(model).__name__}")
+    g = torch.Generator().manual_seed(0)
+    x = {}
+    if kind == "reward_model":
+        if not personalised:
+            x["prompt_emb"] = torch.randn(batch, model.prompt_dim, generator=g)
+        x["response_emb"] = torch.randn(batch, model.response_dim, generator=g)
+    else:
+        prompts = [f"an example prompt number {i}" for i in range(batch)]
+        seq = model.tokenize(prompts, ["a short example answer"] * batch)
+        x["input_ids"], x["attention_mask"] = seq["input_ids"], seq["attention_mask"]
+        if not personalised:
+            p = model.tokenize(prompts)
+            x["prompt_input_ids"], x["prompt_attention_mask"] = p["input_ids"], p["attention_mask"]
+    if personalised:
+        x["user_weights"] = torch.full((batch, model.num_experts), 1.0 / model.num_experts)
+    return x

@@ -38,3 +38,13 @@ def job_from_args(job_class, args: argparse.Namespace, **overrides):
 
 def print_json(value) -> None:
     print(json.dumps(value))
+
+
+def quiet_transformers() -> None:
+    """No loading bars or advisory warnings from transformers in the CLI's output."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -13,6 +13,7 @@ with H the backbone's hidden size, rewards (B,), expert rewards (B, E).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..molora import MoLoRAConfig, get_molora_model, molora_layers
+from ..molora import MoLoRAConfig, find_target_modules, get_molora_model, molora_layers
 from ..molora.losses import router_losses
 from ..training import TrainConfig, train
 from ..utils.config import DictConfig
@@ -87,11 +88,16 @@ def load_backbone(name_or_path: str, class_name: str = "", tokenizer_path: Optio
 
 def prepare_backbone(backbone: nn.Module, molora: Optional[MoLoRAConfig] = None,
                      train_backbone: bool = False) -> nn.Module:
-    """Freezes the backbone, injects MoLoRA layers (trainable) when `molora` is given, and
-    unfreezes the backbone's own weights when train_backbone (full fine-tuning)."""
+    """Freezes the backbone, injects MoLoRA layers (trainable) when `molora` is given
+    ("all-linear" leaves out a pooler, which the reward does not use), and unfreezes the
+    backbone's own weights when train_backbone (full fine-tuning)."""
     for p in backbone.parameters():
         p.requires_grad_(False)
     if molora is not None:
+        if molora.target_modules == "all-linear":  # not the pooler: the reward never reads it
+            names = [n for n in find_target_modules(backbone, "all-linear")
+                     if "pooler" not in n.split(".")]
+            molora = dataclasses.replace(molora, target_modules=names)
         get_molora_model(backbone, molora)
     if train_backbone:
         for p in backbone.parameters():
@@ -258,7 +264,12 @@ class BackboneRewardModel(nn.Module):
         mask = torch.cat([F.pad(m, (0, S - m.shape[1]), value=0) for _, m in batches])
         prompt, chosen, rejected = self.encode(ids, mask).chunk(3)
         loss, metrics = moe_loss(self.head, prompt, chosen, rejected, cfg)
-        if molora_layers(self.backbone):
+        layers = molora_layers(self.backbone)
+        if layers:
+            for name, layer in layers.items():
+                if layer.last_routing.probs.shape[0] != mask.numel():
+                    raise ValueError(f"MoLoRA layer {name} does not route one row per token; "
+                                     f"target only the backbone's token-wise linear layers")
             router = router_losses(self.backbone, token_mask=mask)
             loss = loss + router["total"]
             metrics.update(load_balance=router["load_balance"].item(),
