@@ -32,7 +32,7 @@ from .model import SparseMoERewardModel, check_pairs
 METHODS = ("hedge", "hyre", "gradient")
 
 
-def _head_inputs(model: nn.Module, prompt, chosen, rejected):
+def head_inputs(model: nn.Module, prompt, chosen, rejected):
     """(the model that scores embeddings, prompt, chosen, rejected embeddings)."""
     if isinstance(model, BackboneRewardModel):
         return (model.head, *model.embed_pairs(prompt, chosen, rejected))
@@ -113,7 +113,7 @@ def adapt(model: nn.Module, prompt_emb, chosen_emb, rejected_emb, method: str = 
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if prior not in ("uniform", "routing"):
         raise ValueError(f"prior must be 'uniform' or 'routing', got {prior!r}")
-    head, p, c, r = _head_inputs(model, prompt_emb, chosen_emb, rejected_emb)
+    head, p, c, r = head_inputs(model, prompt_emb, chosen_emb, rejected_emb)
     if p.shape[0] == 0:
         raise ValueError("adapt needs at least one labelled pair")
     start = None if prior == "uniform" else average_routing(head, p).float().clamp_min(1e-3)
@@ -126,7 +126,7 @@ def pairwise_accuracy(model: nn.Module, prompt_emb, chosen_emb, rejected_emb,
                       user_weights: Optional[torch.Tensor] = None) -> float:
     """Fraction of pairs where the chosen response gets the higher reward. Backbone models
     take the pairs as strings or token batches."""
-    head, p, c, r = _head_inputs(model, prompt_emb, chosen_emb, rejected_emb)
+    head, p, c, r = head_inputs(model, prompt_emb, chosen_emb, rejected_emb)
     return (head(p, c, user_weights) > head(p, r, user_weights)).float().mean().item()
 
 
