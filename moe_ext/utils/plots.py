@@ -42,22 +42,35 @@ def routing_heatmap(matrix, path: str, title: str = "Mean routing probability",
     return _save(plt, fig, path)
 
 
-def user_shift_heatmap(true_by_expert, shifts, path: str, pairs: int) -> Optional[str]:
-    """Users' true profiles (users, experts) beside their adapted weight shifts."""
+def user_shift_heatmap(true_by_expert, shifts, path: str, pairs: int,
+                       true_title: str = "true profile\n(criteria mapped to experts)",
+                       method: str = "") -> Optional[str]:
+    """Users' true profiles (users, experts) beside their adapted weight shifts (users,
+    experts): one row per user, integer user and expert ids on the axes."""
     plt = _pyplot()
     if plt is None:
         return None
-    shifts = np.asarray(shifts)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 5), sharey=True)
-    axes[0].imshow(true_by_expert, cmap="Greens", vmin=0, vmax=1, aspect="auto")
-    axes[0].set_title("true profile (criteria mapped to experts)")
+    from matplotlib.ticker import MaxNLocator
+
+    true_by_expert, shifts = np.asarray(true_by_expert), np.asarray(shifts)
+    users = shifts.shape[0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, min(12, 2.5 + 0.22 * users)), sharey=True)
+    im0 = axes[0].imshow(true_by_expert, cmap="Greens", vmin=0, vmax=1, aspect="auto",
+                         interpolation="nearest")
+    axes[0].set_title(true_title, fontsize=10)
     lim = float(np.abs(shifts).max()) or 1.0
-    im = axes[1].imshow(shifts, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-    axes[1].set_title(f"adapted weights - mean routing ({pairs} pairs)")
+    im1 = axes[1].imshow(shifts, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto",
+                         interpolation="nearest")
+    axes[1].set_title("adapted weights - mean routing", fontsize=10)
     for a in axes:
         a.set_xlabel("expert")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("user")
-    fig.colorbar(im, ax=axes[1])
+    fig.colorbar(im0, ax=axes[0], fraction=0.046, pad=0.04)
+    fig.colorbar(im1, ax=axes[1], fraction=0.046, pad=0.04)
+    fig.suptitle(f"User profiles from {pairs} labelled pairs each"
+                 + (f" ({method})" if method else ""), fontsize=11)
     return _save(plt, fig, path)
 
 
