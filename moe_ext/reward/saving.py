@@ -107,7 +107,11 @@ def load_reward_model(directory: str, backbone: Optional[str] = None) -> nn.Modu
     model = BackboneRewardModel(net, cfg.num_experts, cfg.top_k, cfg.expert_hidden, cfg.pooling,
                                 tokenizer, cfg.max_length, cfg.router_temperature, cfg.backbone)
     state = load_file(weights)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensor shapes that differ
+        raise ValueError(f"{weights} does not fit backbone {source!r}: "
+                         f"{str(err).splitlines()[-1].strip()}") from None
     missing_head = [k for k in result.missing_keys if k.startswith("head.")]
     if result.unexpected_keys or missing_head:
         raise ValueError(f"{weights} does not fit backbone {source!r}: unexpected "
