@@ -16,9 +16,7 @@ itself) and, routed, routing_weights (B, E) (the sparse top-K gates).
 """
 from __future__ import annotations
 
-import copy
 import json
-import os
 from typing import Optional
 
 import torch
@@ -26,9 +24,8 @@ from torch import nn
 
 from moe_ext import __version__
 from moe_ext.reward import BackboneRewardModel, SparseMoERewardModel
-from moe_ext.utils.io import atomic_write
 
-from .onnx_ops import translation_table
+from .program import cast_for_export, export_graph
 
 REWARD_KINDS = ("reward_model", "backbone_reward_model")
 _INPUTS = {  # (kind, personalised) -> input names in order
@@ -94,8 +91,6 @@ def _metadata(model: nn.Module, kind: str, personalised: bool) -> dict[str, str]
 def reward_to_onnx(model: nn.Module, path: str, example_inputs: dict, dynamic: bool = True,
                    dtype: Optional[str] = None, opset: int = 18) -> str:
     """to_onnx for reward models (see the module docstring); returns the path."""
-    import onnx
-
     kind = reward_kind(model)
     if kind is None:
         raise ValueError(f"reward_to_onnx exports a SparseMoERewardModel or a "
@@ -116,33 +111,11 @@ def reward_to_onnx(model: nn.Module, path: str, example_inputs: dict, dynamic: b
                          or example_inputs["user_weights"].shape[1] != E):
         raise ValueError(f"user_weights must have shape (B, {E}), got "
                          f"{tuple(example_inputs['user_weights'].shape)}")
-    if dtype not in (None, "float32", "float16"):
-        raise ValueError(f"dtype must be None, 'float32' or 'float16', got {dtype!r}")
-    tensors = [example_inputs[n] for n in names]
-    if dtype is not None:
-        target = torch.float16 if dtype == "float16" else torch.float32
-        model = copy.deepcopy(model).to(target)
-        tensors = [t.to(target) if t.is_floating_point() else t for t in tensors]
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder does not exist: {folder!r}")
+    model, tensors = cast_for_export(model, [example_inputs[n] for n in names], dtype)
     outputs = ["rewards", "expert_rewards"] + ([] if personalised else ["routing_weights"])
-    was_training = model.training
-    model.eval()
-    try:
-        program = torch.onnx.export(
-            _RewardGraph(model, names).eval(), tuple(tensors), dynamo=True,
-            input_names=list(names), output_names=outputs, opset_version=opset,
-            dynamic_shapes=tuple(_DYNAMIC[n] for n in names) if dynamic else None,
-            custom_translation_table=translation_table(), optimize=True, verbose=False)
-    finally:
-        model.train(was_training)
-    proto = program.model_proto
-    for key, value in _metadata(model, kind, personalised).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
-    return path
+    return export_graph(_RewardGraph(model, names), model, tensors, names, outputs,
+                        tuple(_DYNAMIC[n] for n in names) if dynamic else None,
+                        _metadata(model, kind, personalised), path, opset)
 
 
 def reward_example_inputs(model: nn.Module, personalised: bool = False, batch: int = 2) -> dict:

@@ -2,9 +2,7 @@
 ONNX, dynamic batch/sequence dims, fp32 or fp16, metadata, atomic write."""
 from __future__ import annotations
 
-import copy
 import json
-import os
 from typing import Optional
 
 import torch
@@ -12,9 +10,8 @@ from torch import nn
 
 from moe_ext import __version__
 from moe_ext.molora import MoLoRALinear
-from moe_ext.utils.io import atomic_write
 
-from .onnx_ops import translation_table
+from .program import cast_for_export, export_graph
 from .reward import REWARD_KINDS, reward_kind, reward_to_onnx
 
 # kind -> (input names in order, required inputs, output name); reward models: reward.py
@@ -87,8 +84,6 @@ def to_onnx(model: nn.Module, path: str, example_inputs: dict[str, torch.Tensor]
     example_inputs: name -> tensor, used to trace; other shapes work when dynamic=True.
     dtype: None (the model's), "float32" or "float16" (weights and float inputs cast).
     """
-    import onnx
-
     kind = model_kind(model)
     if kind in REWARD_KINDS:
         return reward_to_onnx(model, path, example_inputs, dynamic, dtype, opset)
@@ -100,30 +95,9 @@ def to_onnx(model: nn.Module, path: str, example_inputs: dict[str, torch.Tensor]
     if unknown or missing:
         raise ValueError(f"example_inputs for a {kind}: expected {list(order)} (required "
                          f"{list(required)}); unknown {unknown}, missing {missing}")
-    if dtype not in (None, "float32", "float16"):
-        raise ValueError(f"dtype must be None, 'float32' or 'float16', got {dtype!r}")
     names = tuple(n for n in order if n in example_inputs)
-    tensors = [example_inputs[n] for n in names]
-    if dtype is not None:
-        target = torch.float16 if dtype == "float16" else torch.float32
-        model = copy.deepcopy(model).to(target)
-        tensors = [t.to(target) if t.is_floating_point() else t for t in tensors]
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder does not exist: {folder!r}")
-    was_training = model.training
-    model.eval()
-    try:
-        program = torch.onnx.export(
-            (_Graph1 if len(names) == 1 else _Graph2)(model, kind, names).eval(), tuple(tensors), dynamo=True, input_names=list(names),
-            output_names=[output], opset_version=opset,
-            dynamic_shapes=_dynamic_shapes(kind, names, tensors) if dynamic else None,
-            custom_translation_table=translation_table(), optimize=True, verbose=False)
-    finally:
-        model.train(was_training)
-    proto = program.model_proto
-    for key, value in _metadata(model, kind).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
-    return path
+    model, tensors = cast_for_export(model, [example_inputs[n] for n in names], dtype)
+    graph = (_Graph1 if len(names) == 1 else _Graph2)(model, kind, names)
+    return export_graph(graph, model, tensors, names, [output],
+                        _dynamic_shapes(kind, names, tensors) if dynamic else None,
+                        _metadata(model, kind), path, opset)
