@@ -9,6 +9,9 @@ from moe_ext import MoLoRAConfig, reward
 from moe_ext.molora.losses import router_losses
 from moe_ext.reward.backbone import BackboneRewardModel
 
+from backbone_fixtures import (bpe_tokenizer, make_bert, make_llama, minilm_tokenizer,  # noqa: F401
+                               tiny_bert_dir)
+
 PROMPTS = ["how do I bake bread", "tell me a joke", "how do I bake a cake", "tell me a story"]
 CHOSEN = ["mix flour and water", "why did the chicken cross", "eggs sugar flour", "once upon a time"]
 REJECTED = ["no", "go away", "no thanks", "later"]

