@@ -4,7 +4,9 @@ with its metadata atomically."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -38,12 +40,18 @@ def export_graph(graph: nn.Module, model: nn.Module, tensors: list, names, outpu
         raise FileNotFoundError(f"output folder does not exist: {folder!r}")
     was_training = model.training
     model.eval()
-    try:
-        program = torch.onnx.export(
-            graph.eval(), tuple(tensors), dynamo=True, input_names=list(names),
-            output_names=list(outputs), opset_version=opset, dynamic_shapes=dynamic_shapes,
-            custom_translation_table=translation_table(), optimize=True, verbose=False)
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    try:  # the exporter's advisory notes (axis renames, missing torchvision) are not for users
+        logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            program = torch.onnx.export(
+                graph.eval(), tuple(tensors), dynamo=True, input_names=list(names),
+                output_names=list(outputs), opset_version=opset, dynamic_shapes=dynamic_shapes,
+                custom_translation_table=translation_table(), optimize=True, verbose=False)
     finally:
+        logger.setLevel(level)
         model.train(was_training)
     proto = program.model_proto
     for key, value in metadata.items():

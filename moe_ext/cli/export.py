@@ -1,9 +1,7 @@
 """`moe-ext export` and `moe-ext ort-run`."""
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -36,10 +34,7 @@ def cmd_export(args) -> int:
             model = load_molora(AutoModelForCausalLM.from_pretrained(args.base).eval(), args.adapter)
             ids = torch.randint(0, model.config.vocab_size, (2, args.length))
             example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        with warnings.catch_warnings():  # the exporter's advisory notes are not for users
-            warnings.simplefilter("ignore", UserWarning)
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            path = to_onnx(model, args.output, example, dtype=args.dtype)
+        path = to_onnx(model, args.output, example, dtype=args.dtype)
     except (OSError, ValueError) as err:
         return fail(str(err))
     if args.json:
