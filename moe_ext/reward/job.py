@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
-
 from torch import nn
 
 from ..molora import MoLoRAConfig
@@ -71,8 +70,12 @@ class RewardJob:
                          progress=self.progress)
 
     def molora_config(self) -> Optional[MoLoRAConfig]:
+        """The MoLoRA config of the backbone (None without MoLoRA experts); ValueError for
+        backbone options given without a backbone."""
         if self.molora_experts < 0:
             raise ValueError(f"molora_experts must be >= 0, got {self.molora_experts}")
+        if (self.molora_experts or self.train_backbone) and not self.backbone:
+            raise ValueError("--molora-experts and --train-backbone need --backbone")
         if not self.molora_experts:
             return None
         return MoLoRAConfig(r=self.molora_rank, lora_alpha=2.0 * self.molora_rank,
@@ -193,9 +196,10 @@ def train_reward_job(job: RewardJob, data: Optional[RewardData] = None,
         raise ValueError(f"no training pairs left after holding out {len(test)} for the test")
     torch.manual_seed(job.seed)
     cfg = job.fit_config()
+    molora = job.molora_config()
     if job.backbone:
         model = BackboneRewardModel.from_backbone(
-            job.backbone, job.experts, job.top_k, molora=job.molora_config(),
+            job.backbone, job.experts, job.top_k, molora=molora,
             train_backbone=job.train_backbone, expert_hidden=job.expert_hidden,
             pooling=job.pooling, max_length=job.max_length)
         batch_fn, per_epoch = text_batches(model, train.prompt, train.chosen, train.rejected,
