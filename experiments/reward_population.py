@@ -26,7 +26,7 @@ from moe_ext.reward.evaluate import ProtocolConfig, evaluate_population, unseen_
 from moe_ext.reward.interpret import base_reward_match, routing_stats  # noqa: E402
 from moe_ext.reward.population import Pairs, PopulationConfig, make_population  # noqa: E402
 from moe_ext.utils.facts import run_facts  # noqa: E402
-from moe_ext.utils.io import write_json, write_text  # noqa: E402
+from moe_ext.utils.io import read_json, write_json, write_text  # noqa: E402
 from reward_population_report import markdown, plots  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -155,7 +155,16 @@ def main(argv=None):
     parser.add_argument("--seen-users", type=int, default=200, help="seen users evaluated")
     parser.add_argument("--quick", action="store_true", help="small population, a smoke run")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--replot", action="store_true",
+                        help="redo the markdown and plots from the saved JSON, run nothing")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = read_json(os.path.join(args.out, "reward_population.json"))
+        old = argparse.Namespace(**saved["facts"]["args"])
+        write_text(os.path.join(args.out, "reward_population.md"),
+                   markdown(saved["runs"], saved["sensitivity"], saved["facts"], old))
+        plots(saved["runs"], args.out)
+        return
     args.shots = [1, 2, 5, 10, 20, 50]
     args.sizes = {}
     if args.quick:

@@ -24,9 +24,14 @@ def methods_of(runs, name):
     return ["hyre"] if name == "universal BT" else METHODS  # one head: all methods agree
 
 
+def at(shots: dict, n: int):
+    """The entry for n shots (int keys in a run, str keys once read back from JSON)."""
+    return shots.get(n, shots.get(str(n)))
+
+
 def cell(runs, name, method, where, n):
     """(mean over seeds, mean over seeds of the std over resamples, std over seeds) or None."""
-    rows = [r["models"][name]["adapted"][method].get(where, {}).get(n) for r in runs
+    rows = [at(r["models"][name]["adapted"][method].get(where, {}), n) for r in runs
             if name in r["models"]]
     rows = [x for x in rows if x is not None]
     if not rows:
@@ -138,7 +143,7 @@ def markdown(runs, sens, facts, args) -> str:
           "| shared quality | universal BT | random heads + HyRe | sparse MoE, best adaptation |",
           "|---|---|---|---|"]
     for sq, rows in sens.items():
-        one = lambda name, m: rows[name]["adapted"][m][TARGET][10]["mean"]  # noqa: E731
+        one = lambda name, m: at(rows[name]["adapted"][m][TARGET], 10)["mean"]  # noqa: E731
         L.append(f"| {sq} | {one('universal BT', 'hyre'):.3f} | "
                  f"{one('random heads + adaptation', 'hyre'):.3f} | "
                  f"{max(one('sparse MoE', m) for m in METHODS):.3f} |")

@@ -106,7 +106,11 @@ def curves(series: dict, path: str, xlabel: str, ylabel: str, title: str = "",
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(series) > 5:  # many curves: the legend beside the plot, not over it
+        fig.set_size_inches(fig.get_size_inches()[0] + 3.5, fig.get_size_inches()[1])
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     return _save(plt, fig, path)
 
 
