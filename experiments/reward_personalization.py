@@ -84,7 +84,7 @@ def run_seed(seed, args):
                "category_accuracy": reward.pairwise_accuracy(model, test.prompt, test.chosen,
                                                              test.rejected),
                "user_accuracy": {}}
-        methods = ("gradient", "hedge") if not name.startswith("ablation") else ("gradient",)
+        methods = ("gradient", "hedge", "hyre") if not name.startswith("ablation") else ("gradient",)
         for method in methods:
             row["user_accuracy"][method] = {}
             for n in PAIRS if not name.startswith("ablation") else [16]:
@@ -123,7 +123,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # these tiny models run faster on one thread of a shared machine
     t0 = time.time()
     runs = []
     for seed in args.seeds:
@@ -132,7 +132,8 @@ def main(argv=None):
     facts = {**run_facts(), "seconds": round(time.time() - t0, 1), "args": vars(args)}
     write_json(os.path.join(args.out, "reward_personalization.json"), {"facts": facts, "runs": runs},
                indent=None)
-    write_text(os.path.join(args.out, "reward_personalization.md"), markdown(runs, facts, args))
+    text = markdown(runs, facts, args)
+    write_text(os.path.join(args.out, "reward_personalization.md"), text)
     plots(runs, args.out)
     print(text)
 
@@ -178,8 +179,10 @@ def markdown(runs, facts, args) -> str:
           "|---|" + "---|" * len(PAIRS)]
     rows = [("sparse MoE, gradient on routing logits", ("sparse MoE", "gradient")),
             ("sparse MoE, Hedge", ("sparse MoE", "hedge")),
+            ("sparse MoE, HyRe", ("sparse MoE", "hyre")),
             ("dense MoE, gradient", ("dense MoE (MiCRo-like)", "gradient")),
             ("dense MoE, Hedge", ("dense MoE (MiCRo-like)", "hedge")),
+            ("dense MoE, HyRe", ("dense MoE (MiCRo-like)", "hyre")),
             ("universal BT, no adaptation", ("universal BT", "none")),
             ("universal BT, fine-tuned on the n pairs", ("universal BT", "finetune"))]
     for label, (name, method) in rows:
@@ -213,11 +216,12 @@ def plots(runs, out):
     for c, e in enumerate(pl["criterion_expert"]):  # criterion c -> the expert its category uses
         true_by_expert[:, e] += profiles[:, c]
     P.user_shift_heatmap(true_by_expert, pl["shifts"], os.path.join(out, "reward_user_shifts.png"),
-                         max(PAIRS))
+                         max(PAIRS), method="sparse MoE, gradient")
     series = {label: (PAIRS, [avg(runs, "models", name, "user_accuracy", method, n) for n in PAIRS])
               for label, name, method in [
                   ("sparse MoE, gradient", "sparse MoE", "gradient"),
                   ("sparse MoE, Hedge", "sparse MoE", "hedge"),
+                  ("sparse MoE, HyRe", "sparse MoE", "hyre"),
                   ("dense MoE, gradient", "dense MoE (MiCRo-like)", "gradient"),
                   ("universal BT", "universal BT", "none"),
                   ("universal BT fine-tuned", "universal BT", "finetune")]}

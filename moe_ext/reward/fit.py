@@ -30,6 +30,8 @@ class FitConfig:
     sparsity_coef: float = 0.05  # mean routing entropy per sample (low = confident routing)
     balance_coef: float = 0.1    # log E - entropy of the mean routing (even use overall)
     diversity_coef: float = 0.05 # squared correlation between experts' margins
+    dense_router_grad: bool = False  # the loss's gradient reaches the router through all E
+                                     # probabilities (top-1 gates alone pass none)
     seed: int = 0
     progress: bool = True
 
@@ -45,10 +47,14 @@ class FitConfig:
                 raise ValueError(f"FitConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
-def moe_loss(model: SparseMoERewardModel, prompt, chosen, rejected, cfg: FitConfig):
-    """(total loss, metrics) for one batch of pairs."""
+def moe_loss(model: SparseMoERewardModel, prompt, chosen, rejected, cfg: FitConfig,
+             user_ids: Optional[torch.Tensor] = None):
+    """(total loss, metrics) for one batch of pairs (user_ids (B,): their labellers, for a
+    model with per-user routing)."""
     margins = model.expert_rewards(chosen) - model.expert_rewards(rejected)  # (B, E)
-    gates, probs = model.gates(prompt)
+    gates, probs = model.gates(prompt, user_ids)
+    if cfg.dense_router_grad:  # straight-through: sparse gates forward, dense probs backward
+        gates = gates + probs - probs.detach()
     if cfg.objective == "mixture":
         bt = -torch.log((gates * torch.sigmoid(margins)).sum(-1).clamp_min(1e-9)).mean()
     else:
@@ -70,11 +76,14 @@ def moe_loss(model: SparseMoERewardModel, prompt, chosen, rejected, cfg: FitConf
 
 
 def fit(model: nn.Module, prompt_emb: torch.Tensor, chosen_emb: torch.Tensor,
-        rejected_emb: torch.Tensor, config: Optional[FitConfig] = None, **options) -> list[dict]:
-    """Trains `model` (SparseMoERewardModel or UniversalRewardModel) on preference pairs
+        rejected_emb: torch.Tensor, config: Optional[FitConfig] = None,
+        user_ids: Optional[torch.Tensor] = None, **options) -> list[dict]:
+    """Trains `model` (SparseMoERewardModel, UniversalRewardModel or HeadEnsemble) on pairs
     (prompt_emb (n, P), chosen_emb and rejected_emb (n, Dr)) for cfg.epochs passes over
     shuffled mini-batches, on the shared training loop (moe_ext.training); options override
-    FitConfig fields. Returns one metrics row per epoch (the mean over its batches)."""
+    FitConfig fields. user_ids (n,): who labelled each pair, for a SparseMoERewardModel with
+    num_users > 0 (other models ignore them). Returns one metrics row per epoch (the mean
+    over its batches)."""
     cfg = config or FitConfig()
     if options:
         cfg = FitConfig(**{**cfg.__dict__, **options})
@@ -82,6 +91,8 @@ def fit(model: nn.Module, prompt_emb: torch.Tensor, chosen_emb: torch.Tensor,
     n = prompt_emb.shape[0]
     if n == 0:
         raise ValueError("fit needs at least one preference pair")
+    if user_ids is not None and (not isinstance(user_ids, torch.Tensor) or user_ids.shape != (n,)):
+        raise ValueError(f"user_ids must be a tensor of shape ({n},)")
     per_epoch = -(-n // cfg.batch_size)
     orders: dict[int, torch.Tensor] = {}
 
@@ -92,12 +103,15 @@ def fit(model: nn.Module, prompt_emb: torch.Tensor, chosen_emb: torch.Tensor,
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             orders[epoch] = torch.randperm(n, generator=gen)
         idx = orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        return prompt_emb[idx], chosen_emb[idx], rejected_emb[idx]
+        users = None if user_ids is None else user_ids[idx]
+        return prompt_emb[idx], chosen_emb[idx], rejected_emb[idx], users
 
     def loss_fn(wrapped, raw, batch):
-        p, c, r = batch
+        p, c, r, users = batch
         if isinstance(raw, SparseMoERewardModel):
-            return moe_loss(raw, p, c, r, cfg)
+            return moe_loss(raw, p, c, r, cfg, users if raw.num_users else None)
+        if hasattr(raw, "ensemble_loss"):  # heads trained on their own losses (baselines.py)
+            return raw.ensemble_loss(p, c, r)
         loss = -F.logsigmoid(wrapped(p, c) - wrapped(p, r)).mean()
         return loss, {"bt": loss.item()}
 

@@ -5,12 +5,16 @@ Criteria are C unit directions in response-embedding space; a response's score u
 criterion j is <criterion_j, response>. Category data: each of C prompt categories (a
 cluster in prompt space) judges pairs by its own criterion. Users judge by a sparse mix of
 criteria (their true profile). Labels follow Bradley-Terry with temperature `noise`.
+The same world in text, for backbone mode: `text_category_rows`. The PersonalLLM-style
+population is in population.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from ..pmol.synthetic import SYNTHETIC_PREFERENCES, synthetic_preference_data
 
 
 @dataclass
@@ -100,3 +104,13 @@ def oracle_accuracy(task: PersonalizedTask, profile: torch.Tensor, pairs: Pairs)
     """Accuracy of the noise-free true score (knows the criteria and the profile)."""
     direction = profile @ task.criteria
     return ((pairs.chosen @ direction) > (pairs.rejected @ direction)).float().mean().item()
+
+
+def text_category_rows(n_per_category: int, seed: int = 0) -> list[dict]:
+    """Text pairs for backbone mode: PMoL's three conflicting preferences (concise, verbose,
+    safe; each prompt carries a marker word of its preference) as rows with string prompt,
+    chosen, rejected and an integer category (the preference's index)."""
+    names = list(SYNTHETIC_PREFERENCES)
+    return [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected,
+             "category": names.index(e.preference)}
+            for e in synthetic_preference_data(n_per_category, seed=seed)]

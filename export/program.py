@@ -1,0 +1,61 @@
+"""The steps every exporter shares: casting to the export dtype, and running
+torch.onnx.export(dynamo=True) with moe_ext's op translations, then writing the ONNX file
+with its metadata atomically."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moe_ext.utils.io import atomic_write
+
+from .onnx_ops import translation_table
+
+
+def cast_for_export(model: nn.Module, tensors: list, dtype: Optional[str]):
+    """(model, tensors) in `dtype` (None: as they are; "float32" or "float16": a cast copy of
+    the model and the floating-point tensors)."""
+    if dtype not in (None, "float32", "float16"):
+        raise ValueError(f"dtype must be None, 'float32' or 'float16', got {dtype!r}")
+    if dtype is None:
+        return model, tensors
+    target = torch.float16 if dtype == "float16" else torch.float32
+    return (copy.deepcopy(model).to(target),
+            [t.to(target) if t.is_floating_point() else t for t in tensors])
+
+
+def export_graph(graph: nn.Module, model: nn.Module, tensors: list, names, outputs: list,
+                 dynamic_shapes, metadata: dict, path: str, opset: int) -> str:
+    """Exports `graph` (a wrapper of `model` taking `tensors` positionally) to `path` with
+    input names `names`, output names `outputs` and string `metadata`; returns the path."""
+    import onnx
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder does not exist: {folder!r}")
+    was_training = model.training
+    model.eval()
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    try:  # the exporter's advisory notes (axis renames, missing torchvision) are not for users
+        logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            program = torch.onnx.export(
+                graph.eval(), tuple(tensors), dynamo=True, input_names=list(names),
+                output_names=list(outputs), opset_version=opset, dynamic_shapes=dynamic_shapes,
+                custom_translation_table=translation_table(), optimize=True, verbose=False)
+    finally:
+        logger.setLevel(level)
+        model.train(was_training)
+    proto = program.model_proto
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    return path
