@@ -16,6 +16,7 @@ from moe_ext.reward import SparseMoERewardModel
 from moe_ext.utils.io import atomic_write
 
 from .onnx_ops import translation_table
+from .tracing import tracing_context
 
 # kind -> (input names in order, required inputs, output name)
 KINDS = {
@@ -82,6 +83,7 @@ def _metadata(model: nn.Module, kind: str) -> dict[str, str]:
     return meta
 
 
+@tracing_context()
 def to_onnx(model: nn.Module, path: str, example_inputs: dict[str, torch.Tensor],
             dynamic: bool = True, dtype: Optional[str] = None, opset: int = 18) -> str:
     """Exports `model` to `path` and returns the path.
