@@ -48,12 +48,12 @@ def resolve_base(adapter: str, artefact: Optional[str], base: Optional[str]) -> 
 
 def load_base(base: str):
     """AutoModelForCausalLM.from_pretrained(base) for a folder or a hub id, in eval mode;
-    FileNotFoundError naming `base` when neither a folder nor a reachable hub id."""
+    FileNotFoundError naming `base` when it holds no causal LM or cannot be reached."""
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(base).eval()
-    except OSError as err:
+    except (OSError, ValueError) as err:
         kind = "folder" if os.path.isdir(base) else "hub id (offline, or not in the cache?)"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(f"--base {base!r}: cannot load a causal LM from this {kind}: "
