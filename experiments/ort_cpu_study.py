@@ -56,13 +56,16 @@ def session_options(level: str, threads: int):
 
 
 def quantize_int8(path: str, out: str) -> str:
-    """Dynamic int8 quantisation of the MatMul weights (activations quantised at run time);
-    the moe_ext metadata is carried over."""
+    """Dynamic int8 quantisation of the MatMul weights (activations quantised at run time),
+    but not of the steering input's MatMul (group_bias x group membership), which must stay
+    exact; the moe_ext metadata is carried over."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(path, out, weight_type=QuantType.QInt8)
-    source, quantized = onnx.load(path), onnx.load(out)
+    source = onnx.load(path)
+    steering = [n.name for n in source.graph.node if "group_bias" in n.input]
+    quantize_dynamic(path, out, weight_type=QuantType.QInt8, nodes_to_exclude=steering)
+    quantized = onnx.load(out)
     if not any(p.key == "moe_ext.kind" for p in quantized.metadata_props):
         quantized.metadata_props.extend(source.metadata_props)
         onnx.save(quantized, out)
@@ -78,10 +81,10 @@ def variants(path: str, tmp: str, threads: int) -> dict:
     return out
 
 
-def changes(reference: OrtCausalLM, lm: OrtCausalLM, ids, mask, new: int) -> dict:
+def changes(reference: OrtCausalLM, lm: OrtCausalLM, ids, mask, new: int, steer=None) -> dict:
     """How lm's greedy output differs from the reference's on the same prompts."""
-    want = reference.generate(ids, mask, max_new_tokens=new, output_logits=True, return_dict_in_generate=True)
-    got = lm.generate(ids, mask, max_new_tokens=new, output_logits=True, return_dict_in_generate=True)
+    kw = dict(max_new_tokens=new, output_logits=True, return_dict_in_generate=True, steer=steer)
+    want, got = reference.generate(ids, mask, **kw), lm.generate(ids, mask, **kw)
     S = ids.shape[1]
     a, b = want.sequences[:, S:], got.sequences[:, S:]
     n = min(a.shape[1], b.shape[1])
@@ -143,6 +146,9 @@ def study(args) -> dict:
         reference = lms["fp32, all"]
         results["trained"] = {name: changes(reference, lm, ids, mask, args.new_tokens)
                               for name, lm in lms.items()}
+        results["trained_steered"] = {name: changes(reference, lm, ids, mask, args.new_tokens,
+                                                    steer={"verbose": 2.0})
+                                      for name, lm in lms.items()}
         results["trained_prompts"] = int(ids.shape[0])
     return results
 
@@ -169,11 +175,13 @@ def markdown(results: dict, facts: dict, args) -> str:
                      f"{r['first_step_logits_rel_err']:.1e} |")
     lines += ["", f"## Trained PMoL model (synthetic job, {args.steps} steps; "
                   f"{results['trained_prompts']} held-out prompts, EOS on)", "",
-              "| variant | identical sequences | tokens before first difference | "
-              "first-step logits rel. error |", "|---|---|---|---|"]
-    for name, r in results["trained"].items():
-        lines.append(f"| {name} | {r['identical']:.2f} | {r['tokens_before_first_difference']:.2f} | "
-                     f"{r['first_step_logits_rel_err']:.1e} |")
+              "Plain, and steered with `steer={\"verbose\": 2.0}` (against the steered reference).", "",
+              "| variant | steering | identical sequences | tokens before first difference | "
+              "first-step logits rel. error |", "|---|---|---|---|---|"]
+    for key, label in (("trained", "none"), ("trained_steered", "verbose +2")):
+        for name, r in results[key].items():
+            lines.append(f"| {name} | {label} | {r['identical']:.2f} | "
+                         f"{r['tokens_before_first_difference']:.2f} | {r['first_step_logits_rel_err']:.1e} |")
     lines.append("")
     return "\n".join(lines)
 

@@ -124,11 +124,11 @@ class OrtCausalLM:
                 raise ValueError(f"past_key_values must be a KVCache or {self.num_layers} (key, "
                                  f"value) pairs (this model has {self.num_layers} layers)")
             arrays = [_array(t, n) for t, n in zip(flat, self.past_names)]
-            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, self.dtype),
-                                                       self.device, 0) for a in arrays]
             for name, a in zip(self.past_names, arrays):
                 if a.dtype.kind != "f":
                     raise ValueError(f"{name} must be floating point, got {a.dtype}")
+            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, self.dtype),
+                                                       self.device, 0) for a in arrays]
         want = (batch, self.num_kv_heads, None, self.head_dim)
         for name, value in zip(self.past_names, values):
             shape = tuple(value.shape())

@@ -4,19 +4,24 @@ graph, and errors that name the option."""
 import json
 import os
 
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-import moe_ext
-from moe_ext import cli
-from moe_ext.export import OrtCausalLM
-from moe_ext.export.from_adapter import resolve_adapter, resolve_base
-from moe_ext.pmol import load_pmol
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytest.importorskip("transformers")
 
-from tiny_models import tiny_lm, with_molora
+import huggingface_hub  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+import moe_ext  # noqa: E402
+from moe_ext import cli  # noqa: E402
+from moe_ext.export import OrtCausalLM  # noqa: E402
+from moe_ext.export.from_adapter import resolve_adapter, resolve_base  # noqa: E402
+from moe_ext.pmol import load_pmol  # noqa: E402
+
+from tiny_models import bpe_tokenizer, tiny_lm, with_molora  # noqa: E402
 
 HUB_ID = "moe-ext-test/tiny-qwen2"
 
@@ -56,8 +61,6 @@ def test_export_pmol_artefact_then_generate_and_ort_run(tmp_path, capsys):
 
 def fake_hub(cache):
     """A Hugging Face hub cache holding HUB_ID (a tiny Qwen2) at one snapshot."""
-    from tiny_models import bpe_tokenizer
-
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = cache / ("models--" + HUB_ID.replace("/", "--"))
     snapshot = repo / "snapshots" / commit

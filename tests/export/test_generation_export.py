@@ -7,10 +7,45 @@ import numpy as np
 import pytest
 import torch
 
-import moe_ext
-from moe_ext.export import KVCache, OrtCausalLM, OrtModel
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytest.importorskip("transformers")
 
-from tiny_models import export_tiny
+import moe_ext  # noqa: E402
+from moe_ext.export import KVCache, OrtCausalLM, OrtModel  # noqa: E402
+
+from tiny_models import PROMPTS, bpe_tokenizer, export_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def prompts(tokenizer):
+    """A batch of 3 prompts of different lengths, left padded."""
+    return tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="session")
+def graphs(tmp_path_factory, tokenizer):
+    """graphs(arch) -> (model, OrtCausalLM) for "llama" or "qwen2": fp32, last-position
+    logits, exported on first use."""
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            model, path = export_tiny(arch, tmp_path_factory.mktemp(arch), tokenizer)
+            made[arch] = (model, OrtCausalLM(path))
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def exported(request, graphs):
+    return graphs(request.param)
 
 
 def rel_err(got, want) -> float:

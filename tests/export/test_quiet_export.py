@@ -3,11 +3,15 @@ about `last_routing`, and no routing state left on the layers by tracing."""
 import logging
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
-from moe_ext import MoLoRAConfig, MoLoRALinear
-from moe_ext.export import to_onnx
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from moe_ext import MoLoRAConfig, MoLoRALinear  # noqa: E402
+from moe_ext.export import to_onnx  # noqa: E402
 
 
 def test_export_prints_no_third_party_noise(tmp_path, capfd, caplog):

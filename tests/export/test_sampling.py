@@ -3,10 +3,15 @@ sampler's distribution, and steering dicts (no export needed)."""
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
 
-from moe_ext.export.generate import sample, steering_bias, warp_logits
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytest.importorskip("transformers")
+
+from transformers.generation.logits_process import (TemperatureLogitsWarper,  # noqa: E402
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from moe_ext.export.generate import sample, steering_bias, warp_logits  # noqa: E402
 
 
 def hf_warp(logits: np.ndarray, temperature, top_k, top_p) -> np.ndarray:
