@@ -68,6 +68,9 @@ def session_options(threads):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # no busy-waiting of onnxruntime's threads after a run: it would steal the cores from
+    # PyTorch, timed right after (this can only make onnxruntime slower, not faster)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     return options
@@ -137,7 +140,8 @@ def main():
             f"heads ({max(1, heads // 2)} KV heads), vocab {args.vocab}; PMoL adapter on every linear "
             f"layer (3 groups x 2 LoRA experts + 1 null expert, top-2, r=8); {dtype}. Prompt "
             f"{args.prompt_length} tokens, {args.new_tokens} new tokens, greedy, EOS off; {args.reps} "
-            f"reps, engines alternating. ms: prefill per call, decode per step (B tokens); "
+            f"reps, engines alternating (onnxruntime threads do not spin between runs). "
+            f"ms: prefill per call, decode per step (B tokens); "
             f"ort_speedup = PyTorch ms / onnxruntime ms. onnxruntime {_ort_version()} on "
             f"{lm.providers[0]}.\n")
     tag = facts["gpu"].replace(" ", "_").lower() if args.device == "cuda" else "cpu"

@@ -1,8 +1,6 @@
 """`moe-ext export` and `moe-ext ort-run`."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
