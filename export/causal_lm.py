@@ -80,7 +80,14 @@ class _WithCache(nn.Module):
 
         pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
         cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
-        row_bias = group_bias @ self.member if group_bias is not None else None
+        row_bias = None
+        if group_bias is not None:
+            # group_bias has 1 or B rows. Its row count is a dynamic dim of its own, and row b
+            # takes bias row b % rows: the graph then never reads the batch size from
+            # group_bias, whose default value (1, G) would make it 1
+            count = torch.scalar_tensor(group_bias.shape[0], dtype=torch.long, device=input_ids.device)
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device) % count
+            row_bias = (group_bias @ self.member)[rows]
         with routing_override(row_bias=row_bias, record=False):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=cache, use_cache=True,
@@ -123,7 +130,8 @@ def _example(model: nn.Module, layout: dict, groups: list[str], dtype: torch.dty
     bias = torch.zeros(B, len(groups)) if groups else None
     batch, seq = "batch", "sequence"
     dims = ({0: batch, 1: seq}, {0: batch, 1: "total_sequence"}, {0: batch, 1: seq},
-            {0: batch} if groups else None, tuple({0: batch, 2: "past_sequence"} for _ in past))
+            {0: "group_bias_batch"} if groups else None,
+            tuple({0: batch, 2: "past_sequence"} for _ in past))
     return (ids, mask, positions, bias, past), dims
 
 
@@ -132,9 +140,6 @@ def _add_default_group_bias(proto, num_groups: int) -> None:
     onnxruntime uses when the input is not fed (an overridable initializer)."""
     from onnx import numpy_helper
 
-    for value in proto.graph.input:
-        if value.name == GROUP_BIAS:
-            value.type.tensor_type.shape.dim[0].dim_param = "group_bias_batch"
     proto.graph.initializer.append(
         numpy_helper.from_array(np.zeros((1, num_groups), np.float32), GROUP_BIAS))
 
