@@ -4,10 +4,8 @@ with its metadata atomically."""
 from __future__ import annotations
 
 import copy
-import logging
 import os
-import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -15,6 +13,7 @@ from torch import nn
 from moe_ext.utils.io import atomic_write
 
 from .onnx_ops import translation_table
+from .tracing import tracing_context
 
 
 def cast_for_export(model: nn.Module, tensors: list, dtype: Optional[str]):
@@ -30,9 +29,11 @@ def cast_for_export(model: nn.Module, tensors: list, dtype: Optional[str]):
 
 
 def export_graph(graph: nn.Module, model: nn.Module, tensors: list, names, outputs: list,
-                 dynamic_shapes, metadata: dict, path: str, opset: int) -> str:
+                 dynamic_shapes, metadata: dict, path: str, opset: int,
+                 edit: Optional[Callable] = None) -> str:
     """Exports `graph` (a wrapper of `model` taking `tensors` positionally) to `path` with
-    input names `names`, output names `outputs` and string `metadata`; returns the path."""
+    input names `names`, output names `outputs` and string `metadata`; `edit(proto)` may
+    change the ONNX model before it is written; returns the path."""
     import onnx
 
     folder = os.path.dirname(os.path.abspath(path))
@@ -40,20 +41,17 @@ def export_graph(graph: nn.Module, model: nn.Module, tensors: list, names, outpu
         raise FileNotFoundError(f"output folder does not exist: {folder!r}")
     was_training = model.training
     model.eval()
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    try:  # the exporter's advisory notes (axis renames, missing torchvision) are not for users
-        logger.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+    try:
+        with tracing_context(), torch.no_grad():
             program = torch.onnx.export(
                 graph.eval(), tuple(tensors), dynamo=True, input_names=list(names),
                 output_names=list(outputs), opset_version=opset, dynamic_shapes=dynamic_shapes,
                 custom_translation_table=translation_table(), optimize=True, verbose=False)
     finally:
-        logger.setLevel(level)
         model.train(was_training)
     proto = program.model_proto
+    if edit is not None:
+        edit(proto)
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

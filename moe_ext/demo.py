@@ -4,7 +4,8 @@
    from 16 labelled pairs each and show their expert-weight shifts.
 2. A PMoL adapter (3 preference groups x 2 LoRA experts + a null expert) on a tiny
    Llama-style LM, trained with DPO on the built-in multi-preference data.
-3. Both exported to ONNX, run on onnxruntime, parity and latency against PyTorch.
+3. Both exported to ONNX, run on onnxruntime, parity and latency against PyTorch;
+   the LM as a generation graph (KV cache, steering input), generating as PyTorch does.
 4. A summary table, plots and a report in the output folder.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from . import pmol, reward
+from .data import encode_prompts_left_padded
 from .info import build_info
 from .reward import synthetic as rd
 from .utils import plots
@@ -111,7 +113,7 @@ def pmol_part(size: DemoSize, out: str, progress: bool, log):
 
 
 def export_part(rm_model, lm_model, tok, out: str, log) -> dict:
-    from .export import OrtModel, to_onnx  # onnx and onnxruntime are optional extras
+    from .export import OrtCausalLM, OrtModel, export_causal_lm, to_onnx  # optional extras
 
     log("ONNX: exporting both models and running them on onnxruntime")
     results = {}
@@ -130,9 +132,8 @@ def export_part(rm_model, lm_model, tok, out: str, log) -> dict:
     ids = torch.randint(0, len(tok), (4, 12), generator=g)
     mask = torch.ones_like(ids)
     lm_model.eval()
-    path = to_onnx(lm_model, os.path.join(out, "pmol_lm.onnx"),
-                   {"input_ids": ids[:2, :6], "attention_mask": mask[:2, :6]})
-    ort_lm = OrtModel(path)
+    path = export_causal_lm(lm_model, os.path.join(out, "pmol_lm.onnx"), logits="all")
+    ort_lm = OrtCausalLM(path)
     with torch.no_grad():
         want = lm_model(input_ids=ids, attention_mask=mask).logits
 
@@ -141,10 +142,27 @@ def export_part(rm_model, lm_model, tok, out: str, log) -> dict:
                 lm_model(input_ids=ids, attention_mask=mask)
     results["pmol_lm"] = {
         "path": path, "providers": ort_lm.providers,
-        "max_rel_err": _rel_err(ort_lm(input_ids=ids, attention_mask=mask)["logits"], want),
-        "ort_ms": _median_ms(lambda: ort_lm(input_ids=ids, attention_mask=mask)),
-        "torch_ms": _median_ms(torch_lm)}
+        "max_rel_err": _rel_err(ort_lm(ids, mask).logits, want),
+        "ort_ms": _median_ms(lambda: ort_lm(ids, mask)), "torch_ms": _median_ms(torch_lm),
+        "generation": _generation_check(lm_model, ort_lm, tok)}
     return results
+
+
+def _generation_check(lm_model, ort_lm, tok, new_tokens: int = 16) -> dict:
+    """Greedy generation with the KV cache on onnxruntime against transformers' generate,
+    on held-out prompts (left padded), plain and steered toward "verbose"."""
+    ids, mask = encode_prompts_left_padded(
+        tok, [e.prompt for e in pmol.synthetic_preference_data(2, seed=300)])
+    same = []
+    for steer in (None, {"verbose": 2.0}):
+        pmol.set_group_bias(lm_model, steer)
+        with torch.no_grad():
+            want = lm_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                     do_sample=False, pad_token_id=tok.pad_token_id)
+        pmol.set_group_bias(lm_model, None)
+        got = ort_lm.generate(ids, mask, max_new_tokens=new_tokens, steer=steer)
+        same.append(bool(torch.equal(got, want)))
+    return {"identical": all(same), "prompts": len(ids), "new_tokens": new_tokens}
 
 
 def run_demo(output: str = "out/demo", quick: bool = False, progress: bool = True,
@@ -192,6 +210,9 @@ def summary_table(s: dict) -> str:
         rows.append((f"ONNX {label}: max rel. error vs PyTorch", f"{e['max_rel_err']:.1e}"))
         rows.append((f"ONNX {label}: latency ORT / PyTorch", f"{e['ort_ms']:.3f} ms / "
                      f"{e['torch_ms']:.3f} ms on {e['providers'][0]}"))
+    gen = o["pmol_lm"]["generation"]
+    rows.append(("ONNX PMoL LM: greedy generation = PyTorch", f"{'yes' if gen['identical'] else 'NO'} "
+                 f"({gen['prompts']} prompts x {gen['new_tokens']} tokens, KV cache; plain and steered)"))
     k = s["kernels"]
     if k["device"] == "cuda":
         ran = "CUDA kernels" if k["cuda_kernels"] else "PyTorch fallbacks on the GPU"

@@ -19,3 +19,15 @@ def test_benchmark_script_runs(script, tmp_path):
     written = sorted(os.listdir(tmp_path))
     for ext in (".csv", ".md", ".png"):
         assert any(f.endswith(ext) for f in written), (ext, written)
+
+
+def test_generate_benchmark_runs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    cmd = [sys.executable, os.path.join(BENCH, "bench_generate.py"), "--device", "cpu",
+           "--batch", "1", "2", "--hidden", "64", "--layers", "1", "--vocab", "64",
+           "--prompt-length", "4", "--new-tokens", "3", "--reps", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torchvision" not in proc.stderr
+    for ext in (".csv", ".md", ".png"):
+        assert os.path.isfile(tmp_path / f"generate-cpu{ext}"), ext

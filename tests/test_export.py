@@ -141,7 +141,7 @@ def test_cli_export_and_ort_run(tmp_path, capsys):
                      "--output", str(run), "--json"]) == 0
     onnx_path = tmp_path / "pmol.onnx"
     assert cli.main(["export", "--adapter", str(run / "adapter"), "--base", str(run / "base_model"),
-                     "--output", str(onnx_path)]) == 0
+                     "--output", str(onnx_path), "--no-cache"]) == 0
     capsys.readouterr()
     assert cli.main(["ort-run", str(onnx_path), "--batch", "3", "--length", "5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

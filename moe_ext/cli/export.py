@@ -1,8 +1,6 @@
 """`moe-ext export` and `moe-ext ort-run`."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -13,34 +11,40 @@ from .common import add_json, fail, print_json, quiet_transformers
 
 
 def cmd_export(args) -> int:
-    """Export a saved PMoL adapter + base model, or a reward model, to ONNX."""
+    """Export a saved PMoL adapter + base model (generation graph with a KV cache, or a plain
+    logits graph with --no-cache), or a reward model, to ONNX."""
     from ..export import to_onnx  # onnx is an optional extra
+    from ..export.from_adapter import export_adapter, load_base, resolve_adapter, resolve_base
     from ..export.reward import reward_example_inputs
 
     quiet_transformers()
+    result = {"output": args.output}
     try:
         if args.reward_model:
             model = load_reward_model(args.reward_model)
-            example = reward_example_inputs(model, args.personalized)
-        else:
-            if args.personalized:
-                return fail("--personalized is for reward models (--reward-model DIR)")
-            if not args.adapter or not args.base:
-                return fail("export needs --reward-model DIR, or --adapter DIR with --base DIR")
-            from transformers import AutoModelForCausalLM
-
-            if not os.path.isdir(args.base):
-                return fail(f"base model folder not found: {args.base!r}")
-            model = load_molora(AutoModelForCausalLM.from_pretrained(args.base).eval(), args.adapter)
+            to_onnx(model, args.output, reward_example_inputs(model, args.personalized),
+                    dtype=args.dtype)
+        elif args.personalized:
+            return fail("--personalized is for reward models (--reward-model DIR)")
+        elif not args.adapter:
+            return fail("export needs --reward-model DIR, or --adapter DIR [--base NAME_OR_PATH]")
+        elif args.no_cache:
+            adapter, artefact = resolve_adapter(args.adapter)
+            model = load_molora(load_base(resolve_base(adapter, artefact, args.base)), adapter)
             ids = torch.randint(0, model.config.vocab_size, (2, args.length))
-            example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        path = to_onnx(model, args.output, example, dtype=args.dtype)
+            to_onnx(model, args.output, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                    dtype=args.dtype)
+        else:
+            result = export_adapter(args.adapter, args.output, base=args.base, dtype=args.dtype,
+                                    logits=args.logits)
     except (OSError, ValueError) as err:
         return fail(str(err))
     if args.json:
-        print_json({"output": path})
+        print_json(result)
     else:
-        print(f"wrote {path}")
+        print(f"wrote {args.output}")
+        if result.get("tokenizer"):
+            print(f"wrote the tokenizer to {result['tokenizer']}")
     return 0
 
 
@@ -52,6 +56,8 @@ def cmd_ort_run(args) -> int:
         model = OrtModel(args.model, [args.provider] if args.provider else None)
     except (OSError, ValueError) as err:
         return fail(str(err))
+    if model.metadata.get("moe_ext.kind") == "causal_lm_with_past":
+        return _ort_run_prefill(args)
     rng = np.random.default_rng(0)
     vocab = int(model.metadata.get("moe_ext.vocab_size", "2"))
     inputs = {}
@@ -81,19 +87,54 @@ def cmd_ort_run(args) -> int:
     return 0
 
 
+def _ort_run_prefill(args) -> int:
+    """ort-run for a generation graph: a prefill of random ids (empty KV cache)."""
+    from ..export import OrtCausalLM
+
+    model = OrtCausalLM(args.model, [args.provider] if args.provider else None)
+    ids = np.random.default_rng(0).integers(0, model.vocab_size, (args.batch, args.length))
+    step = model(ids)  # also the warm-up
+    median = (time_call(lambda: model(ids), warmup=0, reps=args.repeat)["median_ms"]
+              if args.repeat > 0 else None)
+    outputs = {"logits": list(step.logits.shape),
+               "present": [args.batch, model.num_kv_heads, step.past_key_values.length, model.head_dim]}
+    result = {"providers": model.providers, "inputs": {"input_ids": list(ids.shape)},
+              "outputs": outputs, "median_ms": median, "kind": model.metadata["moe_ext.kind"],
+              "groups": model.groups}
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{args.model}: {result['kind']} on {', '.join(model.providers)}; steering "
+              f"groups {model.groups or 'none'}")
+        print(f"  prefill of {args.batch} x {args.length} tokens: logits {tuple(outputs['logits'])}, "
+              f"KV cache {model.num_layers} layers x {tuple(outputs['present'])}")
+        if median is not None:
+            print(f"  median prefill latency {median:.3f} ms over {args.repeat} runs")
+    return 0
+
+
 def register(sub) -> None:
     ex = sub.add_parser(
         "export", help="export a PMoL model (adapter + base) or a reward model to ONNX",
         description="Export to ONNX with standard ops only (runs on any onnxruntime "
-                    "execution provider), dynamic batch and sequence length.")
-    ex.add_argument("--adapter", help="adapter folder (save_molora / train-pmol output/adapter)")
-    ex.add_argument("--base", help="base model folder (save_pretrained / train-pmol output/base_model)")
+                    "execution provider), dynamic batch and sequence length. A PMoL model "
+                    "becomes a generation graph: KV cache in and out, position ids, the "
+                    "attention mask and the steering bias (group_bias, default zeros) as "
+                    "inputs; its tokenizer is saved in the folder of --output.")
+    ex.add_argument("--adapter", help="adapter folder (save_molora), or a train-pmol output folder")
+    ex.add_argument("--base", help="base model: hub id or folder (default: the one the adapter "
+                                   "records, or the train-pmol output's base_model)")
     ex.add_argument("--reward-model", help="reward model folder written by train-rm (either mode)")
     ex.add_argument("--personalized", action="store_true",
                     help="reward model: take a user_weights input (B, E) in place of the router")
     ex.add_argument("--output", required=True, help="the .onnx file to write")
     ex.add_argument("--dtype", choices=["float32", "float16"], default=None)
-    ex.add_argument("--length", type=int, default=8, help="example sequence length for tracing")
+    ex.add_argument("--logits", choices=["last", "all"], default="last",
+                    help="logits of the last position only (generation; default) or of all")
+    ex.add_argument("--no-cache", action="store_true",
+                    help="a plain graph without KV cache: input_ids, attention_mask -> logits")
+    ex.add_argument("--length", type=int, default=8,
+                    help="example sequence length for tracing (--no-cache)")
     add_json(ex, "the output path")
     ex.set_defaults(func=cmd_export)
 

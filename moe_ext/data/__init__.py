@@ -9,8 +9,9 @@ Face tokenizer, its chat template and truncation.
 """
 from .files import load_preferences, read_rows
 from .rows import PreferenceDataError, PreferenceExample, Text, extract_prompt, flatten, parse_row
-from .tokenize import EncodedExample, check_lengths, encode_example, encode_prompt, uses_chat_template
+from .tokenize import (EncodedExample, check_lengths, encode_example, encode_prompt,
+                       encode_prompts_left_padded, uses_chat_template)
 
 __all__ = ["PreferenceExample", "PreferenceDataError", "Text", "load_preferences", "read_rows", "parse_row",
-           "extract_prompt", "flatten", "EncodedExample", "encode_example", "encode_prompt",
+           "extract_prompt", "flatten", "EncodedExample", "encode_example", "encode_prompt", "encode_prompts_left_padded",
            "uses_chat_template", "check_lengths"]

@@ -57,6 +57,19 @@ def encode_prompt(tokenizer, prompt: Text, chat_template: bool = True) -> list[i
     return _ids(tokenizer, prompt, special=True)
 
 
+def encode_prompts_left_padded(tokenizer, prompts: list, chat_template: bool = True):
+    """encode_prompt for each prompt, left padded with the tokenizer's pad id (what
+    generation of a batch needs): (input_ids, attention_mask), int64 tensors (B, S)."""
+    import torch
+
+    rows = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:

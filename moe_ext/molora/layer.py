@@ -6,8 +6,10 @@ The base is an nn.Linear or a GPT-2 style Conv1D (weight stored as (D, O)).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -21,6 +23,38 @@ class LastRouting(NamedTuple):
     experts: torch.Tensor  # (T, K)
     counts: torch.Tensor   # (E + N,)
     logits: torch.Tensor   # (T, E + N) router logits before bias and temperature (z-loss)
+
+
+class RoutingOverride(NamedTuple):
+    row_bias: Optional[torch.Tensor]  # (B, E + N) router-logit bias per batch row, or None
+    record: bool                      # whether layers keep `last_routing`
+
+
+_OVERRIDE: contextvars.ContextVar[Optional[RoutingOverride]] = contextvars.ContextVar(
+    "moe_ext_routing_override", default=None)
+
+
+@contextlib.contextmanager
+def routing_override(row_bias: Optional[torch.Tensor] = None, record: bool = True) -> Iterator[None]:
+    """Inside the block every MoLoRALinear routes with `row_bias` (B, E + N) added to the router
+    logits of batch row b's tokens (x of shape (B, S, D); B may be 1 to share one bias) in place
+    of its `logit_bias` buffer, and keeps `last_routing` only when `record`. The ONNX export
+    uses it: there the bias is a graph input and no module attribute may change while tracing."""
+    token = _OVERRIDE.set(RoutingOverride(row_bias, record))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def _add_row_bias(logits: torch.Tensor, row_bias: torch.Tensor) -> torch.Tensor:
+    """logits (B, ..., M) + row_bias (B, M) per batch row, in at least float32 (as the route op)."""
+    if row_bias.dim() != 2 or row_bias.shape[-1] != logits.shape[-1] or logits.dim() < 2:
+        raise ValueError(f"routing_override row_bias must have shape (B, {logits.shape[-1]}) for "
+                         f"router logits of shape {tuple(logits.shape)}, got {tuple(row_bias.shape)}")
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    bias = row_bias.to(acc).reshape(row_bias.shape[0], *([1] * (logits.dim() - 2)), logits.shape[-1])
+    return logits.to(acc) + bias
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -93,12 +127,17 @@ class MoLoRALinear(nn.Module):
         elif x.dtype != A.dtype:
             x = x.to(A.dtype)
         logits = self.router(x)
+        override = _OVERRIDE.get()
+        route_logits, bias = logits, self.logit_bias
+        if override is not None and override.row_bias is not None:
+            route_logits, bias = _add_row_bias(logits, override.row_bias), None
         out = molora_with_routing(
-            self.dropout(x), logits, A, B, c.top_k, c.scaling, c.num_null_experts,
-            c.normalize_weights, temperature=c.router_temperature, logit_bias=self.logit_bias,
+            self.dropout(x), route_logits, A, B, c.top_k, c.scaling, c.num_null_experts,
+            c.normalize_weights, temperature=c.router_temperature, logit_bias=bias,
             strategy=c.strategy)
-        self.last_routing = LastRouting(out.probs, out.experts, out.counts,
-                                        logits.reshape(-1, logits.shape[-1]))
+        if override is None or override.record:
+            self.last_routing = LastRouting(out.probs, out.experts, out.counts,
+                                            logits.reshape(-1, logits.shape[-1]))
         return out
 
     def extra_repr(self) -> str:

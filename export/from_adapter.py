@@ -1,0 +1,79 @@
+"""export_adapter: a saved MoLoRA adapter + its base model (hub id or folder) to a generation
+graph, with the tokenizer written beside it (what `moe-ext export --adapter` runs).
+
+The adapter may be an adapter folder (adapter_config.json + adapter_model.safetensors) or
+a PMoL artefact folder (adapter/ and base_model/, each with the tokenizer, as written by
+moe_ext.pmol.run_pmol_job). The base defaults to the one the adapter records
+(`base_model_name_or_path` in adapter_config.json, PEFT's key), else to the artefact's
+base_model/ folder.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from moe_ext.hf.models import load_adapter_tokenizer, load_pretrained
+from moe_ext.molora import load_molora, read_adapter_meta
+from moe_ext.molora.saving import CONFIG_NAME
+
+from .causal_lm import export_causal_lm
+
+def resolve_adapter(path: str) -> tuple[str, Optional[str]]:
+    """(adapter folder, PMoL artefact folder or None) for an adapter or artefact folder."""
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        parent = os.path.dirname(os.path.abspath(path))
+        artefact = parent if os.path.isdir(os.path.join(parent, "base_model")) else None
+        return path, artefact
+    if os.path.isfile(os.path.join(path, "adapter", CONFIG_NAME)):
+        return os.path.join(path, "adapter"), path
+    raise FileNotFoundError(f"--adapter {path!r}: no {CONFIG_NAME} there or in its adapter/ "
+                            f"folder (a save_molora folder or a train-pmol output)")
+
+
+def resolve_base(adapter: str, artefact: Optional[str], base: Optional[str]) -> str:
+    """The base model: `base` if given, else what the adapter records, else artefact/base_model."""
+    if base:
+        return base
+    recorded = read_adapter_meta(adapter).get("base_model_name_or_path")
+    if recorded:
+        return recorded
+    if artefact is not None:
+        return os.path.join(artefact, "base_model")
+    raise ValueError(f"--base is needed: the adapter in {adapter!r} records no base model "
+                     f"(base_model_name_or_path) and is not inside a train-pmol output")
+
+
+def load_base(base: str):
+    """The causal LM `base` (folder or hub id) in eval mode; OSError naming --base when it
+    cannot be loaded."""
+    try:
+        return load_pretrained(base).eval()
+    except OSError as err:
+        raise OSError(f"--base {base!r}: {err}") from None
+
+
+def find_tokenizer(adapter: str, base: str):
+    """The tokenizer saved beside the adapter, else the base's; None when there is none."""
+    try:
+        return load_adapter_tokenizer(adapter, base)
+    except (OSError, ValueError):
+        return None
+
+
+def export_adapter(adapter: str, output: str, base: Optional[str] = None,
+                   dtype: Optional[str] = None, logits: str = "last") -> dict:
+    """Exports adapter + base with export_causal_lm to `output` and saves the tokenizer in
+    the same folder (save_pretrained, so AutoTokenizer.from_pretrained(folder) loads it).
+    Returns {"output", "base", "adapter", "tokenizer" (folder or None)}."""
+    adapter, artefact = resolve_adapter(adapter)
+    base = resolve_base(adapter, artefact, base)
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--output {output!r}: folder {folder!r} does not exist")
+    model = load_molora(load_base(base), adapter)
+    tokenizer = find_tokenizer(adapter, base)
+    export_causal_lm(model, output, dtype=dtype, logits=logits)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return {"output": output, "base": base, "adapter": adapter,
+            "tokenizer": folder if tokenizer is not None else None}

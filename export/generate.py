@@ -1,0 +1,139 @@
+"""The generation loop on onnxruntime, following transformers' generate for decoder-only
+models: greedy or sampling (temperature, then top-k, then top-p, as transformers' logits
+warpers), batches with left padding, EOS and max_new_tokens stopping, steering through the
+group_bias input. `OrtCausalLM.generate` is the entry point; the step function it drives is
+`OrtCausalLM.__call__` (one forward with the KV cache kept on the device)."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+
+class GenerateOutput(NamedTuple):
+    sequences: object                 # (B, S + new) int64, numpy or torch like the input
+    logits: Optional[tuple]           # per new token, the raw (B, V) float32 logits
+
+
+def steering_bias(groups: list[str], steer) -> Optional[np.ndarray]:
+    """group_bias (1 or B, G) float32 from steer: None, {group: bias}, or a list of such dicts
+    (one per batch row); G follows `groups`. ValueError names an unknown group."""
+    if steer is None:
+        return None
+    if not groups:
+        raise ValueError("steer: this model has no expert groups (MoLoRAConfig.expert_groups) to steer")
+    rows = [steer] if isinstance(steer, dict) else list(steer) if isinstance(steer, (list, tuple)) else None
+    if not rows or any(not isinstance(row, dict) for row in rows):
+        raise ValueError(f"steer must be a dict {{group: bias}} or a list of such dicts (one per "
+                         f"batch row), got {steer!r}")
+    bias = np.zeros((len(rows), len(groups)), np.float32)
+    for i, row in enumerate(rows):
+        for name, value in row.items():
+            if name not in groups:
+                raise ValueError(f"steer: unknown expert group {name!r}; groups: {groups}")
+            bias[i, groups.index(name)] = float(value)
+    return bias
+
+
+def warp_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0) -> np.ndarray:
+    """(B, V) logits -> (B, V) with temperature applied and the tokens outside the top-k and
+    the top-p nucleus set to -inf (transformers' TemperatureLogitsWarper, TopKLogitsWarper,
+    TopPLogitsWarper in that order; each keeps at least one token)."""
+    scores = logits.astype(np.float32, copy=True)
+    if temperature != 1.0:
+        scores /= np.float32(temperature)
+    V = scores.shape[-1]
+    if top_k and top_k < V:
+        kth = -np.partition(-scores, top_k - 1, axis=-1)[:, top_k - 1:top_k]
+        scores[scores < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(scores, axis=-1, kind="stable")            # ascending
+        ranked = np.take_along_axis(scores, order, axis=-1)
+        probs = np.exp(ranked - ranked[:, -1:])
+        cumulative = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
+        remove = cumulative <= (1.0 - top_p)
+        remove[:, -1] = False
+        drop = np.zeros_like(remove)
+        np.put_along_axis(drop, order, remove, axis=-1)
+        scores[drop] = -np.inf
+    return scores
+
+
+def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row from softmax(scores) (B, V), -inf never drawn."""
+    probs = np.exp(scores.astype(np.float64) - scores.max(-1, keepdims=True))
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(scores.shape[0])[:, None] * cdf[:, -1:]
+    picks = (cdf <= u).sum(-1)
+    return np.minimum(picks, scores.shape[-1] - 1).astype(np.int64)
+
+
+def _check_options(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter), got {top_k!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def _prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    ids = input_ids.detach().cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] < 1 or ids.dtype.kind not in "iu":
+        raise ValueError(f"input_ids must be integer token ids of shape (batch, length >= 1), got "
+                         f"{ids.dtype} {ids.shape}")
+    if attention_mask is None:
+        return ids.astype(np.int64), np.ones(ids.shape, np.int64)
+    mask = (attention_mask.detach().cpu().numpy() if isinstance(attention_mask, torch.Tensor)
+            else np.asarray(attention_mask))
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
+    if (mask[:, -1] == 0).any():
+        raise ValueError("attention_mask: a row ends in padding; generation needs left padding "
+                         "(tokenizer.padding_side = 'left')")
+    return ids.astype(np.int64), mask.astype(np.int64)
+
+
+def generate_loop(model, input_ids, attention_mask, *, max_new_tokens: int, do_sample: bool,
+                  temperature: float, top_k: int, top_p: float, seed: Optional[int],
+                  eos_token_id, pad_token_id: Optional[int], steer, output_logits: bool,
+                  return_dict_in_generate: bool):
+    """The loop behind OrtCausalLM.generate (see there); `model` is an OrtCausalLM."""
+    _check_options(max_new_tokens, do_sample, temperature, top_k, top_p)
+    ids, mask = _prompt(input_ids, attention_mask)
+    eos = [] if eos_token_id is None else [int(e) for e in np.atleast_1d(eos_token_id)]
+    pad = pad_token_id if pad_token_id is not None else model.pad_token_id
+    pad = eos[0] if pad is None and eos else pad
+    bias = steering_bias(model.groups, steer)
+    if bias is not None and bias.shape[0] not in (1, ids.shape[0]):
+        raise ValueError(f"steer lists {bias.shape[0]} rows for a batch of {ids.shape[0]}")
+    rng = np.random.default_rng(seed)
+    step = model(ids, mask, group_bias=bias)
+    running = np.ones(ids.shape[0], bool)
+    tokens, logits_seen = [], []
+    for t in range(max_new_tokens):
+        logits = step.logits[:, -1, :]
+        if output_logits:
+            logits_seen.append(logits.copy())
+        if do_sample:
+            new = sample(warp_logits(logits, temperature, top_k, top_p), rng)
+        else:
+            new = logits.argmax(-1).astype(np.int64)
+        if eos:
+            new = np.where(running, new, pad)
+            running &= ~np.isin(new, eos)
+        tokens.append(new)
+        if not running.any() or t == max_new_tokens - 1:
+            break
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        step = model(new[:, None], mask, past_key_values=step.past_key_values, group_bias=bias)
+    sequences = np.concatenate([ids, np.stack(tokens, axis=1)], axis=1)
+    if isinstance(input_ids, torch.Tensor):
+        sequences = torch.from_numpy(sequences)
+    if not return_dict_in_generate:
+        return sequences
+    return GenerateOutput(sequences, tuple(logits_seen) if output_logits else None)
