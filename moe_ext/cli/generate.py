@@ -1,11 +1,15 @@
-"""`moe-ext generate`: text from a MoLoRA adapter on its base model (PyTorch). The option
-parsing (add_generation_options, generation_options, parse_steer) is reusable by other
-back ends of the command."""
+"""`moe-ext generate`: text from a MoLoRA adapter on its base model (PyTorch), or from a
+generation graph written by `moe-ext export --adapter` (onnxruntime, --onnx). The option
+parsing (add_generation_options, generation_options, parse_steer) is shared by both."""
 from __future__ import annotations
 
 import argparse
+import os
 
-from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
+import torch
+
+from ..data import encode_prompt
+from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model, load_tokenizer
 from ..pmol.generate import GenerationOptions, generate
 from .common import add_json, fail, parse_assignments, print_json, quiet_transformers
 
@@ -44,14 +48,41 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
                              seed=args.seed, chat_template=not args.no_chat_template)
 
 
+def generate_onnx(path: str, tokenizer, prompt, options: GenerationOptions,
+                  steer: dict[str, float], provider=None) -> str:
+    """The text that the generation graph at `path` (export_causal_lm) generates after
+    `prompt` on onnxruntime, with the same prompt encoding and decoding flags as generate()."""
+    from ..export import OrtCausalLM  # onnxruntime is an optional extra
+
+    lm = OrtCausalLM(path, [provider] if provider else None)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, options.chat_template)])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = lm.generate(ids, torch.ones_like(ids), max_new_tokens=options.max_new_tokens,
+                      do_sample=options.do_sample, temperature=options.temperature,
+                      top_k=options.top_k or 0,
+                      top_p=options.top_p if options.top_p is not None else 1.0,
+                      seed=options.seed, pad_token_id=pad, steer=steer or None)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
 def cmd_generate(args) -> int:
     quiet_transformers()
     try:
         options = generation_options(args)
         steer = parse_steer(args.steer)
-        model = load_molora_model(args.adapter, args.base, args.dtype)
-        tokenizer = load_adapter_tokenizer(args.adapter, args.base)
-        text = generate(model, tokenizer, args.prompt, options, steer)
+        if args.onnx:
+            if args.base:
+                return fail("--base is for --adapter; an --onnx graph holds its base")
+            if not os.path.isfile(args.onnx):
+                return fail(f"--onnx {args.onnx!r}: file not found")
+            tokenizer = load_tokenizer(args.tokenizer or os.path.dirname(os.path.abspath(args.onnx)))
+            text = generate_onnx(args.onnx, tokenizer, args.prompt, options, steer, args.provider)
+        else:
+            if args.tokenizer or args.provider:
+                return fail("--tokenizer and --provider are for --onnx graphs")
+            model = load_molora_model(args.adapter, args.base, args.dtype)
+            tokenizer = load_adapter_tokenizer(args.adapter, args.base)
+            text = generate(model, tokenizer, args.prompt, options, steer)
     except (OSError, ValueError) as err:
         return fail(str(err))
     if args.json:
@@ -66,10 +97,18 @@ def register(sub) -> None:
                        description="Load a MoLoRA / PMoL adapter on its base model (the one "
                                    "the adapter records, or --base) and print the text it "
                                    "generates for --prompt; greedy unless --do-sample; "
-                                   "--steer dials the preference mix.")
-    p.add_argument("--adapter", required=True, help="adapter folder (train-pmol's output/adapter, "
-                                                    "a Trainer checkpoint, save_pretrained)")
+                                   "--steer dials the preference mix. With --onnx, the same "
+                                   "on onnxruntime from a graph of `moe-ext export --adapter`.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapter", help="adapter folder (train-pmol's output/adapter, a "
+                                          "Trainer checkpoint, save_pretrained)")
+    source.add_argument("--onnx", metavar="FILE",
+                        help="generation graph written by `moe-ext export --adapter` (its "
+                             "tokenizer is read from the graph's folder unless --tokenizer)")
     p.add_argument("--base", help="base model hub id or folder (default: the adapter's record)")
+    p.add_argument("--tokenizer", help="--onnx: tokenizer hub id or folder")
+    p.add_argument("--provider", help="--onnx: onnxruntime execution provider "
+                                      "(default: CUDA when available, else CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     add_generation_options(p)
     add_json(p, "the prompt and the text")

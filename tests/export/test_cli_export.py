@@ -52,6 +52,17 @@ def test_export_pmol_artefact_then_generate_and_ort_run(tmp_path, capsys):
     got = lm.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=8, steer={"verbose": 2.0})
     assert torch.equal(got, want)
     assert tok.decode(got[0]) == pmol.tokenizer.decode(got[0])
+    # moe-ext generate on the graph gives the text generate gives on the adapter
+    prompt = " ".join(pmol.tokenizer.convert_ids_to_tokens(list(range(6, 10))))
+    texts = []
+    for source in (["--adapter", str(run / "adapter")], ["--onnx", str(out / "pmol.onnx")]):
+        capsys.readouterr()
+        assert cli.main(["generate", *source, "--prompt", prompt, "--steer", "verbose=2",
+                         "--max-new-tokens", "6", "--json"]) == 0
+        texts.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"])
+    assert texts[0] == texts[1] and texts[0]
+    assert cli.main(["generate", "--onnx", str(out / "pmol.onnx"), "--prompt", prompt,
+                     "--base", str(run)]) == 2
     assert cli.main(["ort-run", str(out / "pmol.onnx"), "--batch", "2", "--length", "5",
                      "--repeat", "1", "--json"]) == 0
     run_result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
