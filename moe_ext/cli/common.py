@@ -5,15 +5,81 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import re
 import sys
-from typing import Union
+from typing import Callable, Union
 
 
 def fail(message: str) -> int:
     """Prints an error naming what is wrong and returns exit status 2."""
     print(f"moe-ext: error: {message}", file=sys.stderr)
     return 2
+
+
+# ------------------------------------------------------------ option types
+# argparse calls these on the option's text; an ArgumentTypeError becomes
+# "moe-ext CMD: error: argument --OPTION: MESSAGE" and exit status 2.
+def _number(text: str, convert: Callable, what: str):
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def number_type(convert: Callable, what: str, ok: Callable) -> Callable[[str], object]:
+    def parse(text: str):
+        value = _number(text, convert, what)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+positive_int = number_type(int, "an integer >= 1", lambda v: v >= 1)
+nonnegative_int = number_type(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = number_type(float, "a finite number > 0", lambda v: v > 0)
+nonnegative_float = number_type(float, "a finite number >= 0", lambda v: v >= 0)
+finite_float = number_type(float, "a finite number", lambda v: True)
+open_fraction = number_type(float, "a number in (0, 1)", lambda v: 0 < v < 1)
+probability = number_type(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def existing_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder" if os.path.exists(text)
+                                         else f"no folder {text!r}")
+    return text
+
+
+def existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file" if os.path.exists(text)
+                                         else f"no file {text!r}")
+    return text
+
+
+def check_writable(path: str, option: str, folder: bool = True) -> None:
+    """ValueError naming `option` unless `path` can be written: a folder (folder=True) or
+    a file, existing or to be created under a folder that can be."""
+    if os.path.exists(path):
+        if folder != os.path.isdir(path):
+            raise ValueError(f"{option} {path}: exists and is not a {'folder' if folder else 'file'}")
+        target = path if folder else os.path.dirname(os.path.abspath(path))
+    else:
+        target = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(target):
+            target = os.path.dirname(target)
+        if not os.path.isdir(target):
+            raise ValueError(f"{option} {path}: cannot be created, {target} is not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {target} is not writable")
 
 
 def add_json(parser: argparse.ArgumentParser, what: str = "the metrics") -> None:

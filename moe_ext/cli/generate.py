@@ -4,10 +4,12 @@ back ends of the command."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
 from ..pmol.generate import GenerationOptions, generate
-from .common import add_json, fail, parse_assignments, print_json, quiet_transformers
+from .common import (add_json, existing_dir, fail, nonnegative_int, parse_assignments,
+                     positive_float, positive_int, print_json, probability, quiet_transformers)
 
 
 def parse_steer(values) -> dict[str, float]:
@@ -17,7 +19,9 @@ def parse_steer(values) -> dict[str, float]:
         try:
             steer[group] = float(bias)
         except ValueError:
-            raise ValueError(f"--steer {group}={bias}: BIAS must be a number") from None
+            steer[group] = math.nan
+        if not math.isfinite(steer[group]):
+            raise ValueError(f"--steer {group}={bias}: BIAS must be a finite number")
     return steer
 
 
@@ -26,14 +30,14 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     d = GenerationOptions
     p.add_argument("--prompt", required=True, help="the user's message (the tokenizer's chat "
                                                    "template is applied when it has one)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens)
     p.add_argument("--steer", nargs="+", metavar="GROUP=BIAS",
                    help="add BIAS to the router logits of an expert group (e.g. safe=2)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="nucleus sampling")
-    p.add_argument("--seed", type=int, help="seed of the sampling")
+    p.add_argument("--temperature", type=positive_float, default=d.temperature)
+    p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=probability, help="nucleus sampling")
+    p.add_argument("--seed", type=nonnegative_int, help="seed of the sampling")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
 
 
@@ -67,7 +71,7 @@ def register(sub) -> None:
                                    "the adapter records, or --base) and print the text it "
                                    "generates for --prompt; greedy unless --do-sample; "
                                    "--steer dials the preference mix.")
-    p.add_argument("--adapter", required=True, help="adapter folder (train-pmol's output/adapter, "
+    p.add_argument("--adapter", required=True, type=existing_dir, help="adapter folder (train-pmol's output/adapter, "
                                                     "a Trainer checkpoint, save_pretrained)")
     p.add_argument("--base", help="base model hub id or folder (default: the adapter's record)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
