@@ -21,20 +21,15 @@ def fail(message: str) -> int:
 # ------------------------------------------------------------ option types
 # argparse calls these on the option's text; an ArgumentTypeError becomes
 # "moe-ext CMD: error: argument --OPTION: MESSAGE" and exit status 2.
-def _number(text: str, convert: Callable, what: str):
-    try:
-        value = convert(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
-
-
 def number_type(convert: Callable, what: str, ok: Callable) -> Callable[[str], object]:
+    """An argparse type: the text converted by `convert` (int or float), finite and with
+    ok(value) true, else an error "expected <what>"."""
     def parse(text: str):
-        value = _number(text, convert, what)
-        if not ok(value):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -46,23 +41,17 @@ positive_int = number_type(int, "an integer >= 1", lambda v: v >= 1)
 nonnegative_int = number_type(int, "an integer >= 0", lambda v: v >= 0)
 positive_float = number_type(float, "a finite number > 0", lambda v: v > 0)
 nonnegative_float = number_type(float, "a finite number >= 0", lambda v: v >= 0)
-finite_float = number_type(float, "a finite number", lambda v: True)
 open_fraction = number_type(float, "a number in (0, 1)", lambda v: 0 < v < 1)
 probability = number_type(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
-def existing_dir(text: str) -> str:
-    if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a folder" if os.path.exists(text)
-                                         else f"no folder {text!r}")
-    return text
-
-
-def existing_file(text: str) -> str:
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a file" if os.path.exists(text)
-                                         else f"no file {text!r}")
-    return text
+def check_exists(path: str, option: str, folder: bool = True) -> None:
+    """ValueError naming `option` unless `path` is an existing folder (or file). Checked
+    when the command runs, not when it parses, so documented command lines parse anywhere."""
+    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        kind = "folder" if folder else "file"
+        raise ValueError(f"{option} {path!r}: " + (f"not a {kind}" if os.path.exists(path)
+                                                    else f"no such {kind}"))
 
 
 def check_writable(path: str, option: str, folder: bool = True) -> None:

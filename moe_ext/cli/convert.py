@@ -3,13 +3,16 @@ per-preference PEFT LoRAs into the expert groups of a PMoL adapter."""
 from __future__ import annotations
 
 from ..hf.peft import molora_to_peft, peft_to_molora, pmol_adapter_from_peft
-from .common import (add_json, check_writable, existing_dir, fail, nonnegative_int,
+from .common import (add_json, check_exists, check_writable, fail, nonnegative_int,
                      parse_assignments, positive_int, print_json)
 
 
 def cmd_convert(args) -> int:
     try:
         check_writable(args.output, "--output")
+        for option, path in (("--from-peft", args.from_peft), ("--to-peft", args.to_peft)):
+            if path:
+                check_exists(path, option)
         if args.from_peft:
             peft_to_molora(args.from_peft, args.output)
             what = f"PEFT LoRA {args.from_peft} -> one-expert MoLoRA adapter"
@@ -39,8 +42,8 @@ def register(sub) -> None:
                                    "into the expert groups of a PMoL adapter (start "
                                    "`train-pmol --init-adapter` from it).")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-peft", metavar="PEFT_DIR", type=existing_dir, help="a PEFT LoRA adapter folder")
-    src.add_argument("--to-peft", metavar="MOLORA_DIR", type=existing_dir, help="a one-expert MoLoRA adapter folder")
+    src.add_argument("--from-peft", metavar="PEFT_DIR", help="a PEFT LoRA adapter folder")
+    src.add_argument("--to-peft", metavar="MOLORA_DIR", help="a one-expert MoLoRA adapter folder")
     src.add_argument("--from-peft-groups", nargs="+", metavar="GROUP=PEFT_DIR",
                      help="one PEFT LoRA per preference group")
     p.add_argument("--output", required=True, help="the adapter folder to write")

@@ -7,7 +7,7 @@ import torch
 from ..molora import load_molora
 from ..reward import load_reward_model
 from ..utils.timing import time_call
-from .common import (add_json, check_writable, existing_dir, existing_file, fail,
+from .common import (add_json, check_exists, check_writable, fail,
                      nonnegative_int, positive_int, print_json, quiet_transformers)
 
 
@@ -22,6 +22,9 @@ def cmd_export(args) -> int:
     result = {"output": args.output}
     try:
         check_writable(args.output, "--output", folder=False)
+        for option, path in (("--adapter", args.adapter), ("--reward-model", args.reward_model)):
+            if path:
+                check_exists(path, option)
         if args.reward_model:
             model = load_reward_model(args.reward_model)
             to_onnx(model, args.output, reward_example_inputs(model, args.personalized),
@@ -55,6 +58,7 @@ def cmd_ort_run(args) -> int:
     from ..export import OrtModel  # onnxruntime is an optional extra
 
     try:
+        check_exists(args.model, "MODEL", folder=False)
         model = OrtModel(args.model, [args.provider] if args.provider else None)
     except (OSError, ValueError) as err:
         return fail(str(err))
@@ -123,10 +127,10 @@ def register(sub) -> None:
                     "becomes a generation graph: KV cache in and out, position ids, the "
                     "attention mask and the steering bias (group_bias, default zeros) as "
                     "inputs; its tokenizer is saved in the folder of --output.")
-    ex.add_argument("--adapter", type=existing_dir, help="adapter folder (save_molora), or a train-pmol output folder")
+    ex.add_argument("--adapter", help="adapter folder (save_molora), or a train-pmol output folder")
     ex.add_argument("--base", help="base model: hub id or folder (default: the one the adapter "
                                    "records, or the train-pmol output's base_model)")
-    ex.add_argument("--reward-model", type=existing_dir, help="reward model folder written by train-rm (either mode)")
+    ex.add_argument("--reward-model", help="reward model folder written by train-rm (either mode)")
     ex.add_argument("--personalized", action="store_true",
                     help="reward model: take a user_weights input (B, E) in place of the router")
     ex.add_argument("--output", required=True, help="the .onnx file to write")
@@ -143,7 +147,7 @@ def register(sub) -> None:
     orr = sub.add_parser("ort-run", help="run an exported model on onnxruntime with random inputs",
                          description="Load an exported .onnx with OrtModel, run it on random "
                                      "inputs, print output shapes and latency.")
-    orr.add_argument("model", type=existing_file, help="the .onnx file")
+    orr.add_argument("model", help="the .onnx file")
     orr.add_argument("--batch", type=positive_int, default=2)
     orr.add_argument("--length", type=positive_int, default=16)
     orr.add_argument("--repeat", type=nonnegative_int, default=20, help="timed runs after one warm-up")

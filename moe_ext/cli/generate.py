@@ -8,7 +8,7 @@ import math
 
 from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
 from ..pmol.generate import GenerationOptions, generate
-from .common import (add_json, existing_dir, fail, nonnegative_int, parse_assignments,
+from .common import (add_json, check_exists, fail, nonnegative_int, parse_assignments,
                      positive_float, positive_int, print_json, probability, quiet_transformers)
 
 
@@ -53,6 +53,7 @@ def cmd_generate(args) -> int:
     try:
         options = generation_options(args)
         steer = parse_steer(args.steer)
+        check_exists(args.adapter, "--adapter")
         model = load_molora_model(args.adapter, args.base, args.dtype)
         tokenizer = load_adapter_tokenizer(args.adapter, args.base)
         text = generate(model, tokenizer, args.prompt, options, steer)
@@ -71,7 +72,7 @@ def register(sub) -> None:
                                    "the adapter records, or --base) and print the text it "
                                    "generates for --prompt; greedy unless --do-sample; "
                                    "--steer dials the preference mix.")
-    p.add_argument("--adapter", required=True, type=existing_dir, help="adapter folder (train-pmol's output/adapter, "
+    p.add_argument("--adapter", required=True, help="adapter folder (train-pmol's output/adapter, "
                                                     "a Trainer checkpoint, save_pretrained)")
     p.add_argument("--base", help="base model hub id or folder (default: the adapter's record)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

@@ -10,7 +10,7 @@ from ..molora.model import TargetModulesError
 from ..pmol.job import check_resume
 from ..pmol.synthetic import HEADS
 from ..training import init_distributed
-from .common import (add_json, add_progress, add_source, check_writable, existing_dir, fail,
+from .common import (add_json, add_progress, add_source, check_exists, check_writable, fail,
                      job_from_args, nonnegative_float, nonnegative_int, number_type,
                      open_fraction, parse_target_modules, positive_float, positive_int, print_json,
                      quiet_transformers)
@@ -23,6 +23,8 @@ def cmd_train_pmol(args) -> int:
     quiet_transformers()
     try:
         check_writable(args.output, "--output")
+        if args.init_adapter:
+            check_exists(args.init_adapter, "--init-adapter")
         if args.model is None and args.hidden % HEADS:
             raise ValueError(f"--hidden {args.hidden}: the built-in model needs a multiple of "
                              f"{HEADS} (its attention heads)")
@@ -82,7 +84,7 @@ def register(sub) -> None:
     p.add_argument("--no-chat-template", action="store_true",
                    help="tokenise standard-format rows as plain text even when the tokenizer "
                         "has a chat template")
-    p.add_argument("--init-adapter", type=existing_dir, help="start from this MoLoRA adapter folder (e.g. from "
+    p.add_argument("--init-adapter", help="start from this MoLoRA adapter folder (e.g. from "
                                           "`moe-ext convert --from-peft-groups`)")
     p.add_argument("--output", default="out/pmol", help="folder for adapter, metrics, checkpoint")
     p.add_argument("--resume", action="store_true",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..reward import METHODS, RewardJob, adapt_user, load_reward_data, train_reward_job
 from ..utils.io import write_json
-from .common import (add_json, add_progress, add_source, check_writable, existing_dir, fail,
+from .common import (add_json, add_progress, add_source, check_exists, check_writable, fail,
                      job_from_args, nonnegative_float, nonnegative_int, number_type, open_fraction,
                      positive_float, positive_int, print_json, quiet_transformers)
 
@@ -41,6 +41,7 @@ def cmd_adapt(args) -> int:
     """Adapt a trained reward model to one user from a few labelled pairs."""
     quiet_transformers()
     try:
+        check_exists(args.model, "--model")
         if args.output:
             check_writable(args.output, "--output", folder=False)
         result = adapt_user(args.model, args.data, args.synthetic_user, args.pairs, args.method,
@@ -121,7 +122,7 @@ def register(sub) -> None:
         "adapt", help="adapt a reward model to a user from a few labelled pairs",
         description="Re-weight a trained reward model's experts for one user; the weights "
                     "minus the model's mean routing are the user's profile.")
-    ad.add_argument("--model", required=True, type=existing_dir, help="folder written by train-rm")
+    ad.add_argument("--model", required=True, help="folder written by train-rm")
     usr = ad.add_mutually_exclusive_group(required=True)
     usr.add_argument("--data", help="the user's JSONL pairs; the first --pairs adapt, the rest test")
     usr.add_argument("--synthetic-user", type=nonnegative_int, help="a synthetic user (index) of the task")

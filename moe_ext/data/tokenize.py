@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
+
 from .rows import PreferenceExample, Text
 
 
@@ -60,8 +62,6 @@ def encode_prompt(tokenizer, prompt: Text, chat_template: bool = True) -> list[i
 def encode_prompts_left_padded(tokenizer, prompts: list, chat_template: bool = True):
     """encode_prompt for each prompt, left padded with the tokenizer's pad id (what
     generation of a batch needs): (input_ids, attention_mask), int64 tensors (B, S)."""
-    import torch
-
     rows = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
