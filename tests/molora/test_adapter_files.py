@@ -61,6 +61,7 @@ def cfg(key, value):
 
 BAD_CONFIGS = [
     (cfg("num_experts", 1e9), "num_experts"),
+    (cfg("num_experts", 10**9), "has shape"),  # checked against the file: nothing allocated
     (cfg("num_experts", "4"), "num_experts"),
     (cfg("r", True), "MoLoRAConfig.r"),
     (cfg("lora_alpha", float("inf")), "lora_alpha"),
