@@ -44,7 +44,10 @@ def saved_values(folder: str) -> dict[str, float]:
 
 
 def leftovers(folder: str) -> list[str]:
-    return [os.path.join(root, f) for root, dirs, files in os.walk(folder) for f in files + dirs
+    """Temporaries and pending files in the three saved folders (the worker's own "next"
+    counter beside them is not under test)."""
+    return [os.path.join(root, f) for part in ("adapter", "reward", "checkpoint")
+            for root, dirs, files in os.walk(os.path.join(folder, part)) for f in files + dirs
             if f.startswith((".tmp-", ".pending-"))]
 
 
