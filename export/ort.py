@@ -31,7 +31,15 @@ def make_session(path: str, providers: Optional[list[str]] = None, options=None)
     if options is None:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: no notes on optional inputs
-    return ort.InferenceSession(path, sess_options=options, providers=providers)
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    load_errors = (RuntimeError, state.Fail, state.InvalidArgument, state.InvalidGraph,
+                   state.InvalidProtobuf, state.NoModel, state.NotImplemented)
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=providers)
+    except load_errors as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a model onnxruntime can load ({first})") from None
 
 
 def check_input(name: str, value, spec) -> None:

@@ -12,16 +12,20 @@ module itself (use it for anything else, e.g. a reference forward under disable_
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .utils.io import atomic_write, read_json, write_json
+from .utils.config import is_real
+from .utils.io import atomic_write, read_json, remove_stale_temporaries_in, sha256_file, write_json
+from .utils.saved_folder import safe_member
+from .utils.tensors import check_tensor, load_safetensors
 
 STATE_NAME = "trainer_state.json"
 
@@ -47,8 +51,12 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not (is_real(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (is_real(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got "
+                                 f"{getattr(self, name)}")
         if self.amp not in ("auto", "bf16", "none"):
             raise ValueError(f"TrainConfig.amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
 
@@ -77,11 +85,16 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 # ---------------------------------------------------------------- checkpoints
+CKPT_NAME = re.compile(r"ckpt-\d+\.safetensors")
+
+
 def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, history,
                     fingerprint: Optional[dict] = None) -> None:
-    """Tensors to ckpt-<step>.safetensors, then trainer_state.json naming it (both atomic), so
-    a crash at any point leaves the previous checkpoint intact."""
+    """Tensors to ckpt-<step>.safetensors, then trainer_state.json naming it with its
+    SHA-256 (both atomic and flushed to disk), so a crash at any point leaves the previous
+    checkpoint intact; removes older tensor files and killed saves' temporaries."""
     os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries_in(directory)
     tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
@@ -89,41 +102,78 @@ def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, hist
             tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).contiguous().cpu()
     tensors["rng.torch"] = torch.get_rng_state()
     name = f"ckpt-{step}.safetensors"
-    atomic_write(os.path.join(directory, name), lambda tmp: save_file(tensors, tmp))
-    meta = {"step": step, "tensors": name, "param_groups": opt["param_groups"], "history": history,
-            "fingerprint": fingerprint}
+    path = os.path.join(directory, name)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    meta = {"step": step, "tensors": name, "sha256": sha256_file(path),
+            "param_groups": opt["param_groups"], "history": history, "fingerprint": fingerprint}
     write_json(os.path.join(directory, STATE_NAME), meta, indent=None)
     for old in os.listdir(directory):  # keep only the checkpoint the state points to
-        if old.startswith("ckpt-") and old.endswith(".safetensors") and old != name:
+        if CKPT_NAME.fullmatch(old) and old != name:
             os.remove(os.path.join(directory, old))
+
+
+def read_trainer_state(directory: str) -> dict:
+    """trainer_state.json, checked: its fields' types, its tensor file a ckpt-<step>
+    file inside `directory` whose SHA-256 matches (when recorded); ValueError naming the
+    file and the field."""
+    path = os.path.join(directory, STATE_NAME)
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    name = meta.get("tensors")
+    if not (isinstance(name, str) and CKPT_NAME.fullmatch(name)):
+        raise ValueError(f"{path}: field 'tensors' must name a ckpt-<step>.safetensors file "
+                         f"in the same folder, got {name!r}")
+    safe_member(directory, name, f"{path}: field 'tensors'")
+    for key, kind in (("step", int), ("param_groups", list), ("history", list)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ValueError(f"{path}: field {key!r} must be a{'n' if kind is int else ''} "
+                             f"{kind.__name__}, got {meta.get(key)!r}")
+    tensors = os.path.join(directory, name)
+    if not os.path.isfile(tensors):
+        raise ValueError(f"{path}: its tensor file {tensors} is missing")
+    digest = meta.get("sha256")
+    if digest is not None and sha256_file(tensors) != digest:
+        raise ValueError(f"{tensors} does not match the SHA-256 recorded in {path}")
+    return meta
 
 
 def load_checkpoint(directory: str, model: nn.Module, optimizer,
                     fingerprint: Optional[dict] = None) -> tuple[int, list]:
     """Restores parameters, optimizer state and RNG; returns (step, history). ValueError
-    when the checkpoint was written for another fingerprint (model, adapter or data)."""
-    meta = read_json(os.path.join(directory, STATE_NAME))
+    when the checkpoint is invalid (see read_trainer_state) or was written for another
+    fingerprint (model, adapter or data)."""
+    meta = read_trainer_state(directory)
     saved = meta.get("fingerprint")
     if fingerprint is not None and saved != fingerprint:
-        differ = sorted(k for k in set(fingerprint) | set(saved or {})
-                        if (saved or {}).get(k) != fingerprint.get(k))
+        differ = sorted(k for k in set(fingerprint) | set(saved if isinstance(saved, dict) else {})
+                        if (saved if isinstance(saved, dict) else {}).get(k) != fingerprint.get(k))
         raise ValueError(f"the checkpoint in {directory!r} was trained on another "
                          f"{', '.join(differ)}; use another output folder")
-    tensors = load_file(os.path.join(directory, meta["tensors"]))
+    path = os.path.join(directory, meta["tensors"])
+    tensors = load_safetensors(path)
     params = dict(trainable_parameters(model))
-    with torch.no_grad():
-        for name, p in params.items():
-            key = f"param.{name}"
-            if key not in tensors or tensors[key].shape != p.shape:
-                raise ValueError(f"checkpoint in {directory!r} does not match the model at {name}")
-            p.copy_(tensors[key])
+    for name, p in params.items():
+        key = f"param.{name}"
+        if key not in tensors:
+            raise ValueError(f"{path}: no tensor for parameter {name}; the checkpoint in "
+                             f"{directory!r} does not match the model")
+        check_tensor(path, key, tensors[key], tuple(p.shape))
+    if "rng.torch" not in tensors or tensors["rng.torch"].dtype != torch.uint8:
+        raise ValueError(f"{path}: missing or malformed tensor 'rng.torch'")
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value.to(next(iter(params.values())).device) \
                 if name != "step" else value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: the optimizer state does not fit ({err})") from None
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
     torch.set_rng_state(tensors["rng.torch"])
     return meta["step"], meta["history"]
 

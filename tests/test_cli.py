@@ -98,4 +98,4 @@ def test_train_rm_backbone_adapt_export(tmp_path, capsys):
     assert "cannot load backbone" in capsys.readouterr().err
     assert cli.main(["train-rm", "--synthetic", "--backbone", str(folder),
                      "--molora-experts", "2", "--molora-top-k", "5"]) == 2
-    assert "top_k" in capsys.readouterr().err
+    assert "--molora-top-k" in capsys.readouterr().err

@@ -11,9 +11,17 @@ from .common import fail
 COMMANDS = (info, demo, pmol, reward, generate, convert, export, bench)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: "moe-ext CMD: error: argument --OPTION: ..." and a
+    pointer to --help instead of the whole usage (the subcommands' parsers are of this
+    class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moe-ext", description="Mixture-of-LoRA-experts kernels and tools.")
+    parser = Parser(prog="moe-ext", description="Mixture-of-LoRA-experts kernels and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.register(sub)

@@ -8,7 +8,7 @@ import torch
 from ..molora import functional
 from ..molora.baselines import dense_soft, loop_over_experts
 from ..utils.timing import time_call
-from .common import add_json, fail, print_json
+from .common import add_json, fail, positive_int, print_json
 
 PROVIDERS = {"moe_ext": functional.molora, "loop": loop_over_experts, "dense-soft": dense_soft}
 
@@ -41,8 +41,6 @@ def run(tokens=2048, features=1024, experts=(8, 64), top_k=2, rank=16, reps=5,
 
 def cmd_bench(args) -> int:
     """Quick forward+backward timing against the loop over experts and dense routing."""
-    if args.tokens < 1 or args.features < 1 or args.reps < 1:
-        return fail("--tokens, --features and --reps must be >= 1")
     if any(e < args.top_k for e in args.experts):
         return fail(f"every --experts value must be >= --top-k ({args.top_k})")
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -64,12 +62,12 @@ def register(sub) -> None:
                        description="Forward+backward of functional.molora, a PyTorch loop over "
                                    "experts (MixLoRA style) and dense soft routing. The recorded "
                                    "benchmarks are the scripts in benchmarks/.")
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--features", type=int, default=1024, help="D = O")
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 64])
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--tokens", type=positive_int, default=2048)
+    p.add_argument("--features", type=positive_int, default=1024, help="D = O")
+    p.add_argument("--experts", type=positive_int, nargs="+", default=[8, 64])
+    p.add_argument("--top-k", type=positive_int, default=2)
+    p.add_argument("--rank", type=positive_int, default=16)
+    p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--cpu", action="store_true", help="time on the CPU even with a GPU")
     add_json(p, "the rows")
     p.set_defaults(func=cmd_bench)

@@ -5,15 +5,70 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import re
 import sys
-from typing import Union
+from typing import Callable, Union
 
 
 def fail(message: str) -> int:
     """Prints an error naming what is wrong and returns exit status 2."""
     print(f"moe-ext: error: {message}", file=sys.stderr)
     return 2
+
+
+# ------------------------------------------------------------ option types
+# argparse calls these on the option's text; an ArgumentTypeError becomes
+# "moe-ext CMD: error: argument --OPTION: MESSAGE" and exit status 2.
+def number_type(convert: Callable, what: str, ok: Callable) -> Callable[[str], object]:
+    """An argparse type: the text converted by `convert` (int or float), finite and with
+    ok(value) true, else an error "expected <what>"."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+positive_int = number_type(int, "an integer >= 1", lambda v: v >= 1)
+nonnegative_int = number_type(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = number_type(float, "a finite number > 0", lambda v: v > 0)
+nonnegative_float = number_type(float, "a finite number >= 0", lambda v: v >= 0)
+open_fraction = number_type(float, "a number in (0, 1)", lambda v: 0 < v < 1)
+probability = number_type(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def check_exists(path: str, option: str, folder: bool = True) -> None:
+    """ValueError naming `option` unless `path` is an existing folder (or file). Checked
+    when the command runs, not when it parses, so documented command lines parse anywhere."""
+    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        kind = "folder" if folder else "file"
+        raise ValueError(f"{option} {path!r}: " + (f"not a {kind}" if os.path.exists(path)
+                                                    else f"no such {kind}"))
+
+
+def check_writable(path: str, option: str, folder: bool = True) -> None:
+    """ValueError naming `option` unless `path` can be written: a folder (folder=True) or
+    a file, existing or to be created under a folder that can be."""
+    if os.path.exists(path):
+        if folder != os.path.isdir(path):
+            raise ValueError(f"{option} {path}: exists and is not a {'folder' if folder else 'file'}")
+        target = path if folder else os.path.dirname(os.path.abspath(path))
+    else:
+        target = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(target):
+            target = os.path.dirname(target)
+        if not os.path.isdir(target):
+            raise ValueError(f"{option} {path}: cannot be created, {target} is not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {target} is not writable")
 
 
 def add_json(parser: argparse.ArgumentParser, what: str = "the metrics") -> None:

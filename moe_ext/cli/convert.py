@@ -3,11 +3,16 @@ per-preference PEFT LoRAs into the expert groups of a PMoL adapter."""
 from __future__ import annotations
 
 from ..hf.peft import molora_to_peft, peft_to_molora, pmol_adapter_from_peft
-from .common import add_json, fail, parse_assignments, print_json
+from .common import (add_json, check_exists, check_writable, fail, nonnegative_int,
+                     parse_assignments, positive_int, print_json)
 
 
 def cmd_convert(args) -> int:
     try:
+        check_writable(args.output, "--output")
+        for option, path in (("--from-peft", args.from_peft), ("--to-peft", args.to_peft)):
+            if path:
+                check_exists(path, option)
         if args.from_peft:
             peft_to_molora(args.from_peft, args.output)
             what = f"PEFT LoRA {args.from_peft} -> one-expert MoLoRA adapter"
@@ -42,9 +47,9 @@ def register(sub) -> None:
     src.add_argument("--from-peft-groups", nargs="+", metavar="GROUP=PEFT_DIR",
                      help="one PEFT LoRA per preference group")
     p.add_argument("--output", required=True, help="the adapter folder to write")
-    p.add_argument("--experts-per-group", type=int, default=1, help="with --from-peft-groups")
-    p.add_argument("--null-experts", type=int, default=1, help="with --from-peft-groups")
-    p.add_argument("--top-k", type=int, default=2, help="with --from-peft-groups")
-    p.add_argument("--seed", type=int, default=0, help="router initialisation seed")
+    p.add_argument("--experts-per-group", type=positive_int, default=1, help="with --from-peft-groups")
+    p.add_argument("--null-experts", type=nonnegative_int, default=1, help="with --from-peft-groups")
+    p.add_argument("--top-k", type=positive_int, default=2, help="with --from-peft-groups")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="router initialisation seed")
     add_json(p, "what was written")
     p.set_defaults(func=cmd_convert)

@@ -4,10 +4,14 @@ from __future__ import annotations
 import os
 
 from ..demo import run_demo, summary_table
-from .common import add_json, print_json
+from .common import add_json, check_writable, fail, print_json
 
 
 def cmd_demo(args) -> int:
+    try:
+        check_writable(args.output, "--output")
+    except ValueError as err:
+        return fail(str(err))
     log = (lambda msg: None) if args.json else (lambda msg: print(f"== {msg}", flush=True))
     summary = run_demo(args.output, quick=args.quick, progress=not args.json, log=log)
     if args.json:

@@ -7,7 +7,8 @@ import torch
 from ..molora import load_molora
 from ..reward import load_reward_model
 from ..utils.timing import time_call
-from .common import add_json, fail, print_json, quiet_transformers
+from .common import (add_json, check_exists, check_writable, fail,
+                     nonnegative_int, positive_int, print_json, quiet_transformers)
 
 
 def cmd_export(args) -> int:
@@ -20,6 +21,10 @@ def cmd_export(args) -> int:
     quiet_transformers()
     result = {"output": args.output}
     try:
+        check_writable(args.output, "--output", folder=False)
+        for option, path in (("--adapter", args.adapter), ("--reward-model", args.reward_model)):
+            if path:
+                check_exists(path, option)
         if args.reward_model:
             model = load_reward_model(args.reward_model)
             to_onnx(model, args.output, reward_example_inputs(model, args.personalized),
@@ -53,6 +58,7 @@ def cmd_ort_run(args) -> int:
     from ..export import OrtModel  # onnxruntime is an optional extra
 
     try:
+        check_exists(args.model, "MODEL", folder=False)
         model = OrtModel(args.model, [args.provider] if args.provider else None)
     except (OSError, ValueError) as err:
         return fail(str(err))
@@ -133,7 +139,7 @@ def register(sub) -> None:
                     help="logits of the last position only (generation; default) or of all")
     ex.add_argument("--no-cache", action="store_true",
                     help="a plain graph without KV cache: input_ids, attention_mask -> logits")
-    ex.add_argument("--length", type=int, default=8,
+    ex.add_argument("--length", type=positive_int, default=8,
                     help="example sequence length for tracing (--no-cache)")
     add_json(ex, "the output path")
     ex.set_defaults(func=cmd_export)
@@ -142,9 +148,9 @@ def register(sub) -> None:
                          description="Load an exported .onnx with OrtModel, run it on random "
                                      "inputs, print output shapes and latency.")
     orr.add_argument("model", help="the .onnx file")
-    orr.add_argument("--batch", type=int, default=2)
-    orr.add_argument("--length", type=int, default=16)
-    orr.add_argument("--repeat", type=int, default=20, help="timed runs after one warm-up")
+    orr.add_argument("--batch", type=positive_int, default=2)
+    orr.add_argument("--length", type=positive_int, default=16)
+    orr.add_argument("--repeat", type=nonnegative_int, default=20, help="timed runs after one warm-up")
     orr.add_argument("--provider", help="execution provider (default: CUDA if available, else CPU)")
     add_json(orr, "the result")
     orr.set_defaults(func=cmd_ort_run)

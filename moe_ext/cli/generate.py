@@ -4,6 +4,7 @@ parsing (add_generation_options, generation_options, parse_steer) is shared by b
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import torch
@@ -11,7 +12,8 @@ import torch
 from ..data import encode_prompt
 from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model, load_tokenizer
 from ..pmol.generate import GenerationOptions, generate
-from .common import add_json, fail, parse_assignments, print_json, quiet_transformers
+from .common import (add_json, check_exists, fail, nonnegative_int, parse_assignments,
+                     positive_float, positive_int, print_json, probability, quiet_transformers)
 
 
 def parse_steer(values) -> dict[str, float]:
@@ -21,7 +23,9 @@ def parse_steer(values) -> dict[str, float]:
         try:
             steer[group] = float(bias)
         except ValueError:
-            raise ValueError(f"--steer {group}={bias}: BIAS must be a number") from None
+            steer[group] = math.nan
+        if not math.isfinite(steer[group]):
+            raise ValueError(f"--steer {group}={bias}: BIAS must be a finite number")
     return steer
 
 
@@ -30,14 +34,14 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     d = GenerationOptions
     p.add_argument("--prompt", required=True, help="the user's message (the tokenizer's chat "
                                                    "template is applied when it has one)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens)
     p.add_argument("--steer", nargs="+", metavar="GROUP=BIAS",
                    help="add BIAS to the router logits of an expert group (e.g. safe=2)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="nucleus sampling")
-    p.add_argument("--seed", type=int, help="seed of the sampling")
+    p.add_argument("--temperature", type=positive_float, default=d.temperature)
+    p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=probability, help="nucleus sampling")
+    p.add_argument("--seed", type=nonnegative_int, help="seed of the sampling")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
 
 
@@ -73,13 +77,13 @@ def cmd_generate(args) -> int:
         if args.onnx:
             if args.base:
                 return fail("--base is for --adapter; an --onnx graph holds its base")
-            if not os.path.isfile(args.onnx):
-                return fail(f"--onnx {args.onnx!r}: file not found")
+            check_exists(args.onnx, "--onnx", folder=False)
             tokenizer = load_tokenizer(args.tokenizer or os.path.dirname(os.path.abspath(args.onnx)))
             text = generate_onnx(args.onnx, tokenizer, args.prompt, options, steer, args.provider)
         else:
             if args.tokenizer or args.provider:
                 return fail("--tokenizer and --provider are for --onnx graphs")
+            check_exists(args.adapter, "--adapter")
             model = load_molora_model(args.adapter, args.base, args.dtype)
             tokenizer = load_adapter_tokenizer(args.adapter, args.base)
             text = generate(model, tokenizer, args.prompt, options, steer)

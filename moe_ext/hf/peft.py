@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..molora import MoLoRAConfig, read_adapter_files, write_adapter_files
-from ..molora.saving import FORMAT_VERSION, check_molora_meta
+from ..molora.saving import FORMAT_VERSION, check_molora_meta, config_from_meta
 
 PREFIX = "base_model.model."
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "use_qalora": "QA-LoRA",
@@ -120,7 +120,7 @@ def molora_to_peft(molora_dir: str, output: str) -> None:
     LoRA adapter to `output`; ValueError for a mixture."""
     meta, tensors = read_adapter_files(molora_dir)
     check_molora_meta(meta, molora_dir)
-    config = MoLoRAConfig.from_dict(meta["moe_ext_config"])
+    config = config_from_meta(meta, molora_dir)
     if config.num_experts != 1 or config.num_null_experts != 0:
         raise ValueError(f"adapter in {molora_dir!r} has {config.num_experts} experts and "
                          f"{config.num_null_experts} null experts; only a one-expert adapter "
@@ -138,7 +138,7 @@ def molora_to_peft(molora_dir: str, output: str) -> None:
                    "use_dora": False, "task_type": _task_type(meta.get("base_model_class")),
                    "base_model_name_or_path": meta.get("base_model_name_or_path"),
                    "inference_mode": True, "init_lora_weights": True}
-    write_adapter_files(output, peft_config, out)
+    write_adapter_files(output, peft_config, out, checksums=False)  # PEFT reads it
 
 
 def pmol_adapter_from_peft(peft_dirs: dict[str, str], output: str, experts_per_group: int = 1,

@@ -2,10 +2,11 @@
 mixture-of-experts knobs. Serialises to and from plain JSON-able dicts."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from ..utils.config import DictConfig
+from ..utils.config import DictConfig, is_int, is_real
 
 
 @dataclass
@@ -34,30 +35,52 @@ class MoLoRAConfig(DictConfig):
             if not ok:
                 raise ValueError(f"MoLoRAConfig.{name} {what}, got {getattr(self, name)!r}")
 
-        need(isinstance(self.r, int) and self.r >= 1, "r", "must be an int >= 1")
-        need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
-        need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
-        need(isinstance(self.num_experts, int) and self.num_experts >= 1, "num_experts",
+        need(is_int(self.r) and self.r >= 1, "r", "must be an int >= 1")
+        need(is_real(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha",
+             "must be a finite number > 0")
+        need(is_real(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0, "lora_dropout",
+             "must be a number in [0, 1)")
+        need(is_int(self.num_experts) and self.num_experts >= 1, "num_experts",
              "must be an int >= 1")
-        need(isinstance(self.num_null_experts, int) and self.num_null_experts >= 0,
+        need(is_int(self.num_null_experts) and self.num_null_experts >= 0,
              "num_null_experts", "must be an int >= 0")
         total = self.num_experts + self.num_null_experts
-        need(isinstance(self.top_k, int) and 1 <= self.top_k <= total, "top_k",
-             f"must be in [1, num_experts + num_null_experts = {total}]")
-        need(self.router_temperature > 0, "router_temperature", "must be > 0")
+        need(is_int(self.top_k) and 1 <= self.top_k <= total, "top_k",
+             f"must be an int in [1, num_experts + num_null_experts = {total}]")
+        need(is_real(self.router_temperature) and self.router_temperature > 0,
+             "router_temperature", "must be a finite number > 0")
+        need(isinstance(self.normalize_weights, bool), "normalize_weights", "must be true or false")
         need(self.strategy in ("auto", "sparse", "dense"), "strategy",
              "must be 'auto', 'sparse' or 'dense'")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "group_loss_coef"):
-            need(getattr(self, name) >= 0, name, "must be >= 0")
+            need(is_real(getattr(self, name)) and getattr(self, name) >= 0, name,
+                 "must be a finite number >= 0")
         need(self.modules_to_save is None or (isinstance(self.modules_to_save, list) and all(
             isinstance(m, str) and m for m in self.modules_to_save)), "modules_to_save",
             "must be None or a list of module names")
+        need(self.target_modules is None or _valid_targets(self.target_modules),
+             "target_modules", "must be None, 'all-linear', a valid regex or a list of names")
+        need(isinstance(self.expert_groups, dict), "expert_groups",
+             "must map preference names to lists of expert ids")
         for group, ids in self.expert_groups.items():
-            if not ids or any(not (0 <= int(i) < total) for i in ids):
-                raise ValueError(f"MoLoRAConfig.expert_groups[{group!r}] must list expert ids "
-                                 f"in [0, {total}), got {ids!r}")
+            if not (isinstance(ids, list) and ids and all(is_int(i) and 0 <= i < total for i in ids)
+                    and len(set(ids)) == len(ids)):
+                raise ValueError(f"MoLoRAConfig.expert_groups[{group!r}] must list distinct int "
+                                 f"expert ids in [0, {total}), got {ids!r}")
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
 
+
+
+def _valid_targets(value) -> bool:
+    if isinstance(value, list):
+        return all(isinstance(v, str) and v for v in value)
+    if not isinstance(value, str):
+        return False
+    try:
+        re.compile(value)
+    except re.error:
+        return False
+    return True

@@ -36,6 +36,10 @@ def _linear_suffixes(model: nn.Module) -> str:
     return ", ".join(names) or "(none)"
 
 
+class TargetModulesError(ValueError):
+    """target_modules that match no linear module of the model."""
+
+
 def find_target_modules(model: nn.Module, target_modules: Union[str, list[str], None]) -> list[str]:
     """Names of the linear modules to wrap, in PEFT's forms: a list of name suffixes
     ("q_proj" matches "model.layers.0.self_attn.q_proj"), a single string used as a regex
@@ -62,7 +66,7 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, list[str], 
     unused = [t for t in target_modules if t not in used] if isinstance(target_modules, list) else []
     if not names or unused:
         what = f"entries {unused}" if unused else repr(target_modules)
-        raise ValueError(f"target_modules {what} matched no nn.Linear or Conv1D module of "
+        raise TargetModulesError(f"target_modules {what} matched no nn.Linear or Conv1D module of "
                          f"{type(model).__name__}; its linear modules: {_linear_suffixes(model)}")
     return names
 
@@ -112,6 +116,18 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def plan_molora(model: nn.Module, config: MoLoRAConfig) -> tuple[MoLoRAConfig, list[str], list[str]]:
+    """What inject_molora would do, without touching the model: (the config with
+    modules_to_save resolved, the names of the modules to wrap, the modules_to_save);
+    ValueError when no target module matches."""
+    keep = config.modules_to_save if config.modules_to_save is not None else default_modules_to_save(model)
+    config = dataclasses.replace(config, modules_to_save=list(keep))
+    saved = find_modules_to_save(model, keep)
+    names = [n for n in find_target_modules(model, config.target_modules)
+             if not any(n == s or n.startswith(s + ".") for s in saved)]
+    return config, names, saved
+
+
 def inject_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
     """Wraps config.target_modules of `model` in MoLoRALinear layers in place, freezes every
     other parameter but those of modules_to_save (None: default_modules_to_save), stores
@@ -122,11 +138,7 @@ def inject_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
         raise ValueError(f"config must be a MoLoRAConfig, got {type(config).__name__}")
     if molora_layers(model):
         raise ValueError("model already has MoLoRA layers; load or train those instead")
-    keep = config.modules_to_save if config.modules_to_save is not None else default_modules_to_save(model)
-    config = dataclasses.replace(config, modules_to_save=list(keep))
-    saved = find_modules_to_save(model, keep)
-    names = [n for n in find_target_modules(model, config.target_modules)
-             if not any(n == s or n.startswith(s + ".") for s in saved)]
+    config, names, saved = plan_molora(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

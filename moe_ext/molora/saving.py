@@ -15,13 +15,15 @@ import types
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..utils.io import atomic_write, read_json, write_json
+from ..utils.io import atomic_write, write_json
+from ..utils.saved_folder import begin_save, commit_save, read_verified_config
+from ..utils.tensors import check_tensor, load_safetensors
 from .config import MoLoRAConfig
-from .layer import is_conv1d, molora_layers
-from .model import inject_molora, modules_to_save_parameters
+from .layer import is_conv1d, linear_features, molora_layers
+from .model import inject_molora, modules_to_save_parameters, plan_molora
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -86,35 +88,51 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
     write_adapter_files(directory, meta, state)
 
 
-def write_adapter_files(directory: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """The one writer of adapter folders (MoLoRA's, and PEFT's when converting):
-    adapter_model.safetensors, then adapter_config.json, each written atomically."""
+def write_adapter_files(directory: str, meta: dict, tensors: dict[str, torch.Tensor],
+                        checksums: bool = True) -> None:
+    """The one writer of adapter folders (MoLoRA's, and PEFT's when converting), in one
+    step (moe_ext.utils.saved_folder): adapter_model.safetensors, then adapter_config.json
+    recording its SHA-256 (checksums=False: PEFT's config, left as PEFT writes it)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(os.path.join(directory, WEIGHTS_NAME),
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(os.path.join(directory, CONFIG_NAME), meta)
+    begin_save(directory, CONFIG_NAME)
+
+    def write(path: str) -> None:
+        save_file(tensors, path, metadata={"format": "pt"})
+
+    if checksums:
+        commit_save(directory, CONFIG_NAME, meta, {WEIGHTS_NAME: write})
+    else:
+        atomic_write(os.path.join(directory, WEIGHTS_NAME), write)
+        write_json(os.path.join(directory, CONFIG_NAME), meta)
 
 
 def read_adapter_files(directory: str, tensors: bool = True) -> tuple[dict, dict]:
     """The one reader of adapter folders: (adapter_config.json, the tensors of
-    adapter_model.safetensors, or {} when tensors=False); FileNotFoundError naming the
-    missing file."""
+    adapter_model.safetensors, or {} when tensors=False), the config checked against the
+    weights' SHA-256 it records (configs without one, PEFT's or older moe_ext versions',
+    are read as they are); FileNotFoundError naming the missing file, ValueError naming
+    the file that is not JSON, not safetensors or does not match its checksum."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
-    meta = read_json(path)
+    meta = read_verified_config(directory, CONFIG_NAME)
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: not a JSON object")
-    if not tensors:
-        return meta, {}
+    return meta, (read_adapter_weights(directory) if tensors else {})
+
+
+def read_adapter_weights(directory: str) -> dict:
+    """The tensors of directory/adapter_model.safetensors (FileNotFoundError / ValueError
+    naming the file)."""
     weights = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
-    return meta, load_file(weights)
+    return load_safetensors(weights)
 
 
 def check_molora_meta(meta: dict, directory: str) -> dict:
-    """ValueError unless `meta` is the config of a MoLoRA adapter this version reads."""
+    """ValueError unless `meta` is the config of a MoLoRA adapter this version reads, with
+    its fields of the right types (each error names the field and the file)."""
     path = os.path.join(directory, CONFIG_NAME)
     if meta.get("peft_type") is not None and "moe_ext_config" not in meta:
         raise ValueError(f"{path} is a PEFT adapter, not a MoLoRA one; convert it with "
@@ -123,7 +141,21 @@ def check_molora_meta(meta: dict, directory: str) -> dict:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r} is not supported "
                          f"(this moe_ext reads {FORMAT_VERSION})")
+    layers = meta.get("layers")
+    if not (isinstance(layers, list) and layers and all(isinstance(n, str) and n for n in layers)):
+        raise ValueError(f"{path}: field 'layers' must be a list of module names, got {layers!r}")
+    for key in ("base_model_class", "base_model_name_or_path", "base_model_type"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise ValueError(f"{path}: field {key!r} must be a string or null, got {meta[key]!r}")
     return meta
+
+
+def config_from_meta(meta: dict, directory: str) -> MoLoRAConfig:
+    """The MoLoRAConfig in `meta`; ValueError naming the file and the field."""
+    try:
+        return MoLoRAConfig.from_dict(meta.get("moe_ext_config"))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: moe_ext_config: {err}") from None
 
 
 def read_adapter_meta(directory: str) -> dict:
@@ -132,46 +164,66 @@ def read_adapter_meta(directory: str) -> dict:
 
 
 def read_molora_config(directory: str) -> MoLoRAConfig:
-    return MoLoRAConfig.from_dict(read_adapter_meta(directory)["moe_ext_config"])
+    return config_from_meta(read_adapter_meta(directory), directory)
+
+
+def _expected_shapes(model: nn.Module, config: MoLoRAConfig, where: str) -> dict[str, tuple]:
+    """The adapter tensors' shapes once `config` is injected into `model`, without injecting
+    it: {key: shape} under adapter_state_dict's keys."""
+    if molora_layers(model):
+        return {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+    try:
+        config, names, saved = plan_molora(model, config)
+        shapes = {}
+        for name in names:
+            D, O = linear_features(model.get_submodule(name))
+            E, R = config.num_experts, config.r
+            shapes.update({f"{name}.lora_A": (E, R, D), f"{name}.lora_B": (E, O, R),
+                           f"{name}.router.weight": (E + config.num_null_experts, D)})
+    except ValueError as err:
+        raise ValueError(f"{where} does not fit {type(model).__name__}: {err}") from None
+    for name in saved:
+        shapes.update({f"{name}.{p}": tuple(v.shape)
+                       for p, v in model.get_submodule(name).named_parameters()})
+    return shapes
 
 
 def load_molora(model: nn.Module, directory: str) -> nn.Module:
     """Injects MoLoRA layers as saved in `directory` into the base `model` (or, if it has
     them already with the same config, into those) and loads their weights and the
-    modules_to_save; ValueError when the saved adapter does not fit the model (another
-    architecture, other layers or shapes)."""
-    meta, state = read_adapter_files(directory)
+    modules_to_save; ValueError when the saved adapter is invalid (types, ranges, checksum,
+    non-finite or non-float tensors) or does not fit the model (another architecture,
+    other layers or shapes). Everything is checked before the model is touched, so a
+    failed load leaves it as it was."""
+    meta, _ = read_adapter_files(directory, tensors=False)  # the config first: cheap
     check_molora_meta(meta, directory)
-    config = MoLoRAConfig.from_dict(meta["moe_ext_config"])
+    config = config_from_meta(meta, directory)
+    state = read_adapter_weights(directory)
+    where = f"adapter in {directory!r}"
     weights = os.path.join(directory, WEIGHTS_NAME)
     saved_class = meta.get("base_model_class")
     if saved_class and saved_class != type(model).__name__:
-        raise ValueError(f"adapter in {directory!r} was trained on a {saved_class} "
+        raise ValueError(f"{where} was trained on a {saved_class} "
                          f"({meta.get('base_model_name_or_path') or 'unnamed base'}) and does "
                          f"not fit a {type(model).__name__}")
-    if molora_layers(model):  # e.g. a Trainer resuming: load into the layers it has
-        if model.molora_config.to_dict() != config.to_dict():
-            raise ValueError(f"the model's MoLoRA adapter has another config than the one in "
-                             f"{directory!r}")
-    else:
-        try:
-            get_molora_model(model, config)
-        except ValueError as err:
-            raise ValueError(f"adapter in {directory!r} does not fit {type(model).__name__}: {err}")
-    have = sorted(molora_layers(model))
+    if molora_layers(model) and model.molora_config.to_dict() != config.to_dict():
+        # e.g. a Trainer resuming: it loads into the layers it has
+        raise ValueError(f"the model's MoLoRA adapter has another config than the one in "
+                         f"{directory!r}")
+    expected = _expected_shapes(model, config, where)
+    have = sorted({k.rsplit(".", 1)[0] for k in expected if k.endswith(".lora_A")})
     if have != sorted(meta["layers"]):
         missing, extra = sorted(set(meta["layers"]) - set(have)), sorted(set(have) - set(meta["layers"]))
-        raise ValueError(f"adapter in {directory!r} does not fit {type(model).__name__}: "
+        raise ValueError(f"{where} does not fit {type(model).__name__}: "
                          f"saved layers missing from the model: {missing[:5]}, model layers "
                          f"not in the adapter: {extra[:5]}")
-    own = adapter_state_dict(model)
-    for key, tensor in own.items():
+    for key, shape in expected.items():
         if key not in state:
             raise ValueError(f"{weights}: missing tensor {key!r}")
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"{weights}: {key} has shape {tuple(state[key].shape)} but the "
-                             f"model expects {tuple(tensor.shape)}")
+        check_tensor(weights, key, state[key], shape)
+    if not molora_layers(model):
+        get_molora_model(model, config)
     with torch.no_grad():
-        for key, tensor in own.items():
+        for key, tensor in adapter_state_dict(model).items():
             tensor.copy_(state[key])
     return model

@@ -17,7 +17,8 @@ from ..data import PreferenceExample, check_lengths, load_preferences
 from ..hf.models import check_dtype, load_adapter_tokenizer, load_molora_model, load_pretrained, load_tokenizer
 from ..molora import base_state_dict, get_molora_model, load_molora, save_molora
 from ..training import TrainConfig, TrainResult, has_checkpoint, init_distributed
-from ..utils.io import read_json, write_json
+from ..utils.io import read_json, remove_stale_temporaries_in, write_json
+from ..utils.saved_folder import move_changed_files
 from . import synthetic
 from .dpo import DPOConfig, pmol_config
 from .tokenizer import word_tokenizer_from_examples
@@ -170,15 +171,25 @@ class PMoLRun:
     def save(self, directory: str) -> None:
         """directory/adapter (save_molora, with the tokenizer), metrics.json and, for the
         built-in base, directory/base_model (HF format, with the tokenizer), which the
-        adapter records as its base."""
+        adapter records as its base. Each part is written so that a killed save leaves it
+        whole: the adapter in one step (weights, then the config with their checksum), the
+        base model and the tokenizers file by file, only where the bytes changed (saving
+        the same frozen base again rewrites nothing), metrics.json atomically, last."""
+        os.makedirs(directory, exist_ok=True)
+        remove_stale_temporaries_in(directory)
         if self.base is None:
             base_dir = os.path.abspath(os.path.join(directory, "base_model"))
-            type(self.model).save_pretrained(self.model, base_dir, state_dict=base_state_dict(self.model))
-            self.tokenizer.save_pretrained(base_dir)
+
+            def write_base(tmp: str) -> None:
+                type(self.model).save_pretrained(self.model, tmp,
+                                                 state_dict=base_state_dict(self.model))
+                self.tokenizer.save_pretrained(tmp)
+
+            move_changed_files(base_dir, write_base)
             self.model.config.name_or_path = base_dir
         adapter = os.path.join(directory, "adapter")
+        move_changed_files(adapter, self.tokenizer.save_pretrained)
         save_molora(self.model, adapter)
-        self.tokenizer.save_pretrained(adapter)
         write_json(os.path.join(directory, "metrics.json"), self.metrics)
 
 

@@ -57,7 +57,10 @@ def synthetic_tokenizer():
     return word_tokenizer(words)
 
 
-def build_tiny_causal_lm(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
+HEADS = 4  # attention heads of the built-in model: its width must be a multiple
+
+
+def build_tiny_causal_lm(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = HEADS,
                          seed: int = 0) -> nn.Module:
     """A small Llama-style causal LM built from a config (no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM

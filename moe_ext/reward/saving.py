@@ -14,11 +14,14 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..molora import MoLoRAConfig, adapter_state_dict, base_state_dict, molora_layers
-from ..utils.io import atomic_write, read_json, write_json
+from ..utils.io import write_json
+from ..utils.saved_folder import begin_save, commit_save, move_changed_files, read_verified_config
+from ..utils.tensors import check_tensor, load_safetensors
 from .backbone import BackboneConfig, BackboneRewardModel, load_backbone, prepare_backbone
 from .model import RewardConfig, SparseMoERewardModel
 
@@ -36,17 +39,19 @@ def _trained_backbone_tensors(model: BackboneRewardModel) -> dict:
             if p.requires_grad and f"backbone.{n}" not in adapter}
 
 
-def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[bool] = None) -> None:
+def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[bool] = None,
+                      extra_json: Optional[dict] = None) -> None:
     """Writes a SparseMoERewardModel or a BackboneRewardModel to `directory` (see the module
-    docstring). save_backbone (backbone mode): True writes the backbone's base weights to
-    directory/backbone; None (default) does so only when the model records no backbone
-    name or path; False never (then trained backbone weights go with the head)."""
+    docstring) in one step (moe_ext.utils.saved_folder: reward_config.json, written last,
+    records the SHA-256 of the weights). save_backbone (backbone mode): True writes the
+    backbone's base weights to directory/backbone; None (default) does so only when the
+    model records no backbone name or path; False never (then trained backbone weights go
+    with the head). extra_json: {file name: JSON value} saved in the same step (e.g.
+    train_info.json)."""
     if isinstance(model, SparseMoERewardModel):
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda t: save_file(state, t))
-        write_json(os.path.join(directory, CONFIG_NAME),
-                   {"format_version": FORMAT_VERSION, "class": type(model).__name__,
-                    "config": model.config.to_dict()})
+        _commit(directory, model.state_dict(), {"class": type(model).__name__,
+                                                "config": model.config.to_dict()},
+                extra_json=extra_json)
         return
     if not isinstance(model, BackboneRewardModel):
         raise ValueError(f"save_reward_model saves a SparseMoERewardModel or a "
@@ -60,53 +65,104 @@ def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[
     state.update({f"backbone.{k}": v for k, v in adapter_state_dict(model.backbone).items()})
     trained = {} if full else _trained_backbone_tensors(model)
     state.update(trained)
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    if full:
-        model.backbone.save_pretrained(os.path.join(directory, BACKBONE_DIR),
-                                       state_dict=base_state_dict(model.backbone))
+    begin_save(directory, CONFIG_NAME)
+    in_place = ()
+    if full:  # files whose bytes did not change are left alone (a frozen backbone)
+        written = move_changed_files(os.path.join(directory, BACKBONE_DIR), lambda tmp: (
+            model.backbone.save_pretrained(tmp, state_dict=base_state_dict(model.backbone))))
+        in_place = tuple(f"{BACKBONE_DIR}/{n}" for n in written if n.endswith(".safetensors"))
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda t: save_file(state, t))
+        move_changed_files(os.path.join(directory, TOKENIZER_DIR), model.tokenizer.save_pretrained)
     molora = getattr(model.backbone, "molora_config", None) if layers else None
-    write_json(os.path.join(directory, CONFIG_NAME), {
-        "format_version": FORMAT_VERSION, "class": "BackboneRewardModel",
-        "config": model.config.to_dict(), "backbone_saved": bool(full),
-        "molora_config": molora.to_dict() if molora is not None else None,
-        "molora_layers": sorted(layers), "trained_backbone_tensors": sorted(trained)})
+    _commit(directory, state, {
+        "class": "BackboneRewardModel", "config": model.config.to_dict(),
+        "backbone_saved": bool(full), "molora_config": molora.to_dict() if molora is not None else None,
+        "molora_layers": sorted(layers), "trained_backbone_tensors": sorted(trained)}, in_place,
+        extra_json)
+
+
+def _commit(directory: str, state: dict, meta: dict, in_place: tuple = (),
+            extra_json: Optional[dict] = None) -> None:
+    """reward_model.safetensors (and the extra JSON files), then reward_config.json with
+    their checksums, in one step."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    begin_save(directory, CONFIG_NAME)
+    files = {WEIGHTS_NAME: lambda path: save_file(state, path)}
+    for name, value in (extra_json or {}).items():
+        files[name] = lambda path, value=value: write_json(path, value)
+    commit_save(directory, CONFIG_NAME, {"format_version": FORMAT_VERSION, **meta}, files,
+                in_place)
+
+
+def read_reward_meta(directory: str) -> dict:
+    """reward_config.json, verified against the weights' checksum and checked field by
+    field; FileNotFoundError / ValueError naming the file."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
+    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
+    meta = read_verified_config(directory, CONFIG_NAME)
+    kind = meta.get("class") if isinstance(meta, dict) else None
+    if meta.get("format_version") != FORMAT_VERSION or kind not in ("SparseMoERewardModel",
+                                                                     "BackboneRewardModel"):
+        raise ValueError(f"{path}: not a moe_ext reward model checkpoint (format 1)")
+    config_class = RewardConfig if kind == "SparseMoERewardModel" else BackboneConfig
+    try:
+        meta["config"] = config_class.from_dict(meta.get("config"))
+        if kind == "BackboneRewardModel":
+            molora = meta.get("molora_config")
+            meta["molora_config"] = MoLoRAConfig.from_dict(molora) if molora else None
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    if kind == "BackboneRewardModel":
+        for key in ("molora_layers", "trained_backbone_tensors"):
+            value = meta.get(key, [])
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ValueError(f"{path}: field {key!r} must be a list of names, got {value!r}")
+        if not isinstance(meta.get("backbone_saved", False), bool):
+            raise ValueError(f"{path}: field 'backbone_saved' must be true or false")
+    return meta
+
+
+def _checked_state(weights: str, expected: dict) -> dict:
+    """The tensors of `weights`, each checked (float, finite, and the shape in `expected`
+    for the keys it has); ValueError naming the file and the tensor."""
+    state = load_safetensors(weights)
+    for key, tensor in state.items():
+        check_tensor(weights, key, tensor, expected.get(key))
+    return state
 
 
 def load_reward_model(directory: str, backbone: Optional[str] = None) -> nn.Module:
     """The model saved by save_reward_model in `directory`. backbone (backbone mode) names
     or points to the backbone to load instead of the recorded one (a moved folder)."""
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
-    meta = read_json(path)
-    kind = meta.get("class") if isinstance(meta, dict) else None
-    if meta.get("format_version") != FORMAT_VERSION or kind not in ("SparseMoERewardModel",
-                                                                     "BackboneRewardModel"):
-        raise ValueError(f"{path}: not a moe_ext reward model checkpoint (format 1)")
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
-    if kind == "SparseMoERewardModel":
-        model = SparseMoERewardModel.from_config(RewardConfig.from_dict(meta["config"]))
-        model.load_state_dict(load_file(weights))
+    meta = read_reward_meta(directory)
+    path, weights = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    if meta["class"] == "SparseMoERewardModel":
+        with torch.device("meta"):  # the shapes, before allocating anything
+            shapes = {k: tuple(v.shape) for k, v in
+                      SparseMoERewardModel.from_config(meta["config"]).state_dict().items()}
+        state = _checked_state(weights, shapes)
+        if sorted(state) != sorted(shapes):
+            raise ValueError(f"{weights}: tensors {sorted(set(state) ^ set(shapes))[:5]} do not "
+                             f"fit the config in {path}")
+        model = SparseMoERewardModel.from_config(meta["config"])
+        model.load_state_dict(state)
         return model
 
-    cfg = BackboneConfig.from_dict(meta["config"])
+    cfg = meta["config"]
     source = os.path.join(directory, BACKBONE_DIR) if meta.get("backbone_saved") else \
         (backbone or cfg.backbone)
     tokenizer_dir = os.path.join(directory, TOKENIZER_DIR)
+    state = _checked_state(weights, {})
     net, tokenizer = load_backbone(source, cfg.backbone_class,
                                    tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
-    molora = MoLoRAConfig.from_dict(meta["molora_config"]) if meta.get("molora_config") else None
-    prepare_backbone(net, molora)
+    prepare_backbone(net, meta["molora_config"])
     if sorted(molora_layers(net)) != sorted(meta.get("molora_layers", [])):
         raise ValueError(f"{path}: the MoLoRA layers saved do not fit backbone {source!r}")
     model = BackboneRewardModel(net, cfg.num_experts, cfg.top_k, cfg.expert_hidden, cfg.pooling,
                                 tokenizer, cfg.max_length, cfg.router_temperature, cfg.backbone)
-    state = load_file(weights)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensor shapes that differ

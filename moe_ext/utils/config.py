@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 class DictConfig:
@@ -19,3 +20,14 @@ class DictConfig:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
         return cls(**data)
+
+
+def is_int(value) -> bool:
+    """An int read from JSON or given in code (not a bool, not a float, not a string)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))

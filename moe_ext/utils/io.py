@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Callable, Iterator
 
@@ -31,20 +32,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def temporary_name(name: str) -> str:
+    """A temporary's name for `name` in the same folder: .tmp-<pid>-<random>-<name> (the
+    pid tells later writers whether its writer is gone)."""
+    return f"{_TMP}{os.getpid()}-{os.urandom(4).hex()}-{name}"
+
+
+def remove_path(path: str) -> None:
+    """Removes a file or a folder tree; nothing if it is gone already."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    except OSError:
+        pass  # another writer cleaned it up first
+
+
 def remove_stale_temporaries(path: str) -> None:
     """Removes the temporaries of earlier writes of `path` whose writer process is gone."""
     folder, name = os.path.split(os.path.abspath(path))
+    remove_stale_temporaries_in(folder, "-" + name)
+
+
+def remove_stale_temporaries_in(folder: str, suffix: str = "") -> None:
+    """Removes every temporary file or folder in `folder` (whose name ends in `suffix`)
+    left by a writer process that is gone."""
     if not os.path.isdir(folder):
         return
     for entry in os.listdir(folder):
-        if not (entry.startswith(_TMP) and entry.endswith("-" + name)):
+        if not (entry.startswith(_TMP) and entry.endswith(suffix)):
             continue
         pid = entry[len(_TMP):].split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            try:
-                os.remove(os.path.join(folder, entry))
-            except OSError:
-                pass  # another writer cleaned it up first
+            remove_path(os.path.join(folder, entry))
 
 
 def atomic_write(path: str, write: Callable[[str], object]) -> None:
@@ -91,15 +112,37 @@ def write_json(path: str, value, indent: int = 2) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    """The JSON value in `path`; ValueError naming the file when it is not JSON."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
 
 
-def read_jsonl(path: str) -> Iterator[tuple[int, object]]:
+MAX_JSONL_LINE = 16 << 20  # bytes; one preference row is far smaller
+
+
+def read_jsonl(path: str, max_line_bytes: int = MAX_JSONL_LINE) -> Iterator[tuple[int, object]]:
     """(line number, value) for each non-blank line of a JSON Lines file; ValueError naming
-    the file and line for a line that is not JSON."""
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    the file and line for a line that is not JSON or longer than max_line_bytes (read no
+    further than that, so a huge line costs no memory)."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise ValueError(f"{path}:{lineno}: line longer than {max_line_bytes} bytes "
+                                 f"(not a preference row; is this a JSON Lines file?)")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:

@@ -1,0 +1,99 @@
+"""Saves in one step (moe_ext.utils.saved_folder): a save interrupted at each of its steps
+reads back as the old or the new save, the next save cleans up, a corrupted file is named,
+configs without checksums read as they are; files whose bytes did not change are not
+rewritten; read_jsonl refuses huge lines."""
+import json
+import os
+
+import pytest
+
+from moe_ext.utils import saved_folder
+from moe_ext.utils.io import read_jsonl, sha256_file
+from moe_ext.utils.saved_folder import (begin_save, commit_save, move_changed_files,
+                                        read_verified_config)
+
+
+def save(folder, value, extra=None):
+    begin_save(str(folder), "config.json")
+    files = {"weights.bin": lambda p: open(p, "w").write(f"weights {value}"),
+             "info.json": lambda p: open(p, "w").write(json.dumps({"value": value}))}
+    commit_save(str(folder), "config.json", {"value": value}, files)
+
+
+def state(folder):
+    """(config value, weights value, info value) as a load sees them."""
+    meta = read_verified_config(str(folder), "config.json")
+    weights = (folder / "weights.bin").read_text().split()[1]
+    info = json.loads((folder / "info.json").read_text())["value"]
+    return meta["value"], int(weights), info
+
+
+def hidden(folder):
+    return sorted(f for f in os.listdir(folder) if f.startswith("."))
+
+
+@pytest.mark.parametrize("fail_at", range(4))
+def test_save_interrupted_at_each_rename_reads_old_or_new_and_next_save_cleans(
+        tmp_path, monkeypatch, fail_at):
+    save(tmp_path, 1)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):  # renames: the pending config's temporary (write_json),
+        calls.append(dst)   # weights.bin, info.json, the pending config over config.json
+        if len(calls) > fail_at:
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(saved_folder.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 2)
+    monkeypatch.setattr(saved_folder.os, "replace", real_replace)
+    # before a file is renamed: save 1; after: save 2, the load finishes the renames
+    want = 1 if fail_at <= 1 else 2
+    assert state(tmp_path) == (want, want, want)
+    save(tmp_path, 3)
+    assert state(tmp_path) == (3, 3, 3) and hidden(tmp_path) == []
+
+
+def test_save_interrupted_before_its_pending_config_reads_old(tmp_path, monkeypatch):
+    save(tmp_path, 1)
+    monkeypatch.setattr(saved_folder, "write_json", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 2)
+    monkeypatch.undo()
+    assert state(tmp_path) == (1, 1, 1)
+    save(tmp_path, 3)
+    assert state(tmp_path) == (3, 3, 3) and hidden(tmp_path) == []
+
+
+def test_corrupted_file_is_named_and_unchecked_config_reads_as_is(tmp_path):
+    save(tmp_path, 1)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["sha256"]["weights.bin"] == sha256_file(str(tmp_path / "weights.bin"))
+    (tmp_path / "weights.bin").write_text("weights 9")
+    with pytest.raises(ValueError, match="weights.bin does not match the SHA-256"):
+        read_verified_config(str(tmp_path), "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"value": 1}))  # e.g. PEFT's
+    assert read_verified_config(str(tmp_path), "config.json") == {"value": 1}
+
+
+def test_move_changed_files_rewrites_only_changed_files(tmp_path):
+    def write(contents):
+        return lambda tmp: [open(os.path.join(tmp, k), "w").write(v) for k, v in contents.items()]
+
+    target = tmp_path / "tok"
+    move_changed_files(str(target), write({"a": "1", "b": "2"}))
+    inode = os.stat(target / "a").st_ino
+    move_changed_files(str(target), write({"a": "1", "b": "3"}))
+    assert os.stat(target / "a").st_ino == inode  # same bytes: not replaced
+    assert (target / "b").read_text() == "3"
+    assert sorted(os.listdir(tmp_path)) == ["tok"]
+
+
+def test_read_jsonl_refuses_a_huge_line_naming_it(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n' + '{"a": "' + "x" * 5000 + '"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: line longer than 1000 bytes"):
+        list(read_jsonl(str(path), max_line_bytes=1000))
+    assert list(read_jsonl(str(path), max_line_bytes=6000))[0] == (1, {"a": 1})
