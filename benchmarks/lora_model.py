@@ -35,24 +35,52 @@ def expected_tiles(T: int, K: int, E: int, size: int, seed: int = 0) -> float:
     return float(((counts + size - 1) // size).clamp(min=1 if size == GRAD_CHUNK else 0).sum())
 
 
+def kernel_us(nbytes: float, flops: float, rate: float, blocks: float = 1) -> float:
+    """max(memory at 85% of HBM, compute at `rate`, waves of the least block time) + launch."""
+    waves = math.ceil(blocks / (SMS * RESIDENT)) * BLOCK_US
+    return max(nbytes / (HBM * EFFICIENCY) * 1e6, flops / rate * 1e6, waves) + LAUNCH_US
+
+
+def before_us(T: int, D: int, O: int, K: int, R: int, E: int) -> tuple:
+    """(forward, backward) us of the design before issue #17's sparse half: all SIMT, the
+    expand into an fp32 per-pair buffer that the combine reads back, align again in backward,
+    a separate pair_grads kernel, weight_grad with one block per (expert, 128 columns)."""
+    P, el = T * K, 2
+    pad = expected_tiles(T, K, E, PAIR_TILE) * PAIR_TILE / P
+    tiles = expected_tiles(T, K, E, PAIR_TILE)
+
+    def one_pass(n_in, n_out):
+        shrink = kernel_us(P * n_in * el + E * R * n_in * el, 2 * P * R * n_in,
+                           simt_rate(4 / 5) / pad, tiles)
+        expand = kernel_us(P * n_out * 4 + E * R * n_out * el, 2 * P * R * n_out,
+                           simt_rate(32 / 12) / pad, tiles * math.ceil(n_out / 128))
+        combine = kernel_us(P * n_out * 4 + T * n_out * el, 0, 1)
+        return shrink + expand + combine
+
+    align = 2 * LAUNCH_US
+    fwd = align + one_pass(D, O)
+    grads = sum(kernel_us(P * n * el + E * R * n * el, 2 * P * R * n, simt_rate(8 / 9),
+                          E * math.ceil(n / 128)) for n in (D, O))
+    bwd = align + one_pass(O, D) + kernel_us(4 * P * R * 4, 0, 1) + grads
+    return fwd, bwd
+
+
 def kernels(T: int, D: int, O: int, K: int, R: int, E: int):
     """Rows (pass, kernel, bytes, flops, now_us, tc_us, floor_us) for bf16 data: now_us for
-    the kernels as they are (the shrinks on tensor cores, the rest SIMT), tc_us with every
-    GEMM-like kernel on tensor cores."""
+    the kernels as they are (shrinks and expands on tensor cores, weight_grad SIMT), tc_us
+    with weight_grad on tensor cores too."""
     P, el = T * K, 2
     tiles = expected_tiles(T, K, E, PAIR_TILE)
     pad = tiles * PAIR_TILE / P             # the SIMT tiles compute all 64 slots
     chunks = expected_tiles(T, K, E, GRAD_CHUNK)
     col_blocks = math.ceil(O / 128)  # expand and weight_grad blocks cover 128 columns
     shrink_flops, expand_flops = 2 * P * R * D, 2 * P * R * O
-    mem = lambda b: b / (HBM * EFFICIENCY) * 1e6          # noqa: E731
     rows = []
 
     def add(pas, name, nbytes, flops, simt_rate_flops, blocks=1, tc=True, tc_now=False,
             floor_bytes=None):
-        waves = math.ceil(blocks / (SMS * RESIDENT)) * BLOCK_US
-        simt = max(mem(nbytes), flops / simt_rate_flops * 1e6, waves) + LAUNCH_US
-        tc_us = max(mem(nbytes), flops / MMA_FLOPS * 1e6, waves) + LAUNCH_US if tc else simt
+        simt = kernel_us(nbytes, flops, simt_rate_flops, blocks)
+        tc_us = kernel_us(nbytes, flops, MMA_FLOPS, blocks) if tc else simt
         floor = (floor_bytes if floor_bytes is not None else nbytes) / HBM * 1e6
         rows.append((pas, name, nbytes, flops, tc_us if tc_now else simt, tc_us, floor))
 
@@ -63,7 +91,7 @@ def kernels(T: int, D: int, O: int, K: int, R: int, E: int):
         floor_bytes=T * D * el + E * R * D * el + P * R * 4)
     # expand: planes (K, T, O) in bf16 written once, B once (tiles re-read it from L2).
     add("fwd", "grouped_expand", P * O * el + E * O * R * el, expand_flops,
-        simt_rate(32 / 12) / pad, tiles * col_blocks)
+        simt_rate(32 / 12) / pad, tiles * col_blocks, tc_now=True)
     add("fwd", "combine_planes", (K + 1) * T * O * el, 0, 1, tc=False)
     add("fwd", "(pass floor: x, y, A, B once)", 0, 0, 1, tc=False,
         floor_bytes=T * (D + O) * el + E * R * (D + O) * el)
@@ -72,7 +100,7 @@ def kernels(T: int, D: int, O: int, K: int, R: int, E: int):
         expand_flops, simt_rate(4 / 5) / pad,
         blocks=tiles, tc_now=True, floor_bytes=T * O * el + E * O * R * el + 3 * P * R * 4)
     add("bwd", "grouped_expand (dx)", P * D * el + E * R * D * el, shrink_flops,
-        simt_rate(32 / 12) / pad, tiles * math.ceil(D / 128))
+        simt_rate(32 / 12) / pad, tiles * math.ceil(D / 128), tc_now=True)
     add("bwd", "combine_planes (dx)", (K + 1) * T * D * el, 0, 1, tc=False)
     for name, n in (("weight_grad dA", D), ("weight_grad dB", O)):
         # gathered rows once per rank chunk of 16, coef rows per column block (L2), G_e out.
@@ -121,7 +149,10 @@ def main():
             print(f"| {E} | {pas} | **total** | {sum(r[2] for r in mine) / 1e6:.0f} | "
                   f"{sum(r[3] for r in mine) / 1e9:.2f} | {sum(r[4] for r in mine):.0f} | "
                   f"{sum(r[5] for r in mine):.0f} | {floor:.0f} |")
-    print(f"\nOne hot expert (T pairs), one weight gradient, SIMT: "
+    print("\nBefore (all SIMT, fp32 per-pair buffer, align twice), same model: " + ", ".join(
+        f"E={E} fwd {f:.0f} us, bwd {b:.0f} us"
+        for E, (f, b) in ((E, before_us(T, D, D, K, R, E)) for E in a.experts)))
+    print(f"One hot expert (T pairs), one weight gradient, SIMT: "
           f"{hot_expert_weight_grad_us(T, D, R, False):.0f} us with one block per column block, "
           f"{hot_expert_weight_grad_us(T, D, R, True):.0f} us over chunks of {GRAD_CHUNK} pairs")
 

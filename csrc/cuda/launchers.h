@@ -88,16 +88,20 @@ cudaError_t launch_grouped_expand(DType dtype, const void* coef, const void* pai
 // (deterministic); nothing for K = 1.
 cudaError_t launch_combine_planes(DType dtype, const void* spare, int64_t T, int64_t K,
                                   int64_t n, void* out, cudaStream_t stream);
-// Weight gradients go per (expert, chunk of kGradChunk pairs), so that one expert with many
-// pairs spreads over many blocks; experts of several chunks leave acc partials in `spill`
-// (max_grad_spill_slots(P) * R * n elements) that a second kernel adds in chunk order.
-// chunk_map: int32 (3 * (E + 1),) from launch_grad_chunk_map(offsets, E).
-constexpr int kGradChunk = 512;
-inline int64_t max_grad_chunks(int64_t P, int64_t E) { return P / kGradChunk + E; }
-inline int64_t max_grad_multi_experts(int64_t P) { return P / (kGradChunk + 1) + 1; }
-inline int64_t max_grad_spill_slots(int64_t P) { return 2 * P / kGradChunk + 1; }
-cudaError_t launch_grad_chunk_map(const int64_t* offsets, int64_t E, int32_t* chunk_map,
-                                  cudaStream_t stream);
+// Weight gradients go per (expert, chunk of grad_chunk_pairs(P) pairs), so that one expert
+// with many pairs spreads over many blocks; experts of several chunks leave acc partials in
+// `spill` (max_grad_spill_slots(P) * R * n elements, at most 257 slots: the chunk grows
+// past 512 pairs with P) that a second kernel adds in chunk order.
+// chunk_map: int32 (3 * (E + 1),) from launch_grad_chunk_map(offsets, P, E).
+constexpr int64_t kGradChunk = 512;
+inline int64_t grad_chunk_pairs(int64_t P) {
+  return (P + 127) / 128 > kGradChunk ? (P + 127) / 128 : kGradChunk;
+}
+inline int64_t max_grad_chunks(int64_t P, int64_t E) { return P / grad_chunk_pairs(P) + E; }
+inline int64_t max_grad_multi_experts(int64_t P) { return P / (grad_chunk_pairs(P) + 1) + 1; }
+inline int64_t max_grad_spill_slots(int64_t P) { return 2 * P / grad_chunk_pairs(P) + 1; }
+cudaError_t launch_grad_chunk_map(const int64_t* offsets, int64_t P, int64_t E,
+                                  int32_t* chunk_map, cudaStream_t stream);
 // Weight gradient of every LoRA expert e < E:
 //   G_e[r, c] = sum over e's pairs p (in order) of coef[p, r] * scale_p * rows[p / K, c],
 // written to out[e * out_stride_e + r * out_stride_r + c * out_stride_c] in `dtype`.

@@ -8,7 +8,7 @@
 //                    plane 0 is the output itself      (forward s w B h, backward A^T dh)
 //   combine_planes:  y[t] += plane_1[t] + ... + plane_{K-1}[t], in k order (K > 1 only)
 //   weight_grad:     G_e = sum_p coef[p] rows[token(p)]^T, one block per (chunk of
-//                    kGradChunk pairs of e, column block); an expert with one chunk writes
+//                    grad_chunk_pairs(P) pairs of e, column block); an expert with one chunk writes
 //                    G_e, one with several leaves acc partials that weight_grad_reduce
 //                    adds in chunk order (so one hot expert spreads over many blocks).
 // The tiles of bin E write zero rows, so every row of h, dh, dw and of the planes is
@@ -62,6 +62,43 @@ __global__ void tile_map_kernel(const int64_t* __restrict__ offsets, int64_t num
       num_bins, tile_start);
 }
 
+// A shrink tile's pairs, by threads < kPairTile: pair[i] (-1 when not this bin's: bad ids
+// or a wrong alignment, skipped), row[i] its token row offset in vecs (-1 for null tiles),
+// and with `gate` (backward) s * w[p] (0 for null pairs).
+template <typename acc_t>
+__device__ __forceinline__ void stage_shrink_pairs(const int64_t* order, const int64_t* experts,
+                                                   int64_t first, int m, int64_t e, int64_t E,
+                                                   int64_t K, int64_t n, const acc_t* w,
+                                                   acc_t scaling, int64_t* pair, int64_t* row,
+                                                   acc_t* gate) {
+  if (threadIdx.x >= kPairTile) return;
+  const bool null_tile = e == E;
+  const int64_t p = threadIdx.x < m ? order[first + threadIdx.x] : -1;
+  const bool mine = p >= 0 && (null_tile ? !is_lora(experts[p], E) : experts[p] == e);
+  pair[threadIdx.x] = mine ? p : -1;
+  row[threadIdx.x] = mine && !null_tile ? (p / K) * n : -1;
+  if (gate) gate[threadIdx.x] = mine && !null_tile ? scaling * w[p] : acc_t(0);
+}
+
+// An expand tile's pairs, by threads < kPairTile: pair[i] and its scale_p.
+template <typename acc_t>
+__device__ __forceinline__ void stage_expand_pairs(const int64_t* order, int64_t first, int m,
+                                                   const acc_t* pair_scale, acc_t scaling,
+                                                   int64_t* pair, acc_t* scale) {
+  if (threadIdx.x >= kPairTile) return;
+  const int64_t p = threadIdx.x < m ? order[first + threadIdx.x] : -1;
+  pair[threadIdx.x] = p;
+  scale[threadIdx.x] = p >= 0 && pair_scale ? scaling * pair_scale[p] : acc_t(1);
+}
+
+// Pair p = (t, k)'s row of plane k: out (T, n) for k = 0, spare[k - 1] (T, n) otherwise.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t* plane_row(scalar_t* out, scalar_t* spare, int64_t p,
+                                               int64_t T, int64_t K, int64_t n) {
+  const int64_t t = p / K, k = p % K;
+  return k == 0 ? out + t * n : spare + ((k - 1) * T + t) * n;
+}
+
 // The backward epilogue of the shrink (all acc): h (P, R) from the forward, w (P,), dw (P,).
 template <typename acc_t>
 struct ShrinkGrads {
@@ -90,14 +127,8 @@ grouped_shrink_kernel(const scalar_t* __restrict__ vecs, int64_t n, const scalar
   int m;
   if (!locate_tile(tile_start, offsets, E + 1, blockIdx.x, e, first, m)) return;
   const bool null_tile = e == E;  // block-uniform: its pairs get zero rows
-  if (threadIdx.x < kPairTile) {
-    // A pair in the wrong bin (bad ids or a wrong alignment) is skipped.
-    const int64_t p = threadIdx.x < m ? order[first + threadIdx.x] : -1;
-    const bool mine = p >= 0 && (null_tile ? !is_lora(experts[p], E) : experts[p] == e);
-    pair[threadIdx.x] = mine ? p : -1;
-    row[threadIdx.x] = mine && !null_tile ? (p / K) * n : -1;
-    if (kBackward) gate[threadIdx.x] = mine && !null_tile ? grads.scaling * grads.w[p] : acc_t(0);
-  }
+  stage_shrink_pairs(order, experts, first, m, e, E, K, n, grads.w, grads.scaling, pair, row,
+                     kBackward ? gate : nullptr);
   __syncthreads();
   const scalar_t* We = W + (null_tile ? 0 : e * ws_e);
   const int pi = threadIdx.x / 4, rq = threadIdx.x % 4;
@@ -173,13 +204,8 @@ grouped_shrink_tc_kernel(const scalar_t* __restrict__ vecs, int64_t n, bool alig
   int m;
   if (!locate_tile(tile_start, offsets, E + 1, blockIdx.x, e, first, m)) return;
   const bool null_tile = e == E;
-  if (threadIdx.x < kPairTile) {
-    const int64_t p = threadIdx.x < m ? order[first + threadIdx.x] : -1;
-    const bool mine = p >= 0 && (null_tile ? !is_lora(experts[p], E) : experts[p] == e);
-    pair[threadIdx.x] = mine ? p : -1;
-    row[threadIdx.x] = mine && !null_tile ? (p / K) * n : -1;
-    if (kBackward) gate[threadIdx.x] = mine && !null_tile ? grads.scaling * grads.w[p] : 0.f;
-  }
+  stage_shrink_pairs(order, experts, first, m, e, E, K, n, grads.w, grads.scaling, pair, row,
+                     kBackward ? gate : nullptr);
   __syncthreads();
   const scalar_t* We = W + (null_tile ? 0 : e * ws_e);
   const scalar_t zero = from_acc<scalar_t>(0.f);
@@ -283,11 +309,7 @@ grouped_expand_kernel(const acc_of<scalar_t>* __restrict__ coef,
   if (!locate_tile(tile_start, offsets, E + 1, blockIdx.x, e, first, m)) return;
   const bool null_tile = e == E;  // block-uniform: zero rows
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColumns;
-  if (threadIdx.x < kPairTile) {
-    const int64_t p = threadIdx.x < m ? order[first + threadIdx.x] : -1;
-    pair[threadIdx.x] = p;
-    scale[threadIdx.x] = p >= 0 && pair_scale ? scaling * pair_scale[p] : acc_t(1);
-  }
+  stage_expand_pairs(order, first, m, pair_scale, scaling, pair, scale);
   __syncthreads();
   const scalar_t* We = W + (null_tile ? 0 : e * ws_e);
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
@@ -320,12 +342,78 @@ grouped_expand_kernel(const acc_of<scalar_t>* __restrict__ coef,
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     if (ty * 4 + i >= m) continue;
-    const int64_t p = pair[ty * 4 + i], t = p / K, k = p % K;
-    scalar_t* row = (k == 0 ? out + t * n : spare + ((k - 1) * T + t) * n);
+    scalar_t* row = plane_row(out, spare, pair[ty * 4 + i], T, K, n);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int64_t c = c0 + tx + 16 * j;
       if (c < n) row[c] = from_acc<scalar_t>(acc[i][j]);
+    }
+  }
+}
+
+// The same expand on tensor cores, for __half / __nv_bfloat16: 4 warps, warp w owns pairs
+// 16w..16w+15 of the tile and the block's 128 columns as 16 n8 tiles; each rank chunk of 16
+// is one k16 step of mma_m16n8k16 (fp32 accumulation). The pair rows scale_p coef[p] are
+// rounded to the data dtype for the mma (as a bf16 / fp16 GEMM would hold them).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kTcThreads)
+grouped_expand_tc_kernel(const float* __restrict__ coef, const float* __restrict__ pair_scale,
+                         float scaling, const scalar_t* __restrict__ W, int64_t ws_e, int64_t ws_c,
+                         int64_t ws_r, int64_t n, const int64_t* __restrict__ order,
+                         const int64_t* __restrict__ offsets, const int32_t* __restrict__ tile_start,
+                         int64_t E, int64_t T, int64_t K, int R, scalar_t* __restrict__ out,
+                         scalar_t* __restrict__ spare) {
+  constexpr int kPad = kRankChunk + 8;  // row stride 48 bytes: ldmatrix rows hit distinct banks
+  __shared__ __align__(16) scalar_t cs[kPairTile][kPad];
+  __shared__ __align__(16) scalar_t wsm[kColumns][kPad];
+  __shared__ int64_t pair[kPairTile];
+  __shared__ float scale[kPairTile];
+  int64_t e, first;
+  int m;
+  if (!locate_tile(tile_start, offsets, E + 1, blockIdx.x, e, first, m)) return;
+  const bool null_tile = e == E;  // block-uniform: zero rows
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColumns;
+  stage_expand_pairs(order, first, m, pair_scale, scaling, pair, scale);
+  __syncthreads();
+  const scalar_t* We = W + (null_tile ? 0 : e * ws_e);
+  const scalar_t zero = from_acc<scalar_t>(0.f);
+  const bool columns_fast = ws_c == 1;  // walk W along its contiguous dimension
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float acc[kColumns / 8][4] = {};
+  for (int r0 = 0; r0 < (null_tile ? 0 : R); r0 += kRankChunk) {
+    for (int idx = threadIdx.x; idx < kPairTile * kRankChunk; idx += kTcThreads) {
+      const int i = idx / kRankChunk, rr = idx % kRankChunk;
+      cs[i][rr] = (i < m && r0 + rr < R) ? from_acc<scalar_t>(coef[pair[i] * R + r0 + rr] * scale[i])
+                                         : zero;
+    }
+    for (int idx = threadIdx.x; idx < kColumns * kRankChunk; idx += kTcThreads) {
+      const int cc = columns_fast ? idx % kColumns : idx / kRankChunk;
+      const int rr = columns_fast ? idx / kColumns : idx % kRankChunk;
+      wsm[cc][rr] = (c0 + cc < n && r0 + rr < R) ? We[(c0 + cc) * ws_c + (r0 + rr) * ws_r] : zero;
+    }
+    __syncthreads();
+    uint32_t a[4];
+    ldmatrix<4>(a, &cs[warp * 16 + lane % 16][8 * (lane / 16)]);
+#pragma unroll
+    for (int j = 0; j < kColumns / 8; j += 2) {
+      uint32_t b[4];
+      ldmatrix<4>(b, &wsm[8 * j + 8 * (lane / 16) + lane % 8][8 * (lane / 8 % 2)]);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma_m16n8k16<scalar_t>(acc[j], a, b0, acc[j]);
+      mma_m16n8k16<scalar_t>(acc[j + 1], a, b1, acc[j + 1]);
+    }
+    __syncthreads();  // the next chunk overwrites cs and wsm
+  }
+  // acc[j][i]: pair row 16 warp + lane / 4 + 8 (i / 2), column c0 + 8 j + 2 (lane % 4) + i % 2.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int slot = warp * 16 + lane / 4 + 8 * (i / 2);
+    if (slot >= m) continue;
+    scalar_t* row = plane_row(out, spare, pair[slot], T, K, n);
+#pragma unroll
+    for (int j = 0; j < kColumns / 8; ++j) {
+      const int64_t c = c0 + 8 * j + 2 * (lane % 4) + i % 2;
+      if (c < n) row[c] = from_acc<scalar_t>(acc[j][i]);
     }
   }
 }
@@ -345,22 +433,22 @@ __global__ void combine_planes_kernel(const scalar_t* __restrict__ spare, int64_
 }
 
 // The weight-gradient chunk map, int32 (3, E + 1): chunk_start (chunks of the experts
-// before e; an expert has max(1, ceil(count / kGradChunk)) chunks, so an unchosen one still
+// before e; an expert has max(1, ceil(count / chunk)) chunks, so an unchosen one still
 // writes its zeros), spill_start (partial slots of the experts before e, counting only
 // experts of several chunks) and multi_start (experts of several chunks before e).
-__device__ __forceinline__ int64_t grad_chunks(const int64_t* offsets, int64_t e) {
+__device__ __forceinline__ int64_t grad_chunks(const int64_t* offsets, int64_t e, int64_t chunk) {
   const int64_t count = offsets[e + 1] - offsets[e];
-  return count > kGradChunk ? (count + kGradChunk - 1) / kGradChunk : 1;
+  return count > chunk ? (count + chunk - 1) / chunk : 1;
 }
 
 __global__ void grad_chunk_map_kernel(const int64_t* __restrict__ offsets, int64_t E,
-                                      int32_t* __restrict__ map) {
-  block_offsets([offsets](int64_t e) { return grad_chunks(offsets, e); }, E, map);
-  block_offsets([offsets](int64_t e) {
-    const int64_t c = grad_chunks(offsets, e);
+                                      int64_t chunk, int32_t* __restrict__ map) {
+  block_offsets([=](int64_t e) { return grad_chunks(offsets, e, chunk); }, E, map);
+  block_offsets([=](int64_t e) {
+    const int64_t c = grad_chunks(offsets, e, chunk);
     return c > 1 ? c : int64_t(0);
   }, E, map + (E + 1));
-  block_offsets([offsets](int64_t e) { return int64_t(grad_chunks(offsets, e) > 1); }, E,
+  block_offsets([=](int64_t e) { return int64_t(grad_chunks(offsets, e, chunk) > 1); }, E,
                 map + 2 * (E + 1));
 }
 
@@ -372,7 +460,8 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
                    const acc_of<scalar_t>* __restrict__ pair_scale, acc_of<scalar_t> scaling,
                    const scalar_t* __restrict__ rows, int64_t n, const int64_t* __restrict__ order,
                    const int64_t* __restrict__ offsets, const int32_t* __restrict__ map,
-                   const int64_t* __restrict__ experts, int64_t E, int64_t K, int R,
+                   int64_t pairs_per_chunk, const int64_t* __restrict__ experts, int64_t E,
+                   int64_t K, int R,
                    acc_of<scalar_t>* __restrict__ spill, scalar_t* __restrict__ out, int64_t os_e,
                    int64_t os_r, int64_t os_c) {
   using acc_t = acc_of<scalar_t>;
@@ -386,8 +475,8 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
   const int64_t e = find_bin(chunk_start, E, blockIdx.x);
   const int64_t chunk = blockIdx.x - chunk_start[e];
   const bool alone = chunk_start[e + 1] - chunk_start[e] == 1;  // G_e straight to out
-  const int64_t begin = offsets[e] + chunk * kGradChunk;
-  const int64_t end = min64(offsets[e + 1], begin + kGradChunk);
+  const int64_t begin = offsets[e] + chunk * pairs_per_chunk;
+  const int64_t end = min64(offsets[e + 1], begin + pairs_per_chunk);
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColumns;
   const int ri = threadIdx.x / 16, cj = threadIdx.x % 16;
   for (int r0 = 0; r0 < R; r0 += kRankChunk) {
@@ -508,11 +597,17 @@ cudaError_t launch_grouped_expand(DType dtype, const void* coef, const void* pai
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    launch_kernel<grouped_expand_kernel<scalar_t>>(grid, kThreads, 0, stream,
+    const auto args = std::make_tuple(
         static_cast<const acc_t*>(coef), static_cast<const acc_t*>(pair_scale),
         static_cast<acc_t>(scaling), static_cast<const scalar_t*>(W.data), W.stride_e, W.stride_i,
         W.stride_j, n, order, offsets, tile_start, E, T, K, static_cast<int>(R),
         static_cast<scalar_t*>(out), static_cast<scalar_t*>(spare));
+    std::apply([&](auto... a) {
+      if constexpr (sizeof(scalar_t) == 2)  // __half, __nv_bfloat16: tensor cores
+        launch_kernel<grouped_expand_tc_kernel<scalar_t>>(grid, kTcThreads, 0, stream, a...);
+      else
+        launch_kernel<grouped_expand_kernel<scalar_t>>(grid, kThreads, 0, stream, a...);
+    }, args);
   });
   return cudaGetLastError();
 }
@@ -529,9 +624,10 @@ cudaError_t launch_combine_planes(DType dtype, const void* spare, int64_t T, int
   return cudaGetLastError();
 }
 
-cudaError_t launch_grad_chunk_map(const int64_t* offsets, int64_t E, int32_t* map,
+cudaError_t launch_grad_chunk_map(const int64_t* offsets, int64_t P, int64_t E, int32_t* map,
                                   cudaStream_t stream) {
-  launch_kernel<grad_chunk_map_kernel>(1, kScanThreads, 0, stream, offsets, E, map);
+  launch_kernel<grad_chunk_map_kernel>(1, kScanThreads, 0, stream, offsets, E,
+                                       grad_chunk_pairs(P), map);
   return cudaGetLastError();
 }
 
@@ -551,7 +647,8 @@ cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_s
     launch_kernel<weight_grad_kernel<scalar_t>>(grid, kThreads, 0, stream,
         static_cast<const acc_t*>(coef), static_cast<const acc_t*>(pair_scale),
         static_cast<acc_t>(scaling), static_cast<const scalar_t*>(rows), n, order, offsets,
-        chunk_map, experts, E, K, static_cast<int>(R), static_cast<acc_t*>(spill),
+        chunk_map, grad_chunk_pairs(P), experts, E, K, static_cast<int>(R),
+        static_cast<acc_t*>(spill),
         static_cast<scalar_t*>(out), out_stride_e, out_stride_r, out_stride_c);
     launch_kernel<weight_grad_reduce_kernel<scalar_t>>(reduce_grid, kThreads, 0, stream,
         static_cast<const acc_t*>(spill), chunk_map, E, static_cast<int>(R), n,

@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
                      stream);
   // dA_e = sum_p dh[p] x[t]^T; dB_e = sum_p dy[t] (s w_p h[p])^T, per (expert, pair chunk).
   at::Tensor chunk_map = at::empty({3 * (E + 1)}, offsets.options().dtype(at::kInt));
-  C10_CUDA_CHECK(launch_grad_chunk_map(off, E, chunk_map.data_ptr<int32_t>(), stream));
+  C10_CUDA_CHECK(launch_grad_chunk_map(off, P, E, chunk_map.data_ptr<int32_t>(), stream));
   const int32_t* chunks = chunk_map.data_ptr<int32_t>();
   at::Tensor spill = at::empty({max_grad_spill_slots(P) * R * std::max(D, O)}, w.options());
   at::Tensor dA = at::empty_like(A);

@@ -141,7 +141,7 @@ inline LoraBackward lora_backward(DType t, const LoraShape& s, const Buffer& dy,
              "launch_grouped_shrink (backward)");
   expand_and_combine(t, dh, Buffer(), 1.0, a_cols(A, s), s.D, a, tiles, s, g.dx);
   Buffer chunk_map(3 * (s.E + 1) * 4, false);
-  check_cuda(moe_ext::cuda::launch_grad_chunk_map(off, s.E, static_cast<int32_t*>(chunk_map.get()),
+  check_cuda(moe_ext::cuda::launch_grad_chunk_map(off, P, s.E, static_cast<int32_t*>(chunk_map.get()),
                                                   nullptr),
              "launch_grad_chunk_map");
   const auto* chunks = static_cast<const int32_t*>(chunk_map.get());

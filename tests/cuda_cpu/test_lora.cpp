@@ -136,14 +136,15 @@ const bool kRegistered = [] {
 
 // fp16 / bf16 run the shrinks on tensor cores (grouped_shrink_tc: mma, ldmatrix, cp.async):
 // rows that are a multiple of 8 elements take the cp.async path, a last depth stage of 8
-// columns (72 = 64 + 8), R = 20 two rank chunks, partial tiles, K = E + N with null experts.
+// columns (72 = 64 + 8), R = 20 two rank chunks, partial tiles, K = E + N with null experts;
+// the expands likewise (mma over 16 n8 tiles of 128 columns, O = 136 two column blocks).
 CUDA_CPU_CASE("lora/bf16 tensor cores, cp.async rows T70 D72 O40 E5 R20 N1 K2", "tsan", [] {
   const LoraShape s{70, 72, 40, 5, 20, 1, 2, 0.8};
   check_lora(DType::kBFloat16, s, make_inputs(s, 13));
 });
 
-CUDA_CPU_CASE("lora/f16 tensor cores, K = E + N T33 D32 O16 E3 R8 N1 K4", "", [] {
-  const LoraShape s{33, 32, 16, 3, 8, 1, 4, 0.8};
+CUDA_CPU_CASE("lora/f16 tensor cores, K = E + N T33 D32 O136 E3 R8 N1 K4", "", [] {
+  const LoraShape s{33, 32, 136, 3, 8, 1, 4, 0.8};  // O: two column blocks
   check_lora(DType::kFloat16, s, make_inputs(s, 14));
 });
 
