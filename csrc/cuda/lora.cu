@@ -8,14 +8,16 @@
 //                    plane 0 is the output itself      (forward s w B h, backward A^T dh)
 //   combine_planes:  y[t] += plane_1[t] + ... + plane_{K-1}[t], in k order (K > 1 only)
 //   weight_grad:     G_e = sum_p coef[p] rows[token(p)]^T, one block per (chunk of
-//                    grad_chunk_pairs(P) pairs of e, column block); an expert with one chunk writes
-//                    G_e, one with several leaves acc partials that weight_grad_reduce
-//                    adds in chunk order (so one hot expert spreads over many blocks).
+//                    grad_chunk_pairs(P) pairs of e, column block); an expert with one
+//                    chunk writes G_e, one with several leaves acc partials that
+//                    weight_grad_reduce adds in chunk order (one hot expert spreads over
+//                    many blocks).
 // The tiles of bin E write zero rows, so every row of h, dh, dw and of the planes is
 // written exactly once (no memset), and every sum runs in a fixed order: no atomics,
 // bitwise repeatable. Grid sizes are host-side upper bounds (blocks past the device-side
-// count exit at once), so nothing waits for the host. acc accumulation on CUDA cores
-// (SIMT); the tensor-core version for bf16/fp16 is future work (csrc/cuda/README.md).
+// count exit at once), so nothing waits for the host. fp16/bf16 run the shrink and the
+// expand on tensor cores (*_tc_kernel: mma.sync, ldmatrix, cp.async; fp32 accumulation),
+// fp32/fp64 and weight_grad on CUDA cores (SIMT, acc accumulation).
 #include <tuple>
 
 #include "common.cuh"
