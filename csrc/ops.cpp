@@ -18,9 +18,11 @@ TORCH_LIBRARY(moe_ext, m) {
         "Tensor experts, float temperature, bool normalize_weights) -> Tensor");
   // Stable counting sort of the P pairs by expert: order (P,), offsets (num_bins + 1,).
   m.def("align(Tensor experts, int num_bins) -> (Tensor order, Tensor offsets)");
-  // Sparse grouped strategy: y (T, O) and the per-pair shrink h (P, R) kept for backward.
+  // Sparse grouped strategy: y (T, O), and for the backward the per-pair shrink h (P, R)
+  // and the pairs' alignment order (P,), offsets (E + 2,) (every null expert in bin E).
   m.def("lora_forward(Tensor x, Tensor lora_A, Tensor lora_B, Tensor weights, Tensor experts, "
-        "float scaling, int num_null_experts) -> (Tensor y, Tensor h)");
+        "float scaling, int num_null_experts) -> (Tensor y, Tensor h, Tensor order, "
+        "Tensor offsets)");
   m.def("lora_backward(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor weights, "
         "Tensor experts, Tensor order, Tensor offsets, Tensor h, float scaling, "
         "int num_null_experts) -> (Tensor grad_x, Tensor grad_weights, Tensor grad_A, Tensor grad_B)");

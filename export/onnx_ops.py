@@ -69,7 +69,22 @@ def lora_forward(x, lora_A, lora_B, weights, experts, scaling: float, num_null_e
     h_sel = op.GatherElements(op.Cast(h3, to=FLOAT.dtype), idx, axis=1)
     h_sel = op.Mul(h_sel, op.Unsqueeze(op.Cast(is_lora, to=FLOAT.dtype), _ints([2])))
     h = op.Reshape(h_sel, op.Concat(_ints([-1]), R, axis=0))
-    return y, h
+    order, offsets = _pair_alignment(experts, E)
+    return y, h, order, offsets
+
+
+def _pair_alignment(experts, E):
+    """The op's last two outputs (unused by inference graphs, so they are pruned): order
+    (P,) = the pairs stably sorted by min(expert, E), offsets (E + 2,) the bin starts."""
+    bins = op.Min(op.Reshape(experts, _ints([-1])), E)                      # (P,)
+    pairs = op.Shape(bins)
+    key = op.Add(op.Mul(bins, pairs), op.Range(op.Constant(value_int=0),
+                                              op.Squeeze(pairs), op.Constant(value_int=1)))
+    _, order = op.TopK(key, pairs, axis=0, largest=0, sorted=1)              # ties impossible
+    onehot = op.OneHot(bins, op.Add(E, _ints([1])), op.Constant(value_ints=[0, 1]), axis=-1)
+    counts = op.ReduceSum(onehot, _ints([0]), keepdims=0)                     # (E + 1,)
+    offsets = op.Concat(_ints([0]), op.CumSum(counts, _ints([0])), axis=0)
+    return order, offsets
 
 
 def gate_dense(h_all, weights, experts, num_experts: int, num_null_experts: int, scaling: float):

@@ -31,3 +31,14 @@ def test_generate_benchmark_runs(tmp_path):
     assert "torchvision" not in proc.stderr
     for ext in (".csv", ".md", ".png"):
         assert os.path.isfile(tmp_path / f"generate-cpu{ext}"), ext
+
+
+def test_lora_performance_model_runs():
+    """benchmarks/lora_model.py (a model, no timing): one total row per pass and E."""
+    cmd = [sys.executable, os.path.join(BENCH, "lora_model.py"), "--tokens", "64", "--features",
+           "32", "--experts", "4", "16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for E in (4, 16):
+        for mode in ("fwd", "bwd"):
+            assert f"| {E} | {mode} | **total** |" in proc.stdout

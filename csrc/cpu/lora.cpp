@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -283,10 +284,19 @@ MOE_EXT_SIMD_CLONES void outer_sum_expert(const int64_t* order, int64_t begin, i
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
-                                                    const at::Tensor& B_in, const at::Tensor& w_in,
-                                                    const at::Tensor& experts_in, double scaling,
-                                                    int64_t num_null_experts) {
+// lora_backward's alignment of the pairs (ops.pair_alignment): the align op over E + 1
+// bins with every null expert in bin E. The ids are checked already.
+std::tuple<at::Tensor, at::Tensor> pair_alignment(const at::Tensor& experts, int64_t E) {
+  static const auto align = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("moe_ext::align", "")
+                                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  return align.call(experts.clamp_max(E), E + 1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_forward_cpu(
+    const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
+    const at::Tensor& w_in, const at::Tensor& experts_in, double scaling,
+    int64_t num_null_experts) {
   check_lora_forward_args(x_in, A_in, B_in, w_in, experts_in, scaling, num_null_experts);
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), w = w_in.contiguous(),
                    experts = experts_in.contiguous();
@@ -315,7 +325,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
                                      y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), scratch);
     });
   });
-  return {y, h};
+  auto [order, offsets] = pair_alignment(experts, E);
+  return {y, h, order, offsets};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(

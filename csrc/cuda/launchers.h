@@ -40,12 +40,16 @@ int64_t align_scratch_ints(int64_t P, int64_t num_bins);  // int32 scratch eleme
 cudaError_t launch_align(const int64_t* ids, int64_t P, int64_t num_bins, int32_t* scratch,
                          int64_t* order, int64_t* offsets, cudaStream_t stream);
 
-// ---- sparse grouped LoRA (lora.cu), over tiles of kPairTile pairs of one expert.
-// tile_start (E + 1,): tile_start[e] = sum over e' < e of ceil(count_e' / kPairTile), counts
-// from offsets (>= E + 1 entries). Grouped kernels launch max_pair_tiles(P, E) blocks.
+// ---- sparse grouped LoRA (lora.cu), over tiles of kPairTile pairs of one bin: the pairs
+// are aligned into E + 1 bins (order, offsets (E + 2,)), bin E holding every null pair.
+// tile_start (num_bins + 1,): tile_start[b] = sum over b' < b of ceil(count_b' / kPairTile),
+// counts from offsets. The grouped kernels take tile_map(offsets, E + 1) and launch
+// max_pair_tiles(P, E + 1) blocks.
 constexpr int kPairTile = 64;
-inline int64_t max_pair_tiles(int64_t P, int64_t E) { return (P + kPairTile - 1) / kPairTile + E; }
-cudaError_t launch_tile_map(const int64_t* offsets, int64_t E, int32_t* tile_start,
+inline int64_t max_pair_tiles(int64_t P, int64_t num_bins) {
+  return (P + kPairTile - 1) / kPairTile + num_bins;
+}
+cudaError_t launch_tile_map(const int64_t* offsets, int64_t num_bins, int32_t* tile_start,
                             cudaStream_t stream);
 // Expert weights are read through strides so that one kernel serves A (E, R, D) and
 // B (E, O, R) in either orientation: W_e[i, j] at W[e * stride_e + i * stride_i + j * stride_j].
@@ -53,33 +57,51 @@ struct ExpertWeights {
   const void* data;
   int64_t stride_e, stride_i, stride_j;
 };
-// out[p, r] = sum_c W_e[r, c] * vecs[p / K, c] for every pair p of LoRA expert e < E
-// (order/offsets from align, tile_start from tile_map; pairs in e's bin whose
-// experts[p] != e, i.e. bad ids, are skipped); other rows of out are untouched.
-// vecs (T, n) in `dtype`, out (P, R) acc.
+// The backward's per-pair gradients, fused into the shrink of dy (all acc): h (P, R) the
+// forward's shrink, w (P,) the routing weights, dw (P,) the output.
+struct PairGrads {
+  const void* h;
+  const void* w;
+  double scaling;
+  void* dw;
+};
+// gh[p, r] = sum_c W_e[r, c] * vecs[p / K, c] for every pair p of LoRA expert e < E and
+// 0 for the null pairs (bin E). grads null: out = gh (forward h = A x). Otherwise (backward,
+// gh = B^T dy): out = dh[p] = scaling * w[p] * gh[p] and dw[p] = scaling * <gh[p], h[p]>
+// (0 for null pairs). Pairs in a bin that is not theirs (bad ids, a wrong alignment) are
+// skipped. vecs (T, n) in `dtype`, out (P, R) acc.
 cudaError_t launch_grouped_shrink(DType dtype, const void* vecs, int64_t n, ExpertWeights W,
                                   const int64_t* order, const int64_t* offsets,
                                   const int32_t* tile_start, const int64_t* experts, int64_t P,
-                                  int64_t E, int64_t K, int64_t R, void* out,
-                                  cudaStream_t stream);
-// out[p, c] = sum_r coef[p, r] * scale_p * W_e[c, r] for c < n and every pair p of LoRA
-// expert e, with scale_p = scaling * pair_scale[p] (or 1 when pair_scale is null).
-// coef (P, R) acc, out (P, n) acc.
+                                  int64_t E, int64_t K, int64_t R, const PairGrads* grads,
+                                  void* out, cudaStream_t stream);
+// The per-slot planes of the expand, in `dtype`: pair p = (t, k) of LoRA expert e writes
+// plane_k[t, c] = sum_r coef[p, r] * scale_p * W_e[c, r] for c < n (0 for null pairs), with
+// scale_p = scaling * pair_scale[p] (or 1 when pair_scale is null). Plane 0 is out (T, n),
+// plane k > 0 is spare[k - 1] ((K - 1, T, n)). coef (P, R) acc.
 cudaError_t launch_grouped_expand(DType dtype, const void* coef, const void* pair_scale,
                                   double scaling, ExpertWeights W, int64_t n,
                                   const int64_t* order, const int64_t* offsets,
-                                  const int32_t* tile_start, int64_t P, int64_t E, int64_t K,
-                                  int64_t R, void* out, cudaStream_t stream);
-// out[t * out_ld + c] = sum_k pair_out[t*K + k, c] over the LoRA pairs of token t, in k
-// order (deterministic), for c < n. pair_out (P, n) acc, out rows of `dtype`.
-cudaError_t launch_combine_pairs(DType dtype, const void* pair_out, const int64_t* experts,
-                                 int64_t T, int64_t K, int64_t E, int64_t n, void* out,
-                                 int64_t out_ld, cudaStream_t stream);
-// Per pair: dw[p] = scaling * <gh[p], h[p]>, dh[p] = scaling * w[p] * gh[p] for LoRA pairs,
-// both 0 for null pairs. All acc; gh, h, dh (P, R); w, dw (P,).
-cudaError_t launch_pair_grads(DType dtype, const void* gh, const void* h, const void* w,
-                              const int64_t* experts, int64_t P, int64_t E, int64_t R,
-                              double scaling, void* dw, void* dh, cudaStream_t stream);
+                                  const int32_t* tile_start, int64_t T, int64_t E, int64_t K,
+                                  int64_t R, void* out, void* spare, cudaStream_t stream);
+// The K-combine: out (T, n) += spare[0] + ... + spare[K - 2], added in k order in acc
+// (deterministic); nothing for K = 1.
+cudaError_t launch_combine_planes(DType dtype, const void* spare, int64_t T, int64_t K,
+                                  int64_t n, void* out, cudaStream_t stream);
+// Weight gradients go per (expert, chunk of grad_chunk_pairs(P) pairs), so that one expert
+// with many pairs spreads over many blocks; experts of several chunks leave acc partials in
+// `spill` (max_grad_spill_slots(P) * R * n elements, at most 257 slots: the chunk grows
+// past 512 pairs with P) that a second kernel adds in chunk order.
+// chunk_map: int32 (3 * (E + 1),) from launch_grad_chunk_map(offsets, P, E).
+constexpr int64_t kGradChunk = 512;
+inline int64_t grad_chunk_pairs(int64_t P) {
+  return (P + 127) / 128 > kGradChunk ? (P + 127) / 128 : kGradChunk;
+}
+inline int64_t max_grad_chunks(int64_t P, int64_t E) { return P / grad_chunk_pairs(P) + E; }
+inline int64_t max_grad_multi_experts(int64_t P) { return P / (grad_chunk_pairs(P) + 1) + 1; }
+inline int64_t max_grad_spill_slots(int64_t P) { return 2 * P / grad_chunk_pairs(P) + 1; }
+cudaError_t launch_grad_chunk_map(const int64_t* offsets, int64_t P, int64_t E,
+                                  int32_t* chunk_map, cudaStream_t stream);
 // Weight gradient of every LoRA expert e < E:
 //   G_e[r, c] = sum over e's pairs p (in order) of coef[p, r] * scale_p * rows[p / K, c],
 // written to out[e * out_stride_e + r * out_stride_r + c * out_stride_c] in `dtype`.
@@ -87,10 +109,10 @@ cudaError_t launch_pair_grads(DType dtype, const void* gh, const void* h, const 
 // with experts[p] != e (bad ids) add nothing.
 cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_scale,
                                double scaling, const void* rows, int64_t n, const int64_t* order,
-                               const int64_t* offsets, const int64_t* experts, int64_t E,
-                               int64_t K, int64_t R, void* out, int64_t out_stride_e,
-                               int64_t out_stride_r, int64_t out_stride_c, cudaStream_t stream);
-
+                               const int64_t* offsets, const int32_t* chunk_map,
+                               const int64_t* experts, int64_t P, int64_t E, int64_t K, int64_t R,
+                               void* spill, void* out, int64_t out_stride_e, int64_t out_stride_r,
+                               int64_t out_stride_c, cudaStream_t stream);
 // ---- dense-gated mask (gate_dense.cu). h_all, gated (T, E*R) in `dtype`; w (T, K) acc.
 cudaError_t launch_gate_dense(DType dtype, const void* h_all, const void* w,
                               const int64_t* experts, int64_t T, int64_t E, int64_t R, int64_t K,

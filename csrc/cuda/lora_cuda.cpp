@@ -17,48 +17,35 @@ ExpertWeights a_cols(const at::Tensor& A) { return {A.data_ptr(), A.size(1) * A.
 ExpertWeights b_rows(const at::Tensor& B) { return {B.data_ptr(), B.size(1) * B.size(2), 1, B.size(2)}; }
 ExpertWeights b_cols(const at::Tensor& B) { return {B.data_ptr(), B.size(1) * B.size(2), B.size(2), 1}; }
 
-// Tiles of kPairTile pairs per LoRA expert, from the align offsets.
+// Tiles of kPairTile pairs per bin, for the E + 1 bins of the pairs' alignment.
 at::Tensor tile_map(const at::Tensor& offsets, int64_t E) {
-  at::Tensor tile_start = at::empty({E + 1}, offsets.options().dtype(at::kInt));
-  C10_CUDA_CHECK(launch_tile_map(offsets.data_ptr<int64_t>(), E, tile_start.data_ptr<int32_t>(),
+  at::Tensor tile_start = at::empty({E + 2}, offsets.options().dtype(at::kInt));
+  C10_CUDA_CHECK(launch_tile_map(offsets.data_ptr<int64_t>(), E + 1, tile_start.data_ptr<int32_t>(),
                                  current_stream()));
   return tile_start;
 }
 
-// The per-pair rows of the expand live in a float buffer of at most this many bytes.
-constexpr int64_t kPairBufferBytes = int64_t(512) << 20;
-
-// out (T, n) = for each token, the sum over its LoRA pairs of scale_p W_e coef[p], via
-// grouped_expand into per-pair rows and the deterministic K-combine. Columns go in slabs
-// (multiples of 128) so that the (P, slab) buffer stays under kPairBufferBytes.
+// out (T, n) = for each token, the sum over its LoRA pairs of scale_p W_e coef[p]: the
+// expand writes each pair's row once into the plane of its slot k (plane 0 is out itself,
+// planes 1..K-1 a (K - 1, T, n) buffer in out's dtype), then the K-combine adds the planes
+// into out in k order.
 void expand_and_combine(DType dtype, const at::Tensor& coef, const void* pair_scale,
                         double scaling, ExpertWeights W, int64_t n, const at::Tensor& order,
-                        const at::Tensor& offsets, const at::Tensor& tile_start,
-                        const at::Tensor& experts, int64_t E, at::Tensor& out,
-                        cudaStream_t stream) {
-  const int64_t T = experts.size(0), K = experts.size(1), P = T * K, R = coef.size(1);
-  const int64_t per_column = std::max<int64_t>(1, P) * coef.element_size();
-  const int64_t slab = std::min(n, std::max<int64_t>(128, kPairBufferBytes / per_column / 128 * 128));
-  at::Tensor buffer = at::empty({P * std::max<int64_t>(slab, 1)}, coef.options());
-  const int64_t elem = out.element_size();  // out, x, lora_A and lora_B share a dtype
-  for (int64_t c0 = 0; c0 < n; c0 += slab) {
-    const int64_t width = std::min(slab, n - c0);
-    ExpertWeights cols = W;  // W_e[c0 + c, r]: shift the column origin
-    cols.data = static_cast<const char*>(W.data) + c0 * W.stride_i * elem;
-    C10_CUDA_CHECK(launch_grouped_expand(dtype, coef.data_ptr(), pair_scale, scaling, cols, width,
-                                         order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
-                                         tile_start.data_ptr<int32_t>(), P, E, K, R,
-                                         buffer.data_ptr(), stream));
-    C10_CUDA_CHECK(launch_combine_pairs(dtype, buffer.data_ptr(), experts.data_ptr<int64_t>(), T, K,
-                                        E, width, static_cast<char*>(out.data_ptr()) + c0 * elem,
-                                        n, stream));
-  }
+                        const at::Tensor& offsets, const at::Tensor& tile_start, int64_t E,
+                        int64_t K, at::Tensor& out, cudaStream_t stream) {
+  const int64_t T = out.size(0), R = coef.size(1);
+  at::Tensor spare = at::empty({(K - 1) * T * n}, out.options());
+  C10_CUDA_CHECK(launch_grouped_expand(dtype, coef.data_ptr(), pair_scale, scaling, W, n,
+                                       order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                                       tile_start.data_ptr<int32_t>(), T, E, K, R, out.data_ptr(),
+                                       spare.data_ptr(), stream));
+  C10_CUDA_CHECK(launch_combine_planes(dtype, spare.data_ptr(), T, K, n, out.data_ptr(), stream));
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, const at::Tensor& A_in,
-                                                     const at::Tensor& B_in, const at::Tensor& w_in,
-                                                     const at::Tensor& experts_in, double scaling,
-                                                     int64_t num_null_experts) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_forward_cuda(
+    const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
+    const at::Tensor& w_in, const at::Tensor& experts_in, double scaling,
+    int64_t num_null_experts) {
   check_lora_forward_args(x_in, A_in, B_in, w_in, experts_in, scaling, num_null_experts);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous(),
@@ -75,15 +62,15 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, con
   // Bins 0..E-1 for the LoRA experts, bin E for every null expert (and any bad id).
   auto [order, offsets] = align_unchecked_ids(experts, E + 1);
   const at::Tensor tile_start = tile_map(offsets, E);
-  at::Tensor h = at::zeros({P, R}, x.options().dtype(acc));  // rows of null pairs stay 0
+  at::Tensor h = at::empty({P, R}, x.options().dtype(acc));  // null pairs' rows: zeros
   C10_CUDA_CHECK(launch_grouped_shrink(dtype, x.data_ptr(), D, a_rows(A), order.data_ptr<int64_t>(),
                                        offsets.data_ptr<int64_t>(), tile_start.data_ptr<int32_t>(),
-                                       experts.data_ptr<int64_t>(), P, E, K, R, h.data_ptr(),
-                                       stream));
+                                       experts.data_ptr<int64_t>(), P, E, K, R, nullptr,
+                                       h.data_ptr(), stream));
   at::Tensor y = at::empty({T, O}, x.options());
-  expand_and_combine(dtype, h, w.data_ptr(), scaling, b_cols(B), O, order, offsets, tile_start,
-                     experts, E, y, stream);
-  return {y, h};
+  expand_and_combine(dtype, h, w.data_ptr(), scaling, b_cols(B), O, order, offsets, tile_start, E,
+                     K, y, stream);
+  return {y, h, order, offsets};  // the alignment lora_backward takes (ops.pair_alignment)
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
@@ -122,26 +109,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   const at::Tensor tile_start = tile_map(offsets, E);
   const int32_t* tiles = tile_start.data_ptr<int32_t>();
 
-  // gh[p] = B_e^T dy[t]; then dw and dh = s * w * gh per pair.
-  at::Tensor gh = at::empty({P, R}, x.options().dtype(acc));
+  // gh[p] = B_e^T dy[t], and in the same kernel dh = s * w * gh and dw = s <gh, h> per pair.
   const int64_t* ids = experts.data_ptr<int64_t>();
-  C10_CUDA_CHECK(launch_grouped_shrink(dtype, dy.data_ptr(), O, b_rows(B), ord, off, tiles, ids, P,
-                                       E, K, R, gh.data_ptr(), stream));
   at::Tensor dw = at::empty({T, K}, w.options());
   at::Tensor dh = at::empty({P, R}, w.options());
-  C10_CUDA_CHECK(launch_pair_grads(dtype_of(acc), gh.data_ptr(), h.data_ptr(), w.data_ptr(),
-                                   ids, P, E, R, scaling, dw.data_ptr(), dh.data_ptr(), stream));
+  const PairGrads grads{h.data_ptr(), w.data_ptr(), scaling, dw.data_ptr()};
+  C10_CUDA_CHECK(launch_grouped_shrink(dtype, dy.data_ptr(), O, b_rows(B), ord, off, tiles, ids, P,
+                                       E, K, R, &grads, dh.data_ptr(), stream));
   // dx[t] = sum_k A_e^T dh[t, k].
   at::Tensor dx = at::empty_like(x);
-  expand_and_combine(dtype, dh, nullptr, 1.0, a_cols(A), D, order, offsets, tile_start, experts, E,
-                     dx, stream);
-  // dA_e = sum_p dh[p] x[t]^T; dB_e = sum_p dy[t] (s w_p h[p])^T.
+  expand_and_combine(dtype, dh, nullptr, 1.0, a_cols(A), D, order, offsets, tile_start, E, K, dx,
+                     stream);
+  // dA_e = sum_p dh[p] x[t]^T; dB_e = sum_p dy[t] (s w_p h[p])^T, per (expert, pair chunk).
+  at::Tensor chunk_map = at::empty({3 * (E + 1)}, offsets.options().dtype(at::kInt));
+  C10_CUDA_CHECK(launch_grad_chunk_map(off, P, E, chunk_map.data_ptr<int32_t>(), stream));
+  const int32_t* chunks = chunk_map.data_ptr<int32_t>();
+  at::Tensor spill = at::empty({max_grad_spill_slots(P) * R * std::max(D, O)}, w.options());
   at::Tensor dA = at::empty_like(A);
   C10_CUDA_CHECK(launch_weight_grad(dtype, dh.data_ptr(), nullptr, 1.0, x.data_ptr(), D, ord, off,
-                                    ids, E, K, R, dA.data_ptr(), R * D, D, 1, stream));
+                                    chunks, ids, P, E, K, R, spill.data_ptr(), dA.data_ptr(),
+                                    R * D, D, 1, stream));
   at::Tensor dB = at::empty_like(B);
   C10_CUDA_CHECK(launch_weight_grad(dtype, h.data_ptr(), w.data_ptr(), scaling, dy.data_ptr(), O,
-                                    ord, off, ids, E, K, R, dB.data_ptr(), O * R, 1, R, stream));
+                                    ord, off, chunks, ids, P, E, K, R, spill.data_ptr(),
+                                    dB.data_ptr(), O * R, 1, R, stream));
   return {dx, dw, dA, dB};
 }
 

@@ -75,7 +75,9 @@ def lora_forward(x, lora_A, lora_B, weights, experts, scaling, num_null_experts)
     h_all = _shrink_all(x, lora_A)
     gated = (h_all * (scaling * reference.gates(weights, experts, E, num_null_experts))[:, :, None])
     y = gated.reshape(-1, E * R) @ lora_B.permute(0, 2, 1).reshape(E * R, -1).to(gated.dtype)
-    return y.to(x.dtype), _chosen(h_all, experts, E).reshape(-1, R).contiguous()
+    order, offsets = align(experts.clamp(max=E), E + 1)  # ops.pair_alignment
+    return (y.to(x.dtype), _chosen(h_all, experts, E).reshape(-1, R).contiguous(), order,
+            offsets)
 
 
 def lora_backward(grad_y, x, lora_A, lora_B, weights, experts, order, offsets, h, scaling,

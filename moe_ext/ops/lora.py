@@ -16,16 +16,17 @@ def lora_sparse(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     x (T, D), lora_A (E, R, D), lora_B (E, O, R), weights (T, K) in acc dtype,
     experts (T, K) int64 in [0, E + num_null_experts). Returns y (T, O) in x's dtype.
     """
-    y, _ = lib.lora_forward(x, lora_A, lora_B, weights, experts, float(scaling),
-                            int(num_null_experts))
+    y, _, _, _ = lib.lora_forward(x, lora_A, lora_B, weights, experts, float(scaling),
+                                  int(num_null_experts))
     return y
 
 
 @torch.library.register_fake("moe_ext::lora_forward")
 def _lora_forward_fake(x, lora_A, lora_B, weights, experts, scaling, num_null_experts):
     checks.lora_forward_args(x, lora_A, lora_B, weights, experts, scaling, num_null_experts)
-    T, K, R, O = x.shape[0], experts.shape[1], lora_A.shape[1], lora_B.shape[1]
-    return x.new_empty((T, O)), x.new_empty((T * K, R), dtype=acc_dtype(x.dtype))
+    T, K, E, R, O = x.shape[0], experts.shape[1], *lora_A.shape[:2], lora_B.shape[1]
+    return (x.new_empty((T, O)), x.new_empty((T * K, R), dtype=acc_dtype(x.dtype)),
+            experts.new_empty((T * K,)), experts.new_empty((E + 2,)))
 
 
 @torch.library.register_fake("moe_ext::lora_backward")
@@ -39,12 +40,13 @@ def _lora_backward_fake(grad_y, x, lora_A, lora_B, weights, experts, order, offs
 
 def _setup(ctx, inputs, output):
     x, lora_A, lora_B, weights, experts, scaling, num_null_experts = inputs
-    ctx.save_for_backward(x, lora_A, lora_B, weights, experts, output[1])
+    # h and the pairs' alignment (order, offsets) come from the forward: no second align.
+    ctx.save_for_backward(x, lora_A, lora_B, weights, experts, *output[1:])
     ctx.scaling, ctx.num_null = scaling, num_null_experts
 
 
-def _backward(ctx, grad_y, _grad_h):
-    x, lora_A, lora_B, weights, experts, h = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_h, _grad_order, _grad_offsets):
+    x, lora_A, lora_B, weights, experts, h, order, offsets = ctx.saved_tensors
     if grad_y is None:
         grad_y = x.new_zeros((x.shape[0], lora_B.shape[1]))
     if torch.is_grad_enabled():
@@ -53,7 +55,6 @@ def _backward(ctx, grad_y, _grad_h):
         dx, dw, dA, dB = fallback.lora_backward(grad_y, x, lora_A, lora_B, weights, experts, None,
                                                 None, h, ctx.scaling, ctx.num_null)
         return dx, dA, dB, dw, None, None, None
-    order, offsets = pair_alignment(experts, lora_A.shape[0])
     dx, dw, dA, dB = lib.lora_backward(grad_y, x, lora_A, lora_B, weights, experts, order,
                                        offsets, h, ctx.scaling, ctx.num_null)
     return dx, dA, dB, dw, None, None, None
@@ -61,7 +62,8 @@ def _backward(ctx, grad_y, _grad_h):
 
 def pair_alignment(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """lora_backward's order (P,) and offsets (E + 2,): the pairs sorted by expert with every
-    null expert in one bin E, so that nothing grows with num_null_experts."""
+    null expert in one bin E, so that nothing grows with num_null_experts. lora_forward
+    returns the same two as its last outputs."""
     return lib.align(experts.clamp(max=num_experts), num_experts + 1)
 
 

@@ -70,62 +70,49 @@ inline ExpertWeights a_cols(const Buffer& A, const LoraShape& s) { return {A.get
 inline ExpertWeights b_rows(const Buffer& B, const LoraShape& s) { return {B.get(), s.O * s.R, 1, s.R}; }
 inline ExpertWeights b_cols(const Buffer& B, const LoraShape& s) { return {B.get(), s.O * s.R, s.R, 1}; }
 
+// tile_map of lora_cuda.cpp: tiles of the E + 1 bins.
 inline Buffer tile_map(const Buffer& offsets, int64_t E) {
-  Buffer tiles((E + 1) * 4, false);
-  check_cuda(moe_ext::cuda::launch_tile_map(static_cast<const int64_t*>(offsets.get()), E,
+  Buffer tiles((E + 2) * 4, false);
+  check_cuda(moe_ext::cuda::launch_tile_map(static_cast<const int64_t*>(offsets.get()), E + 1,
                                             static_cast<int32_t*>(tiles.get()), nullptr),
              "launch_tile_map");
   return tiles;
 }
 
-// lora_cuda.cpp's expand_and_combine, with the pair buffer's byte budget as a parameter
-// (512 MiB there) so that small tests can cut the columns into several slabs.
+// lora_cuda.cpp's expand_and_combine: per-slot planes (plane 0 is out), then the K-combine.
 inline void expand_and_combine(DType t, const Buffer& coef, const Buffer& pair_scale, double scaling,
                                ExpertWeights W, int64_t n, const AlignOut& a, const Buffer& tiles,
-                               const Buffer& experts, const LoraShape& s, Buffer& out,
-                               int64_t pair_buffer_bytes) {
-  const int64_t P = s.P();
-  const int64_t per_column = std::max<int64_t>(1, P) * static_cast<int64_t>(dtype_size(acc_of(t)));
-  const int64_t slab = std::min(n, std::max<int64_t>(128, pair_buffer_bytes / per_column / 128 * 128));
-  Buffer buffer(P * std::max<int64_t>(slab, 1) * dtype_size(acc_of(t)), false);
-  const int64_t elem = static_cast<int64_t>(dtype_size(t));
-  for (int64_t c0 = 0; c0 < n; c0 += slab) {
-    const int64_t width = std::min(slab, n - c0);
-    ExpertWeights cols = W;
-    cols.data = static_cast<const char*>(W.data) + c0 * W.stride_i * elem;
-    check_cuda(moe_ext::cuda::launch_grouped_expand(
-                   t, coef.get(), pair_scale.get(), scaling, cols, width,
-                   static_cast<const int64_t*>(a.order.get()), static_cast<const int64_t*>(a.offsets.get()),
-                   static_cast<const int32_t*>(tiles.get()), P, s.E, s.K, s.R, buffer.get(), nullptr),
-               "launch_grouped_expand");
-    check_cuda(moe_ext::cuda::launch_combine_pairs(
-                   t, buffer.get(), static_cast<const int64_t*>(experts.get()), s.T, s.K, s.E, width,
-                   static_cast<char*>(out.get()) + c0 * elem, n, nullptr),
-               "launch_combine_pairs");
-  }
+                               const LoraShape& s, Buffer& out) {
+  Buffer spare((s.K - 1) * s.T * n * dtype_size(t), false);
+  check_cuda(moe_ext::cuda::launch_grouped_expand(
+                 t, coef.get(), pair_scale.get(), scaling, W, n,
+                 static_cast<const int64_t*>(a.order.get()), static_cast<const int64_t*>(a.offsets.get()),
+                 static_cast<const int32_t*>(tiles.get()), s.T, s.E, s.K, s.R, out.get(), spare.get(),
+                 nullptr),
+             "launch_grouped_expand");
+  check_cuda(moe_ext::cuda::launch_combine_planes(t, spare.get(), s.T, s.K, n, out.get(), nullptr),
+             "launch_combine_planes");
 }
-
-constexpr int64_t kPairBufferBytes = int64_t(512) << 20;
 
 struct LoraForward {
   Buffer y, h;
+  AlignOut a;  // the pairs' alignment (E + 1 bins), returned for the backward
 };
 
 // lora_forward_cuda: x (T, D), A (E, R, D), B (E, O, R) in `t`; w (T, K) acc; experts (T, K).
 inline LoraForward lora_forward(DType t, const LoraShape& s, const Buffer& x, const Buffer& A,
-                                const Buffer& B, const Buffer& w, const Buffer& experts,
-                                int64_t pair_buffer_bytes = kPairBufferBytes) {
+                                const Buffer& B, const Buffer& w, const Buffer& experts) {
   const int64_t P = s.P();
-  const AlignOut a = align(experts, P, s.E + s.N);
-  const Buffer tiles = tile_map(a.offsets, s.E);
-  LoraForward f{Buffer(s.T * s.O * dtype_size(t), false), Buffer(P * s.R * dtype_size(acc_of(t)), true)};
+  LoraForward f{Buffer(s.T * s.O * dtype_size(t), false), Buffer(P * s.R * dtype_size(acc_of(t)), false),
+                align(experts, P, s.E + 1)};
+  const Buffer tiles = tile_map(f.a.offsets, s.E);
   check_cuda(moe_ext::cuda::launch_grouped_shrink(
-                 t, x.get(), s.D, a_rows(A, s), static_cast<const int64_t*>(a.order.get()),
-                 static_cast<const int64_t*>(a.offsets.get()), static_cast<const int32_t*>(tiles.get()),
-                 static_cast<const int64_t*>(experts.get()), P, s.E, s.K, s.R, f.h.get(), nullptr),
+                 t, x.get(), s.D, a_rows(A, s), static_cast<const int64_t*>(f.a.order.get()),
+                 static_cast<const int64_t*>(f.a.offsets.get()), static_cast<const int32_t*>(tiles.get()),
+                 static_cast<const int64_t*>(experts.get()), P, s.E, s.K, s.R, nullptr, f.h.get(),
+                 nullptr),
              "launch_grouped_shrink");
-  expand_and_combine(t, f.h, w, s.scaling, b_cols(B, s), s.O, a, tiles, experts, s, f.y,
-                     pair_buffer_bytes);
+  expand_and_combine(t, f.h, w, s.scaling, b_cols(B, s), s.O, f.a, tiles, s, f.y);
   return f;
 }
 
@@ -133,38 +120,40 @@ struct LoraBackward {
   Buffer dx, dw, dA, dB;
 };
 
-// lora_backward_cuda: dy (T, O) in `t`; order/offsets from align; h (P, R) acc.
+// lora_backward_cuda: dy (T, O) in `t`; `a` the forward's alignment; h (P, R) acc.
 inline LoraBackward lora_backward(DType t, const LoraShape& s, const Buffer& dy, const Buffer& x,
                                   const Buffer& A, const Buffer& B, const Buffer& w,
-                                  const Buffer& experts, const Buffer& h,
-                                  int64_t pair_buffer_bytes = kPairBufferBytes) {
+                                  const Buffer& experts, const AlignOut& a, const Buffer& h) {
   const int64_t P = s.P();
   const DType acc = acc_of(t);
-  const AlignOut a = align(experts, P, s.E + s.N);
   const auto* ord = static_cast<const int64_t*>(a.order.get());
   const auto* off = static_cast<const int64_t*>(a.offsets.get());
   const auto* ids = static_cast<const int64_t*>(experts.get());
   const Buffer tiles = tile_map(a.offsets, s.E);
   const auto* tl = static_cast<const int32_t*>(tiles.get());
-  Buffer gh(P * s.R * dtype_size(acc), false);
-  check_cuda(moe_ext::cuda::launch_grouped_shrink(t, dy.get(), s.O, b_rows(B, s), ord, off, tl, ids,
-                                                  P, s.E, s.K, s.R, gh.get(), nullptr),
-             "launch_grouped_shrink (backward)");
   LoraBackward g{Buffer(s.T * s.D * dtype_size(t), false), Buffer(P * dtype_size(acc), false),
                  Buffer(s.E * s.R * s.D * dtype_size(t), false),
                  Buffer(s.E * s.O * s.R * dtype_size(t), false)};
   Buffer dh(P * s.R * dtype_size(acc), false);
-  check_cuda(moe_ext::cuda::launch_pair_grads(acc, gh.get(), h.get(), w.get(), ids, P, s.E, s.R,
-                                              s.scaling, g.dw.get(), dh.get(), nullptr),
-             "launch_pair_grads");
-  expand_and_combine(t, dh, Buffer(), 1.0, a_cols(A, s), s.D, a, tiles, experts, s, g.dx,
-                     pair_buffer_bytes);
-  check_cuda(moe_ext::cuda::launch_weight_grad(t, dh.get(), nullptr, 1.0, x.get(), s.D, ord, off, ids,
-                                               s.E, s.K, s.R, g.dA.get(), s.R * s.D, s.D, 1, nullptr),
+  const moe_ext::cuda::PairGrads grads{h.get(), w.get(), s.scaling, g.dw.get()};
+  check_cuda(moe_ext::cuda::launch_grouped_shrink(t, dy.get(), s.O, b_rows(B, s), ord, off, tl, ids,
+                                                  P, s.E, s.K, s.R, &grads, dh.get(), nullptr),
+             "launch_grouped_shrink (backward)");
+  expand_and_combine(t, dh, Buffer(), 1.0, a_cols(A, s), s.D, a, tiles, s, g.dx);
+  Buffer chunk_map(3 * (s.E + 1) * 4, false);
+  check_cuda(moe_ext::cuda::launch_grad_chunk_map(off, P, s.E, static_cast<int32_t*>(chunk_map.get()),
+                                                  nullptr),
+             "launch_grad_chunk_map");
+  const auto* chunks = static_cast<const int32_t*>(chunk_map.get());
+  Buffer spill(moe_ext::cuda::max_grad_spill_slots(P) * s.R * std::max(s.D, s.O) * dtype_size(acc),
+               false);
+  check_cuda(moe_ext::cuda::launch_weight_grad(t, dh.get(), nullptr, 1.0, x.get(), s.D, ord, off,
+                                               chunks, ids, P, s.E, s.K, s.R, spill.get(), g.dA.get(),
+                                               s.R * s.D, s.D, 1, nullptr),
              "launch_weight_grad (dA)");
   check_cuda(moe_ext::cuda::launch_weight_grad(t, h.get(), w.get(), s.scaling, dy.get(), s.O, ord, off,
-                                               ids, s.E, s.K, s.R, g.dB.get(), s.O * s.R, 1, s.R,
-                                               nullptr),
+                                               chunks, ids, P, s.E, s.K, s.R, spill.get(), g.dB.get(),
+                                               s.O * s.R, 1, s.R, nullptr),
              "launch_weight_grad (dB)");
   return g;
 }

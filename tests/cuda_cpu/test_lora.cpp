@@ -32,13 +32,12 @@ struct Result {
 
 // Forward and backward through the model, `experts` and `w` given (w in acc).
 Result run_model(DType t, const LoraShape& s, const Inputs& in, const std::vector<double>& w,
-                 const std::vector<int64_t>& experts, int64_t pair_buffer_bytes = kPairBufferBytes) {
+                 const std::vector<int64_t>& experts) {
   const DType acc = acc_of(t);
   const Buffer x = to_device(in.x, t), A = to_device(in.A, t), B = to_device(in.B, t);
   const Buffer wb = to_device(w, acc), ids = ints_to_device(experts);
-  const LoraForward f = lora_forward(t, s, x, A, B, wb, ids, pair_buffer_bytes);
-  const LoraBackward g =
-      lora_backward(t, s, to_device(in.gy, t), x, A, B, wb, ids, f.h, pair_buffer_bytes);
+  const LoraForward f = lora_forward(t, s, x, A, B, wb, ids);
+  const LoraBackward g = lora_backward(t, s, to_device(in.gy, t), x, A, B, wb, ids, f.a, f.h);
   const int64_t P = s.P();
   return {to_host(f.y, t, s.T * s.O), to_host(f.h, acc, P * s.R), to_host(g.dx, t, s.T * s.D),
           to_host(g.dw, acc, P), to_host(g.dA, t, s.E * s.R * s.D), to_host(g.dB, t, s.E * s.O * s.R)};
@@ -135,6 +134,20 @@ const bool kRegistered = [] {
   return true;
 }();
 
+// fp16 / bf16 run the shrinks on tensor cores (grouped_shrink_tc: mma, ldmatrix, cp.async):
+// rows that are a multiple of 8 elements take the cp.async path, a last depth stage of 8
+// columns (72 = 64 + 8), R = 20 two rank chunks, partial tiles, K = E + N with null experts;
+// the expands likewise (mma over 16 n8 tiles of 128 columns, O = 136 two column blocks).
+CUDA_CPU_CASE("lora/bf16 tensor cores, cp.async rows T70 D72 O40 E5 R20 N1 K2", "tsan", [] {
+  const LoraShape s{70, 72, 40, 5, 20, 1, 2, 0.8};
+  check_lora(DType::kBFloat16, s, make_inputs(s, 13));
+});
+
+CUDA_CPU_CASE("lora/f16 tensor cores, K = E + N T33 D32 O136 E3 R8 N1 K4", "", [] {
+  const LoraShape s{33, 32, 136, 3, 8, 1, 4, 0.8};  // O: two column blocks
+  check_lora(DType::kFloat16, s, make_inputs(s, 14));
+});
+
 CUDA_CPU_CASE("lora/T=0", "", [] {
   const LoraShape s{0, 8, 6, 3, 4, 0, 2, 0.8};
   const Result got = run_model(DType::kFloat32, s, make_inputs(s, 1), {}, {});
@@ -187,13 +200,28 @@ CUDA_CPU_CASE("lora/bad ids act as null experts", "", [] {
   expect_result(DType::kFloat32, got, run_reference(DType::kFloat32, bad_s, in, r.weights, bad));
 });
 
-CUDA_CPU_CASE("lora/K-combine in column slabs", "", [] {
-  // A 1-byte pair-buffer budget: slabs of 128 columns (128 + 128 + 44 for y and dx).
-  const LoraShape s{20, 300, 300, 4, 8, 0, 2, 0.8};
-  const Inputs in = make_inputs(s, 9);
-  const ref::Routing r = ref::route(in.logits, {}, s.T, s.E, s.K, 1.0, true);
-  expect_result(DType::kFloat64, run_model(DType::kFloat64, s, in, r.weights, r.experts, 1),
-                run_reference(DType::kFloat64, s, in, r.weights, r.experts));
+// One hot expert with more than kGradChunk (512) pairs: its weight gradients come from 3
+// chunks (512 + 512 + 76 pairs) added by weight_grad_reduce, beside experts of one chunk
+// (written directly), a never-chosen one and null experts in slot 1.
+Inputs hot_expert_inputs(const LoraShape& s) {
+  Inputs in = make_inputs(s, 12);
+  const int64_t M = s.E + s.N;
+  for (int64_t t = 0; t < s.T; ++t) {
+    in.logits[t * M + 1] = 30.0;                            // every token's first choice
+    in.logits[t * M + 3] = -30.0;                           // never chosen
+  }
+  return in;
+}
+
+CUDA_CPU_CASE("lora/one hot expert over 3 weight-gradient chunks", "", [] {
+  const LoraShape s{1100, 6, 9, 5, 3, 1, 2, 0.8};
+  const Result got = check_lora(DType::kFloat64, s, hot_expert_inputs(s));
+  for (int64_t i = 3 * s.R * s.D; i < 4 * s.R * s.D; ++i) check(got.dA[i] == 0, "dA of expert 3");
+});
+
+CUDA_CPU_CASE("lora/one hot expert, bf16, R > 16", "tsan", [] {
+  const LoraShape s{520, 8, 16, 4, 18, 0, 2, 0.8};  // expert 1: 520 pairs, 2 chunks
+  check_lora(DType::kBFloat16, s, hot_expert_inputs(s));
 });
 
 CUDA_CPU_CASE("lora/bitwise repeatable", "", [] {

@@ -11,7 +11,7 @@ import torch
 
 from moe_ext.ops import acc_dtype, fallback, reference
 
-from fuzz_cases import MAX_BINS, Case, lora_pair_rows
+from fuzz_cases import MAX_BINS, Case, lora_align, lora_pair_rows
 
 
 class FuzzFailure(AssertionError):
@@ -59,7 +59,7 @@ def ref_lora_forward(x, A, B, w, experts, scaling, N):
     if w.shape != experts.shape or x.shape[0] != w.shape[0]:
         raise ValueError("reference: routing shapes")
     y = reference.lora_delta(_f64(x), _f64(A), _f64(B), _f64(w), experts, scaling)
-    return y, lora_pair_rows(x, A, experts)
+    return (y, lora_pair_rows(x, A, experts), *lora_align(experts, A.shape[0]))
 
 
 def ref_lora_backward(gy, x, A, B, w, experts, order, offsets, h, scaling, N):

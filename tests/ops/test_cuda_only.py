@@ -106,8 +106,7 @@ def test_out_of_range_ids_add_nothing_without_debug_mode():
     C = torch.ops.moe_ext
 
     def fwd_bwd(experts, N):
-        y, h = C.lora_forward(x, A, B, r.weights, experts, 0.5, N)
-        order, offsets = ops.pair_alignment(experts, E)
+        y, h, order, offsets = C.lora_forward(x, A, B, r.weights, experts, 0.5, N)
         gy = torch.ones_like(y)
         return [y, h, *C.lora_backward(gy, x, A, B, r.weights, experts, order, offsets, h, 0.5, N)]
 
@@ -132,7 +131,7 @@ def test_bad_order_and_offsets_stay_in_bounds_without_debug_mode(monkeypatch):
     x, L, A, B = make_inputs(T, D, O, E, R, 1, torch.float32, CUDA)
     r = ops.route(L, K)
     C = torch.ops.moe_ext
-    y, h = C.lora_forward(x, A, B, r.weights, r.experts, 0.5, 1)
+    y, h, _, _ = C.lora_forward(x, A, B, r.weights, r.experts, 0.5, 1)
     g = torch.Generator().manual_seed(0)
     order = torch.randint(-2**62, 2**62, (T * K,), generator=g).to(CUDA)
     offsets = torch.randint(-2**62, 2**62, (E + 2,), generator=g).to(CUDA)

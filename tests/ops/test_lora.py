@@ -6,6 +6,7 @@ import resource
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_ext import functional, ops, reference
 from conftest import make_inputs
@@ -58,9 +59,10 @@ def test_forward_backward_match_reference_float64(device, shape, strategy):
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-9, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("T", [40, 1100])  # 1100 pairs: CUDA's weight_grad over 3 chunks of 512
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_all_tokens_on_one_expert(device, strategy):
-    x, L, A, B = all_on_one_expert(device)
+def test_all_tokens_on_one_expert(device, strategy, T):
+    x, L, A, B = all_on_one_expert(device, T=T)
     for t in (x, L, A, B):
         t.requires_grad_(True)
     y = run(x, L, A, B, 2, 0, strategy)
@@ -170,12 +172,41 @@ def test_opcheck_lora_ops(device):
     r = ops.route(L.detach(), 2)
     w = r.weights.clone().requires_grad_(True)
     torch.library.opcheck(torch.ops.moe_ext.lora_forward.default, (x, A, B, w, r.experts, 0.5, 1))
-    y, h = torch.ops.moe_ext.lora_forward(x.detach(), A.detach(), B.detach(), r.weights, r.experts,
-                                          0.5, 1)
-    order, offsets = ops.pair_alignment(r.experts, 3)
+    y, h, order, offsets = torch.ops.moe_ext.lora_forward(x.detach(), A.detach(), B.detach(),
+                                                          r.weights, r.experts, 0.5, 1)
     torch.library.opcheck(torch.ops.moe_ext.lora_backward.default,
                           (torch.randn_like(y), x.detach(), A.detach(), B.detach(), r.weights,
                            r.experts, order, offsets, h, 0.5, 1))
+
+
+@pytest.mark.parametrize("N,K", [(0, 2), (2, 3), (1, 5)])
+def test_lora_forward_returns_the_pair_alignment(device, N, K):
+    """order and offsets are lora_backward's alignment (every null expert in bin E)."""
+    x, L, A, B = make_inputs(90, 8, 6, 4, 3, N, torch.float32, device)
+    r = ops.route(L, K)
+    _, _, order, offsets = torch.ops.moe_ext.lora_forward(x, A, B, r.weights, r.experts, 0.5, N)
+    want_order, want_offsets = ops.pair_alignment(r.experts, 4)
+    assert torch.equal(order, want_order) and torch.equal(offsets, want_offsets)
+    assert offsets.shape == (4 + 2,)
+
+
+def test_backward_reuses_the_forwards_alignment(device):
+    """The autograd saves order / offsets from lora_forward: no align in the backward."""
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x, L, A, B = make_inputs(30, 8, 6, 4, 3, 1, torch.float32, device, grad=True)
+    y = run(x, L, A, B, 2, 1, "sparse")
+    with Calls() as calls:
+        y.sum().backward()
+    assert "moe_ext.lora_backward" in calls.names
+    assert "moe_ext.align" not in calls.names, calls.names
 
 
 def test_ops_reject_bad_ids_and_shapes():
@@ -212,8 +243,7 @@ def backward_args(T=20, D=6, O=5, E=3, R=2, N=1, K=2, seed=0):
     """A valid lora_backward call: (grad_y, x, A, B, weights, experts, order, offsets, h, s, N)."""
     x, L, A, B = make_inputs(T, D, O, E, R, N, torch.float64, seed=seed)
     r = ops.route(L, K)
-    y, h = torch.ops.moe_ext.lora_forward(x, A, B, r.weights, r.experts, 0.7, N)
-    order, offsets = ops.pair_alignment(r.experts, E)
+    y, h, order, offsets = torch.ops.moe_ext.lora_forward(x, A, B, r.weights, r.experts, 0.7, N)
     return [torch.randn_like(y), x, A, B, r.weights, r.experts, order, offsets, h, 0.7, N]
 
 
