@@ -121,9 +121,12 @@ def run_seed(args, seed: int, log) -> list[dict]:
         t = time.time()
         run = pmol.run_pmol_job(job, prepared=prepared,
                                 model=get_molora_model(copy.deepcopy(base), job.molora_config(GROUPS)))
-        finish(name, run.model, time.time() - t, run.metrics["eval"],
-               lambda pair: pmol.steering_sweep(run.model, tok, prompts, pair, args.points, options,
-                                                args.strength))
+        seconds = time.time() - t
+        for i, strength in enumerate(args.strengths):  # the same model, steered harder
+            finish(name if i == 0 else f"{name}, bias x{strength:g}", run.model, seconds,
+                   run.metrics["eval"],
+                   lambda pair: pmol.steering_sweep(run.model, tok, prompts, pair, args.points,
+                                                    options, strength))
     t = time.time()
     run = pmol.run_pmol_job(job_for(args, seed), prepared=prepared,
                             model=single_lora(base, args.rank * EXPERTS_PER_GROUP * len(GROUPS)))
@@ -164,7 +167,8 @@ def main(argv=None):
     parser.add_argument("--eval-size", type=int, default=20, help="held-out pairs per preference")
     parser.add_argument("--prompts", type=int, default=48, help="neutral prompts per sweep point")
     parser.add_argument("--points", type=int, default=5, help="mixes per sweep")
-    parser.add_argument("--strength", type=float, default=1.0, help="group bias = strength * log(weight)")
+    parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 3.0],
+                        help="steering strengths of the mixtures: group bias = strength * log(weight)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)

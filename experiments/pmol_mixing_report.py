@@ -37,7 +37,8 @@ def markdown(rows, facts, groups, pairs) -> str:
     lines = [
         "# PMoL on generations: preference mixes, Pareto fronts, baselines", "",
         f"Machine: {facts['cpu']}, {facts['cores']} cores (shared with other jobs), torch "
-        f"{facts['torch']}, transformers {facts.get('transformers', '?')}. Commit {facts['commit']}, "
+        f"{facts['torch']}" + (f", transformers {facts['transformers']}" if "transformers" in facts else "")
+        + f". Commit {facts['commit']}, "
         f"{facts['date']}, {facts['seconds']} s in all.  ",
         "Command: `.venv/bin/python experiments/pmol_mixing.py`", "",
         f"World: moe_ext.pmol.mixing_world, {a['train_size']} training and {a['eval_size']} held-out "
@@ -70,7 +71,8 @@ def markdown(rows, facts, groups, pairs) -> str:
                                                    for g in groups) + " |")
     lines += ["", "## Steered: neutral prompts, the mix of a conflicting pair swept", "",
               f"{a['points']} mixes from all-first to all-second (mixtures: group bias "
-              f"{a['strength']} * log(weight), other groups at weight 0.001; Rewarded Soups: "
+              "strength * log(weight), strength 1 unless the row says `bias xS`, other groups at "
+              "weight 0.001, the null expert unbiased; Rewarded Soups: "
               "interpolation weights of the two preferences' LoRAs; single LoRA and SFT base: "
               "one unsteered point). Hypervolume of the seed's sweep above (0, 0); steering "
               "range: a preference's score at its own end minus at the other end.", ""]

@@ -10,9 +10,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..data import Text, encode_prompt
+from ..data import Text, encode_prompts_left_padded
 from ..molora import set_group_bias
-from .data import pad_id
 
 
 @dataclass
@@ -67,9 +66,7 @@ def generate_batch(model: nn.Module, tokenizer, prompts: Sequence[Text],
     options = options or GenerationOptions()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    encoded = [encode_prompt(tokenizer, p, options.chat_template) for p in prompts]
     device = next(model.parameters()).device
-    pad = pad_id(tokenizer)
     if options.seed is not None:
         torch.manual_seed(options.seed)
     was_training = model.training
@@ -79,14 +76,13 @@ def generate_batch(model: nn.Module, tokenizer, prompts: Sequence[Text],
         set_group_bias(model, steer or None)
     texts = []
     try:
-        for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i:i + batch_size]
-            S = max(len(ids) for ids in chunk)
-            ids = torch.tensor([[pad] * (S - len(c)) + c for c in chunk], device=device)
-            mask = torch.tensor([[0] * (S - len(c)) + [1] * len(c) for c in chunk], device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask,
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = encode_prompts_left_padded(tokenizer, list(prompts[i:i + batch_size]),
+                                                   options.chat_template)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  **options.generate_kwargs(tokenizer))
-            texts += [t.strip() for t in tokenizer.batch_decode(out[:, S:], skip_special_tokens=True)]
+            texts += [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1]:],
+                                                                skip_special_tokens=True)]
     finally:
         if steerable:
             set_group_bias(model, None)
