@@ -16,10 +16,11 @@ that carry a preference's marker (conditioned), (2) to neutral prompts while the
 conflicting pair is swept (group biases for the mixtures, interpolation weights for the
 soups), giving each method's Pareto front and hypervolume per pair. Means over seeds.
 
-Run: .venv/bin/python experiments/pmol_mixing.py        (about 20 min on 2 shared cores)
+Run: .venv/bin/python experiments/pmol_mixing.py        (5 to 15 min on 2 shared cores)
      .venv/bin/python experiments/pmol_mixing.py --model FOLDER   (a local HF causal LM)
      .venv/bin/python experiments/pmol_mixing.py --replot         (md + plots from the json)
-Writes experiments/results/pmol_mixing.{md,json} and pmol_mixing_fronts.png.
+Writes experiments/results/pmol_mixing.{md,json}, pmol_mixing_fronts.png (neutral prompts)
+and pmol_mixing_fronts_marked.png (the pair's own prompts).
 """
 from __future__ import annotations
 
@@ -82,14 +83,24 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def unsteered(model, tok, options):
+    """The 'sweep' of a model without steering: one point, its replies to the prompts."""
+    return lambda pair, prompts: [{"weights": {}, "scores": pmol.score_replies(
+        prompts, pmol.generate_batch(model, tok, prompts, options), pair)}]
+
+
 def evaluate(model, tok, held, prompts, options, pair_sweep) -> dict:
-    """Conditioned and neutral-prompt scores, and the sweep of each pair with its summary."""
+    """Conditioned and neutral-prompt scores, and per pair its sweep with its summary on the
+    neutral prompts ("sweeps") and on the held-out prompts of the pair's two preferences,
+    which carry their markers ("marked_sweeps": can steering override the prompt?)."""
     row = {"conditioned": pmol.conditioned_scores(model, tok, held, options),
            "neutral": pmol.score_replies(prompts, pmol.generate_batch(model, tok, prompts, options), GROUPS),
-           "sweeps": {}}
+           "sweeps": {}, "marked_sweeps": {}}
     for pair in PAIRS:
-        sweep = pair_sweep(pair)
-        row["sweeps"]["/".join(pair)] = {"points": sweep, **pmol.summarize_sweep(sweep, pair)}
+        marked = [e.prompt for e in held if e.preference in pair]
+        for key, qs in (("sweeps", prompts), ("marked_sweeps", marked)):
+            sweep = pair_sweep(pair, qs)
+            row[key]["/".join(pair)] = {"points": sweep, **pmol.summarize_sweep(sweep, pair)}
     return row
 
 
@@ -105,9 +116,7 @@ def run_seed(args, seed: int, log) -> list[dict]:
     base = base_model(args, tok, train, seed)
     rows = [{"method": "SFT base (no adapter)", "seed": seed, "params": 0,
              "seconds": round(time.time() - t0, 1),
-             **evaluate(base, tok, held, prompts, options,
-                        lambda pair: [{"weights": {}, "scores": pmol.score_replies(
-                            prompts, pmol.generate_batch(base, tok, prompts, options), pair)}])}]
+             **evaluate(base, tok, held, prompts, options, unsteered(base, tok, options))}]
 
     def finish(name, model, seconds, metrics, pair_sweep, params=None):
         rows.append({"method": name, "seed": seed, "params": params or trainable(model),
@@ -125,14 +134,13 @@ def run_seed(args, seed: int, log) -> list[dict]:
         for i, strength in enumerate(args.strengths):  # the same model, steered harder
             finish(name if i == 0 else f"{name}, bias x{strength:g}", run.model, seconds,
                    run.metrics["eval"],
-                   lambda pair: pmol.steering_sweep(run.model, tok, prompts, pair, args.points,
-                                                    options, strength))
+                   lambda pair, qs: pmol.steering_sweep(run.model, tok, qs, pair, args.points,
+                                                        options, strength))
     t = time.time()
     run = pmol.run_pmol_job(job_for(args, seed), prepared=prepared,
                             model=single_lora(base, args.rank * EXPERTS_PER_GROUP * len(GROUPS)))
     finish("single LoRA", run.model, time.time() - t, run.metrics["eval"],
-           lambda pair: [{"weights": {}, "scores": pmol.score_replies(
-               prompts, pmol.generate_batch(run.model, tok, prompts, options), pair)}])
+           unsteered(run.model, tok, options))
     t, states = time.time(), {}
     soup = single_lora(base, args.rank * EXPERTS_PER_GROUP)
     for g in GROUPS:  # Rewarded Soups: one LoRA per preference, same total steps
@@ -144,7 +152,7 @@ def run_seed(args, seed: int, log) -> list[dict]:
     seconds = time.time() - t
     pmol.load_interpolated(soup, list(states.values()), [1 / len(GROUPS)] * len(GROUPS))
     finish("Rewarded Soups", soup, seconds, pmol.evaluate_pmol(soup, held, tok, args.beta),
-           lambda pair: pmol.soup_sweep(soup, states, tok, prompts, pair, args.points, options),
+           lambda pair, qs: pmol.soup_sweep(soup, states, tok, qs, pair, args.points, options),
            params=trainable(soup) * len(GROUPS))
     return rows
 
@@ -189,6 +197,8 @@ def main(argv=None):
         write_json(path, {"facts": facts, "rows": rows}, indent=1)
     write_text(os.path.join(args.out, "pmol_mixing.md"), markdown(rows, facts, GROUPS, PAIRS))
     plot_fronts(rows, PAIRS, os.path.join(args.out, "pmol_mixing_fronts.png"))
+    plot_fronts(rows, PAIRS, os.path.join(args.out, "pmol_mixing_fronts_marked.png"), "marked_sweeps",
+                "prompts with their markers")
 
 
 if __name__ == "__main__":

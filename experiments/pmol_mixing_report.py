@@ -22,9 +22,9 @@ def mean_std(values) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def mean_points(rs, key: str, pair) -> list[tuple[float, float]]:
+def mean_points(rs, key: str, pair, sweeps: str = "sweeps") -> list[tuple[float, float]]:
     """The sweep's points averaged over seeds, mix by mix."""
-    sweeps = [r["sweeps"][key]["points"] for r in rs]
+    sweeps = [r[sweeps][key]["points"] for r in rs]
     return [tuple(statistics.mean(s[i]["scores"][p] for s in sweeps) for p in pair)
             for i in range(len(sweeps[0]))]
 
@@ -76,19 +76,11 @@ def markdown(rows, facts, groups, pairs) -> str:
               "interpolation weights of the two preferences' LoRAs; single LoRA and SFT base: "
               "one unsteered point). Hypervolume of the seed's sweep above (0, 0); steering "
               "range: a preference's score at its own end minus at the other end.", ""]
-    for pair in pairs:
-        key = "/".join(pair)
-        lines += [f"### {pair[0]} vs {pair[1]}", "",
-                  f"| method | hypervolume | range {pair[0]} | range {pair[1]} | mean points "
-                  f"({pair[0]}, {pair[1]}), all-{pair[0]} first |", "|---|---|---|---|---|"]
-        for m in methods(rows):
-            rs = _of(rows, m)
-            sw = [r["sweeps"][key] for r in rs]
-            pts = " ".join(f"({x:.2f}, {y:.2f})" for x, y in mean_points(rs, key, pair))
-            lines.append(f"| {m} | {mean_std(s['hypervolume'] for s in sw)} | "
-                         f"{mean_std(s['steering_range'][pair[0]] for s in sw)} | "
-                         f"{mean_std(s['steering_range'][pair[1]] for s in sw)} | {pts} |")
-        lines.append("")
+    lines += sweep_tables(rows, pairs, "sweeps")
+    lines += ["## Steered: the pair's own held-out prompts, which carry their markers", "",
+              "The same sweeps on the held-out prompts of the two preferences (half of each): "
+              "can steering override what the prompt asks for?", ""]
+    lines += sweep_tables(rows, pairs, "marked_sweeps")
     lines += ["## Unsteered replies to neutral prompts", "",
               "| method | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
     for m in methods(rows):
@@ -98,7 +90,26 @@ def markdown(rows, facts, groups, pairs) -> str:
     return "\n".join(lines)
 
 
-def plot_fronts(rows, pairs, path: str):
+def sweep_tables(rows, pairs, sweeps: str) -> list[str]:
+    """Per pair: each method's hypervolume, steering ranges and mean sweep points."""
+    lines = []
+    for pair in pairs:
+        key = "/".join(pair)
+        lines += [f"### {pair[0]} vs {pair[1]}", "",
+                  f"| method | hypervolume | range {pair[0]} | range {pair[1]} | mean points "
+                  f"({pair[0]}, {pair[1]}), all-{pair[0]} first |", "|---|---|---|---|---|"]
+        for m in methods(rows):
+            rs = _of(rows, m)
+            sw = [r[sweeps][key] for r in rs]
+            pts = " ".join(f"({x:.2f}, {y:.2f})" for x, y in mean_points(rs, key, pair, sweeps))
+            lines.append(f"| {m} | {mean_std(s['hypervolume'] for s in sw)} | "
+                         f"{mean_std(s['steering_range'][pair[0]] for s in sw)} | "
+                         f"{mean_std(s['steering_range'][pair[1]] for s in sw)} | {pts} |")
+        lines.append("")
+    return lines
+
+
+def plot_fronts(rows, pairs, path: str, sweeps: str = "sweeps", prompts: str = "neutral prompts"):
     """One panel per pair: each method's sweep (mean over seeds), its points joined in mix order."""
     plt = _pyplot()
     if plt is None:
@@ -107,16 +118,16 @@ def plot_fronts(rows, pairs, path: str):
     for ax, pair in zip(axes, pairs):
         key = "/".join(pair)
         for m in methods(rows):
-            pts = mean_points(_of(rows, m), key, pair)
+            pts = mean_points(_of(rows, m), key, pair, sweeps)
             xs, ys = zip(*pts)
             if len(pts) == 1:
                 ax.plot(xs, ys, marker="*" if "LoRA" in m else "x", ms=12, ls="", label=m)
             else:
-                line, = ax.plot(xs, ys, marker="o", label=m)
+                line, = ax.plot(xs, ys, marker="o", ls="--" if "bias x" in m else "-", label=m)
                 ax.annotate(f"all {pair[0]}", pts[0], fontsize=7, color=line.get_color())
         ax.set_xlabel(f"{pair[0]} score")
         ax.set_ylabel(f"{pair[1]} score")
-        ax.set_title(f"{pair[0]} vs {pair[1]}: steering sweeps (mean over seeds)", fontsize=10)
+        ax.set_title(f"{pair[0]} vs {pair[1]}, {prompts}: sweeps (mean over seeds)", fontsize=10)
         ax.set_xlim(-0.03, 1.03)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
