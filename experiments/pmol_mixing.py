@@ -74,8 +74,15 @@ def base_model(args, tok, train, seed: int):
     return base
 
 
-def single_lora(base, rank: int):
-    return get_molora_model(copy.deepcopy(base), MoLoRAConfig(
+def adapted(base, config, seed: int):
+    """A copy of the base with a fresh adapter, its init seeded here: the global RNG is left
+    wherever the previous method's sampling put it."""
+    torch.manual_seed(seed)
+    return get_molora_model(copy.deepcopy(base), config)
+
+
+def single_lora(base, rank: int, seed: int):
+    return adapted(base, MoLoRAConfig(
         r=rank, lora_alpha=2.0 * rank, num_experts=1, top_k=1, target_modules="all-linear"))
 
 
@@ -129,7 +136,7 @@ def run_seed(args, seed: int, log) -> list[dict]:
         job = job_for(args, seed, **overrides)
         t = time.time()
         run = pmol.run_pmol_job(job, prepared=prepared,
-                                model=get_molora_model(copy.deepcopy(base), job.molora_config(GROUPS)))
+                                model=adapted(base, job.molora_config(GROUPS), seed))
         seconds = time.time() - t
         for i, strength in enumerate(args.strengths):  # the same model, steered harder
             finish(name if i == 0 else f"{name}, bias x{strength:g}", run.model, seconds,
@@ -138,17 +145,17 @@ def run_seed(args, seed: int, log) -> list[dict]:
                                                         options, strength))
     t = time.time()
     run = pmol.run_pmol_job(job_for(args, seed), prepared=prepared,
-                            model=single_lora(base, args.rank * EXPERTS_PER_GROUP * len(GROUPS)))
+                            model=single_lora(base, args.rank * EXPERTS_PER_GROUP * len(GROUPS), seed))
     finish("single LoRA", run.model, time.time() - t, run.metrics["eval"],
            unsteered(run.model, tok, options))
     t, states = time.time(), {}
-    soup = single_lora(base, args.rank * EXPERTS_PER_GROUP)
-    for g in GROUPS:  # Rewarded Soups: one LoRA per preference, same total steps
+    soup = single_lora(base, args.rank * EXPERTS_PER_GROUP, seed)
+    for g in GROUPS:  # Rewarded Soups: one LoRA per preference from one shared init, same total steps
         own = pmol.PMoLData([e for e in train if e.preference == g],
                             [e for e in held if e.preference == g], tok, [g])
         states[g] = pmol.adapter_state(pmol.run_pmol_job(
             job_for(args, seed, steps=max(1, args.steps // len(GROUPS))), prepared=own,
-            model=single_lora(base, args.rank * EXPERTS_PER_GROUP)).model)
+            model=single_lora(base, args.rank * EXPERTS_PER_GROUP, seed)).model)
     seconds = time.time() - t
     pmol.load_interpolated(soup, list(states.values()), [1 / len(GROUPS)] * len(GROUPS))
     finish("Rewarded Soups", soup, seconds, pmol.evaluate_pmol(soup, held, tok, args.beta),
