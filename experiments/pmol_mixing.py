@@ -83,7 +83,7 @@ def adapted(base, config, seed: int):
 
 def single_lora(base, rank: int, seed: int):
     return adapted(base, MoLoRAConfig(
-        r=rank, lora_alpha=2.0 * rank, num_experts=1, top_k=1, target_modules="all-linear"))
+        r=rank, lora_alpha=2.0 * rank, num_experts=1, top_k=1, target_modules="all-linear"), seed)
 
 
 def trainable(model) -> int:
