@@ -10,8 +10,8 @@ from hf_fixtures import hf_models, transformers  # noqa: F401 (fixtures)
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "experiments")
-TINY = ["--seeds", "0", "--sft-steps", "2", "--steps", "4", "--train-size", "8", "--eval-size", "2",
-        "--prompts", "2", "--points", "2", "--max-new-tokens", "4", "--threads", "2"]
+TINY = ["--seeds", "0", "--sft-steps", "1", "--steps", "2", "--train-size", "8", "--eval-size", "1",
+        "--prompts", "2", "--points", "2", "--max-new-tokens", "3", "--threads", "2", "--strengths", "1", "2"]
 
 
 @pytest.mark.parametrize("source", ["llama"])  # the built-in base: the committed run
