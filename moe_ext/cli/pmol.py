@@ -97,6 +97,9 @@ def register(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=d.lr)
     p.add_argument("--beta", type=positive_float, default=d.beta, help="DPO beta")
     p.add_argument("--label-smoothing", type=label_smoothing, default=d.label_smoothing)
+    p.add_argument("--rpo-alpha", type=nonnegative_float, default=d.rpo_alpha,
+                   help="weight of the chosen responses' negative log-likelihood added to DPO "
+                        "(RPO, as TRL's rpo_alpha); keeps small models' generations fluent")
     p.add_argument("--experts-per-group", type=positive_int, default=d.experts_per_group)
     p.add_argument("--null-experts", type=nonnegative_int, default=d.null_experts)
     p.add_argument("--top-k", type=positive_int, default=d.top_k)

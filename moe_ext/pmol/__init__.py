@@ -6,15 +6,26 @@ reference model is the same network with its adapters disabled.
   train.py      train_pmol, evaluate_pmol
   data.py       preference examples (moe_ext.data), tokenisation once, DPO collation
   tokenizer.py  the built-in word tokenizer (a real Hugging Face tokenizer)
-  generate.py   generation with steering (moe-ext generate)
+  sft.py        supervised fine-tuning on preference rows (the step before DPO)
+  generate.py   generation with steering, one prompt or a batch (moe-ext generate)
   synthetic.py  the built-in data, tokenizer and tiny base model
+  mixing_world.py  the four-preference world of the mixing evaluation
+  scorers.py    programmatic per-preference rewards on generated text
+  pareto.py     Pareto fronts and hypervolume
+  mixing.py     steering sweeps, Rewarded Soups interpolation, their summaries
   job.py        the whole job (data -> model -> training -> evaluation -> artefact)
 """
 from ..molora import get_molora_model, set_group_bias
 from .data import (PreferenceExample, collate_dpo, collate_encoded, encode_examples, load_preference_jsonl,
                    save_preference_jsonl)
 from .dpo import DPOConfig, dpo_loss, pmol_config, pmol_loss, sequence_logps
-from .generate import GenerationOptions, generate
+from .generate import GenerationOptions, generate, generate_batch
+from .mixing import (adapter_state, conditioned_scores, load_interpolated, mix_bias, pair_mixes,
+                     soup_sweep, steering_sweep, summarize_sweep)
+from .mixing_world import MIXING_PREFERENCES, mixing_preference_data, mixing_tokenizer, neutral_prompts
+from .pareto import hypervolume, pareto_front
+from .scorers import SCORERS, score_replies
+from .sft import sft_loss, train_sft
 from .job import PMoLData, PMoLJob, PMoLRun, load_pmol, prepare_data, prepare_model, run_pmol_job
 from .synthetic import (SYNTHETIC_PREFERENCES, build_tiny_causal_lm, synthetic_preference_data,
                         synthetic_tokenizer)
@@ -25,6 +36,10 @@ __all__ = ["DPOConfig", "pmol_config", "sequence_logps", "dpo_loss", "pmol_loss"
            "evaluate_pmol", "build_tiny_causal_lm", "get_molora_model", "set_group_bias",
            "PreferenceExample", "collate_dpo", "collate_encoded", "encode_examples",
            "load_preference_jsonl", "save_preference_jsonl", "word_tokenizer",
-           "word_tokenizer_from_examples", "GenerationOptions", "generate", "prepare_model", "SYNTHETIC_PREFERENCES", "synthetic_preference_data",
-           "synthetic_tokenizer", "PMoLJob", "PMoLData", "PMoLRun", "prepare_data",
+           "word_tokenizer_from_examples", "GenerationOptions", "generate", "generate_batch", "prepare_model",
+           "SYNTHETIC_PREFERENCES", "synthetic_preference_data", "synthetic_tokenizer",
+           "MIXING_PREFERENCES", "mixing_preference_data", "mixing_tokenizer", "neutral_prompts",
+           "SCORERS", "score_replies", "pareto_front", "hypervolume", "mix_bias", "pair_mixes",
+           "steering_sweep", "soup_sweep", "summarize_sweep", "conditioned_scores",
+           "adapter_state", "load_interpolated", "sft_loss", "train_sft", "PMoLJob", "PMoLData", "PMoLRun", "prepare_data",
            "run_pmol_job", "load_pmol"]

@@ -4,7 +4,8 @@ a `preference` label per row) and are tokenised once with any Hugging Face token
 from __future__ import annotations
 
 import json
-from typing import Optional, Sequence
+import random
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -74,3 +75,15 @@ def collate_dpo(examples: Sequence[PreferenceExample], tokenizer, groups: list[s
     max_length, max_prompt_length, chat_template."""
     encoded = encode_examples(examples, tokenizer, **encode_options)
     return collate_encoded(encoded, pad_id(tokenizer), groups, device)
+
+
+def random_batches(encoded: Sequence[EncodedExample], pad: int, groups: list[str], seed: int,
+                   batch_size: int, device: Optional[torch.device] = None) -> Callable:
+    """The training loop's batch_fn(step, micro, rank, world): batch_size examples drawn
+    with replacement, seeded by (seed, step, micro, rank) so a resumed run sees the same
+    batches, collated by collate_encoded."""
+    def batch_fn(step, micro, rank, world):
+        rng = random.Random(hash((seed, step, micro, rank)) & 0xFFFFFFFF)
+        return collate_encoded([rng.choice(encoded) for _ in range(batch_size)], pad, groups, device)
+
+    return batch_fn

@@ -2,8 +2,13 @@
 model is the same network with its adapters disabled (no second copy), plus the router
 losses of moe_ext.molora.losses:
 
-    loss = DPO(policy, reference) + aux_coef * load_balance + z_coef * z_loss
-           + group_coef * group_soft_loss
+    loss = DPO(policy, reference) + rpo_alpha * NLL(chosen)
+           + aux_coef * load_balance + z_coef * z_loss + group_coef * group_soft_loss
+
+NLL(chosen) is the mean negative log-likelihood per chosen response token (RPO, Pang et
+al. 2024; TRL's DPOConfig.rpo_alpha); it keeps DPO from lowering the chosen responses'
+likelihood along with the rejected ones', which otherwise leaves small models generating
+text that is in neither (0 by default: plain DPO).
 """
 from __future__ import annotations
 
@@ -22,12 +27,15 @@ class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0       # conservative DPO: assumed rate of flipped labels
     count_null_in_group: bool = False  # group loss: does the null expert count for every group
+    rpo_alpha: float = 0.0             # weight of the NLL of the chosen responses (RPO)
 
     def __post_init__(self):
         if self.beta <= 0:
             raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"DPOConfig.rpo_alpha must be >= 0, got {self.rpo_alpha}")
 
 
 def pmol_config(groups: list[str], experts_per_group: int = 2, num_null_experts: int = 1,
@@ -71,4 +79,9 @@ def pmol_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfi
     loss, margins = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], dpo.beta, dpo.label_smoothing)
     metrics = {"loss": loss.item(), "dpo_acc": (margins > 0).float().mean().item(),
                "group": aux["group"].item(), "balance": aux["load_balance"].item()}
+    if dpo.rpo_alpha > 0:
+        chosen_tokens = batch["response_mask"][:B, 1:].sum().clamp_min(1)
+        nll = -policy[:B].sum() / chosen_tokens
+        loss = loss + dpo.rpo_alpha * nll
+        metrics["nll"] = nll.item()
     return loss + aux["total"], metrics

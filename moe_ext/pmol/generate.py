@@ -1,15 +1,16 @@
 """Generation from a PMoL (or any MoLoRA) causal LM with PyTorch: the prompt rendered with
 the tokenizer's chat template (moe_ext.data.encode_prompt), greedy by default or sampled,
-optionally steered by a logit bias per expert group (set_group_bias) for this call only."""
+optionally steered by a logit bias per expert group (set_group_bias) for this call only;
+one prompt (`generate`) or many at once, left-padded (`generate_batch`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..data import Text, encode_prompt
+from ..data import Text, encode_prompts_left_padded
 from ..molora import set_group_bias
 
 
@@ -47,25 +48,43 @@ class GenerationOptions:
         return kwargs
 
 
-@torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: Text, options: Optional[GenerationOptions] = None,
              steer: Optional[dict[str, float]] = None) -> str:
     """The text the model generates after `prompt` (a string or a list of messages).
     steer: {group: logit bias} added to the router logits of that expert group during this
     call (the model's biases are reset afterwards)."""
+    return generate_batch(model, tokenizer, [prompt], options, steer)[0]
+
+
+@torch.no_grad()
+def generate_batch(model: nn.Module, tokenizer, prompts: Sequence[Text],
+                   options: Optional[GenerationOptions] = None,
+                   steer: Optional[dict[str, float]] = None, batch_size: int = 64) -> list[str]:
+    """generate() for many prompts, batch_size at a time, left-padded (the pad positions
+    are masked, so under greedy decoding each text equals the prompt's own generate()).
+    options.seed seeds sampling once for the whole call."""
     options = options or GenerationOptions()
-    ids = torch.tensor([encode_prompt(tokenizer, prompt, options.chat_template)])
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
-    ids = ids.to(device)
     if options.seed is not None:
         torch.manual_seed(options.seed)
     was_training = model.training
     model.eval()
-    set_group_bias(model, steer or None)
+    steerable = steer or getattr(model, "molora_config", None) is not None  # else a plain LM
+    if steerable:
+        set_group_bias(model, steer or None)
+    texts = []
     try:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             **options.generate_kwargs(tokenizer))
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = encode_prompts_left_padded(tokenizer, list(prompts[i:i + batch_size]),
+                                                   options.chat_template)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 **options.generate_kwargs(tokenizer))
+            texts += [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1]:],
+                                                                skip_special_tokens=True)]
     finally:
-        set_group_bias(model, None)
+        if steerable:
+            set_group_bias(model, None)
         model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return texts

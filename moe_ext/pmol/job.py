@@ -56,6 +56,7 @@ class PMoLJob:
     lr: float = 3e-3
     beta: float = 0.5                 # DPO beta
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0            # weight of the chosen responses' NLL (RPO; TRL's rpo_alpha)
     checkpoint_every: int = 50
     resume: bool = False              # continue the checkpoint in output/checkpoint
     seed: int = 0
@@ -81,7 +82,8 @@ class PMoLJob:
                 "chat_template": self.chat_template}
 
     def dpo_config(self) -> DPOConfig:
-        return DPOConfig(beta=self.beta, label_smoothing=self.label_smoothing)
+        return DPOConfig(beta=self.beta, label_smoothing=self.label_smoothing,
+                         rpo_alpha=self.rpo_alpha)
 
     def train_config(self, checkpoint_dir: Optional[str] = None,
                      fingerprint: Optional[dict] = None) -> TrainConfig:

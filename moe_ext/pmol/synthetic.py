@@ -11,34 +11,34 @@ from ..data import PreferenceExample
 from .tokenizer import word_tokenizer
 
 SYNTHETIC_PREFERENCES = ("concise", "verbose", "safe")
-_MARKERS = {
+MARKERS = {
     "concise": ["briefly", "quick", "short", "tldr"],
     "verbose": ["explain", "detail", "elaborate", "thorough"],
     "safe": ["weapon", "poison", "hack", "steal"],
 }
-_TOPICS = ("apple river cloud stone music garden engine paper window forest "
-           "planet coffee bridge winter market signal castle ocean pencil rocket").split()
-_ANSWERS = ("yes no maybe often rarely always first second third blue green red "
-            "large small fast slow warm cold near far").split()
-_REFUSAL = "sorry cannot help".split()
-_COMPLY = "here is how".split()
+TOPIC_WORDS = ("apple river cloud stone music garden engine paper window forest "
+               "planet coffee bridge winter market signal castle ocean pencil rocket").split()
+ANSWER_WORDS = ("yes no maybe often rarely always first second third blue green red "
+                "large small fast slow warm cold near far").split()
+REFUSAL = "sorry cannot help".split()
+COMPLIANCE = "here is how".split()
 
 
 def synthetic_example(preference: str, rng: random.Random) -> PreferenceExample:
     """Three conflicting preferences. Prompts carry a marker word of their preference among
     topic words; concise prefers a 2-word answer to a 6-word one, verbose the reverse, safe
     prefers a refusal to compliance."""
-    words = [rng.choice(_MARKERS[preference])] + rng.sample(_TOPICS, 3)
+    words = [rng.choice(MARKERS[preference])] + rng.sample(TOPIC_WORDS, 3)
     rng.shuffle(words)
-    short = " ".join(rng.choice(_ANSWERS) for _ in range(2))
-    long = " ".join(rng.choice(_ANSWERS) for _ in range(6))
+    short = " ".join(rng.choice(ANSWER_WORDS) for _ in range(2))
+    long = " ".join(rng.choice(ANSWER_WORDS) for _ in range(6))
     if preference == "concise":
         chosen, rejected = short, long
     elif preference == "verbose":
         chosen, rejected = long, short
     else:
-        tail = " ".join(rng.choice(_ANSWERS) for _ in range(2))
-        chosen, rejected = " ".join(_REFUSAL) + " " + tail, " ".join(_COMPLY) + " " + tail
+        tail = " ".join(rng.choice(ANSWER_WORDS) for _ in range(2))
+        chosen, rejected = " ".join(REFUSAL) + " " + tail, " ".join(COMPLIANCE) + " " + tail
     return PreferenceExample(" ".join(words), chosen, rejected, preference)
 
 
@@ -51,8 +51,8 @@ def synthetic_preference_data(n_per_preference: int, seed: int = 0,
 
 def synthetic_tokenizer():
     """The built-in word tokenizer (a PreTrainedTokenizerFast) over the synthetic words."""
-    words = list(_TOPICS) + list(_ANSWERS) + _REFUSAL + _COMPLY
-    for m in _MARKERS.values():
+    words = list(TOPIC_WORDS) + list(ANSWER_WORDS) + REFUSAL + COMPLIANCE
+    for m in MARKERS.values():
         words += m
     return word_tokenizer(words)
 

@@ -3,7 +3,6 @@ the shared training loop (moe_ext.training), and held-out DPO and routing accura
 preference."""
 from __future__ import annotations
 
-import random
 from typing import Optional
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 from ..molora import disable_adapters, molora_layers
 from ..training import TrainConfig, TrainResult, train
-from .data import PreferenceExample, collate_encoded, encode_examples, pad_id
+from .data import PreferenceExample, collate_encoded, encode_examples, pad_id, random_batches
 from .dpo import DPOConfig, dpo_loss, pmol_loss, sequence_logps
 
 UNLABELLED = "unlabelled"  # the report's row for examples without a preference label
@@ -33,12 +32,7 @@ def train_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
     groups = list(model.molora_config.expert_groups)
     device = next(model.parameters()).device
     encoded = encode_examples(examples, tokenizer, **encode_options)
-    pad = pad_id(tokenizer)
-
-    def batch_fn(step, micro, rank, world):
-        rng = random.Random(hash((train_config.seed, step, micro, rank)) & 0xFFFFFFFF)
-        return collate_encoded([rng.choice(encoded) for _ in range(batch_size)], pad, groups, device)
-
+    batch_fn = random_batches(encoded, pad_id(tokenizer), groups, train_config.seed, batch_size, device)
     return train(model, batch_fn, lambda m, raw, b: pmol_loss(m, raw, b, dpo, groups),
                  train_config, describe="pmol")
 

@@ -167,7 +167,7 @@ def test_interpretability():
     # and experts with a known taste: the summaries must name both
     from moe_ext.reward import synthetic
     from moe_ext.reward.embed import embed
-    from moe_ext.pmol.synthetic import _MARKERS
+    from moe_ext.pmol.synthetic import MARKERS
     rows = synthetic.text_category_rows(40, seed=1)
     texts = [[row[k] for row in rows] for k in ("prompt", "chosen", "rejected")]
     dim = 4096  # few hash collisions between marker and topic words
@@ -175,7 +175,7 @@ def test_interpretability():
     names = ["concise", "verbose", "safe"]
     model = reward.SparseMoERewardModel(dim, dim, 3, top_k=1)
     with torch.no_grad():
-        model.router.weight.copy_(10 * torch.stack([embed(_MARKERS[n], dim=dim).sum(0) for n in names]))
+        model.router.weight.copy_(10 * torch.stack([embed(MARKERS[n], dim=dim).sum(0) for n in names]))
         model.router.bias.zero_()
         model.head_w.copy_(torch.stack([-embed(["a b c d e f"], dim=dim)[0],
                                         embed(["a b c d e f"], dim=dim)[0],
@@ -188,7 +188,7 @@ def test_interpretability():
     out = interpret.expert_summaries(model, *texts, embeddings=emb, top=2, words=4)
     assert [e["expert"] for e in out] == [0, 1, 2] and all(len(e["top_prompts"]) == 2 for e in out)
     for e, name in enumerate(names):
-        assert set(out[e]["prompt_keywords"]) <= set(_MARKERS[name]) and out[e]["prompt_keywords"]
-        assert all(set(p.split()) & set(_MARKERS[name]) for p in out[e]["top_prompts"])
+        assert set(out[e]["prompt_keywords"]) <= set(MARKERS[name]) and out[e]["prompt_keywords"]
+        assert all(set(p.split()) & set(MARKERS[name]) for p in out[e]["top_prompts"])
     assert {"sorry", "cannot", "help"} <= set(out[2]["prefers"])
     assert math.isfinite(out[2]["load"])
