@@ -105,9 +105,7 @@ def molora_with_routing(x: torch.Tensor, router_logits: torch.Tensor, lora_A: to
     if strategy == "sparse":
         y = ops.lora_sparse(x2, lora_A, lora_B, weights, routing.experts, scaling, num_null_experts)
     else:
-        h_all = x2 @ lora_A.reshape(E * R, D).T
-        gated = ops.gate_dense(h_all, weights, routing.experts, E, num_null_experts, scaling)
-        y = gated @ lora_B.permute(0, 2, 1).reshape(E * R, O)
+        y = ops.lora_dense(x2, lora_A, lora_B, weights, routing.experts, scaling, num_null_experts)
     return MoLoRAOutput(y.reshape(*lead, O), routing.probs, routing.experts, routing.counts)
 
 
