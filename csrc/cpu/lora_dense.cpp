@@ -104,12 +104,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_c
   const int64_t T = x.size(0), D = x.size(1), E = A_in.size(0), R = A_in.size(1),
                 O = B_in.size(1), K = ex.size(1);
   check_ids(ex, E, num_null_experts);
-  const at::Tensor d_gated = at::mm(dy, b_all(B_in));  // (T, E*R)
+  // d_gated in the accumulation dtype: dw = s <d_gated, h> keeps fp32 accuracy for bf16 / fp16
+  const at::ScalarType acc = acc_type_of(dt);
+  const at::Tensor d_gated = at::mm(dy.to(acc), b_all(B_in).to(acc));  // (T, E*R)
   at::Tensor gated = at::zeros_like(h), dh = at::zeros_like(h);
   at::Tensor dw = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "lora_dense_backward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
-    const scalar_t *hp = h.data_ptr<scalar_t>(), *dgp = d_gated.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    const acc_t* dgp = d_gated.data_ptr<acc_t>();
     const acc_t* wp = w.data_ptr<acc_t>();
     const int64_t* ep = ex.data_ptr<int64_t>();
     scalar_t *gp = gated.data_ptr<scalar_t>(), *dhp = dh.data_ptr<scalar_t>();
@@ -124,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_c
           const acc_t gate = s * g;
           acc_t d = 0;
           for (int64_t r = 0; r < R; ++r) {
-            const acc_t hv = static_cast<acc_t>(hp[base + r]), dg = static_cast<acc_t>(dgp[base + r]);
+            const acc_t hv = static_cast<acc_t>(hp[base + r]), dg = dgp[base + r];
             gp[base + r] = static_cast<scalar_t>(gate * hv);
             dhp[base + r] = static_cast<scalar_t>(gate * dg);
             d += dg * hv;

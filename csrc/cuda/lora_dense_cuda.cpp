@@ -86,12 +86,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_c
     C10_CUDA_CHECK(launch_lora_dense_fused_backward(dt, args, current_stream()));
     return {dx, dw, dA, dB};
   }
-  const at::Tensor d_gated = at::mm(dy, b_all(B));  // (T, E*R)
+  // d_gated and dw in the accumulation dtype (fp32 accuracy for dw with bf16 / fp16 data)
+  const at::ScalarType acc = acc_type_of(st);
+  const at::Tensor d_gated = at::mm(dy.to(acc), b_all(B).to(acc)), h_acc = h.to(acc);
   at::Tensor dw = at::empty_like(w);
-  C10_CUDA_CHECK(launch_dense_gate_grad_w(dt, d_gated.data_ptr(), h.data_ptr(),
-                                          ex.data_ptr<int64_t>(), T, E, R, K, scaling,
-                                          dw.data_ptr(), current_stream()));
-  const at::Tensor dh = gate(d_gated, w, ex, E, R, scaling);
+  C10_CUDA_CHECK(launch_dense_gate_grad_w(dtype_of(acc), d_gated.data_ptr(),
+                                          h_acc.data_ptr(), ex.data_ptr<int64_t>(), T, E, R,
+                                          K, scaling, dw.data_ptr(), current_stream()));
+  const at::Tensor dh = gate(d_gated, w, ex, E, R, scaling).to(st);
   const at::Tensor A_all = A.view({E * R, D});
   at::Tensor dx = at::mm(dh, A_all);
   at::Tensor dA = at::mm(dh.t(), x).view({E, R, D});

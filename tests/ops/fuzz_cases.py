@@ -316,7 +316,7 @@ def lora_dense_case(rng) -> Case:
         value = [lambda: set_bad_id(case, 4, rng, E + N), lambda: set_scaling(case, 5, rng),
                  lambda: set_num_null(case, 6, rng)]
         return _finish(case, rng, value)
-    h_all = (x.double() @ A.double().reshape(-1, x.shape[1]).T).to(dtype)  # (T, E*R)
+    h_all = (x.double() @ A.double().flatten(0, 1).T).to(dtype)  # (T, E*R)
     case = Case("lora_dense_backward", [_data(rng, T, O, dtype=dtype), x, A, B, w, e, h_all, s, N])
     value = [lambda: set_bad_id(case, 5, rng, E + N), lambda: set_scaling(case, 7, rng),
              lambda: set_num_null(case, 8, rng)]

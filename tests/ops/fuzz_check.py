@@ -87,7 +87,7 @@ def ref_lora_backward(gy, x, A, B, w, experts, order, offsets, h, scaling, N):
 
 def ref_lora_dense_forward(x, A, B, w, experts, scaling, N):
     y, _ = ref_lora_forward(x, A, B, w, experts, scaling, N)
-    return y, _f64(x) @ _f64(A).reshape(-1, x.shape[1]).T
+    return y, _f64(x) @ _f64(A).flatten(0, 1).T
 
 
 def ref_lora_dense_backward(gy, x, A, B, w, experts, h_all, scaling, N):
