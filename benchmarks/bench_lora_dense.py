@@ -1,6 +1,7 @@
-"""The dense-gated strategy's op (lora_dense, forward and forward+backward): moe_ext's
-kernels (on CUDA the fused tensor-core forward where it applies) vs the same three steps in
-PyTorch ops (x A_all^T, the routing weights scattered into a (T, E) gate, one GEMM with
+"""The dense-gated op lora_dense, forward and forward+backward, against PyTorch ops.
+
+moe_ext's kernels (on CUDA the fused tensor-core kernels where they apply) vs the same three
+steps in PyTorch ops (x A_all^T, the routing weights scattered into a (T, E) gate, one GEMM with
 B_all), against the floors measured in the same run. R = --rank; D = O = --features.
 
 Run: .venv/bin/python benchmarks/bench_lora_dense.py [--device cuda] [--experts 8 16]

@@ -97,6 +97,25 @@ struct FusedSmem {
   static constexpr size_t kBytes = kGateBytes + kGatedBytes + kStageBytes;
 };
 
+// The double-buffered cp.async pipeline of every tensor-core kernel here: step s's copies
+// go to buffer s % 2; the caller has issued step 0 (so it can overlap it with other work),
+// issue(next) enqueues and commits step next's copies, compute(stage, s) runs once every
+// thread's copies of step s have landed, and the buffer is free again after it.
+template <typename Issue, typename Compute>
+__device__ __forceinline__ void pipelined(int steps, Issue&& issue, Compute&& compute) {
+  for (int s = 0; s < steps; ++s) {
+    if (s + 1 < steps) {
+      issue(s + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // every thread's copies of this stage have landed
+    compute(s % 2, s);
+    __syncthreads();  // the stage is read before the next copies overwrite it
+  }
+}
+
 // gate_s[i][e] = s * (sum of token t0 + i's weights on LoRA expert e, in k order) for the
 // block's kBM tokens (0 past T). Threads 0 .. kBM - 1; the caller syncs before reading.
 template <int kMaxE>
@@ -161,28 +180,21 @@ fused_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
   float acc[kNT1][4] = {};
   const int steps = (D + kBK - 1) / kBK;
   issue_shrink(0, 0);
-  for (int s = 0; s < steps; ++s) {
-    const int stage = s % 2;
-    if (s + 1 < steps) {
-      issue_shrink((s + 1) % 2, (s + 1) * kBK);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // every thread's copies of this stage have landed
-    const scalar_t* xt = xs + stage * kBM * S::kXLd;
-    const scalar_t* at = as + (stage * kER + wc * (kER / 2)) * S::kXLd;
-    for (int kk = 0; kk < kBK; kk += 16) {
-      uint32_t a[4];
-      ldmatrix<4>(a, xt + (16 * wr + lane % 16) * S::kXLd + kk + 8 * (lane / 16));
-      for (int j = 0; j < kNT1; ++j) {
-        uint32_t b[2];
-        ldmatrix<2>(b, at + (8 * j + lane % 8) * S::kXLd + kk + 8 * (lane / 8 % 2));
-        mma_m16n8k16<scalar_t>(acc[j], a, b, acc[j]);
-      }
-    }
-    __syncthreads();  // the stage is read before the next copies overwrite it
-  }
+  pipelined(
+      steps, [&](int next) { issue_shrink(next % 2, next * kBK); },
+      [&](int stage, int s) {
+        const scalar_t* xt = xs + stage * kBM * S::kXLd;
+        const scalar_t* at = as + (stage * kER + wc * (kER / 2)) * S::kXLd;
+        for (int kk = 0; kk < kBK; kk += 16) {
+          uint32_t a[4];
+          ldmatrix<4>(a, xt + (16 * wr + lane % 16) * S::kXLd + kk + 8 * (lane / 16));
+          for (int j = 0; j < kNT1; ++j) {
+            uint32_t b[2];
+            ldmatrix<2>(b, at + (8 * j + lane % 8) * S::kXLd + kk + 8 * (lane / 8 % 2));
+            mma_m16n8k16<scalar_t>(acc[j], a, b, acc[j]);
+          }
+        }
+      });
 
   // The expand's first B_all stage goes out now, under the gate epilogue below.
   auto issue_expand = [&](int stage, int o0) {
@@ -216,38 +228,32 @@ fused_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
   }
 
   // Expand: y[t0:, o0:o0 + kBN] = gated B_all^T, K dimension kER, over O in stages of kBN.
-  for (int s = 0; s < o_steps; ++s) {
-    const int stage = s % 2, o0 = s * kBN;
-    if (s + 1 < o_steps) {
-      issue_expand((s + 1) % 2, o0 + kBN);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // this stage's B_all and (first time) gated_s are complete
-    float out[kNT2][4] = {};
-    const scalar_t* bt = bs + (stage * kBN + 32 * wc) * S::kHLd;
-    for (int kk = 0; kk < kER; kk += 16) {
-      uint32_t a[4];
-      ldmatrix<4>(a, gated_s + (16 * wr + lane % 16) * S::kHLd + kk + 8 * (lane / 16));
-      for (int j = 0; j < kNT2; ++j) {
-        uint32_t b[2];
-        ldmatrix<2>(b, bt + (8 * j + lane % 8) * S::kHLd + kk + 8 * (lane / 8 % 2));
-        mma_m16n8k16<scalar_t>(out[j], a, b, out[j]);
-      }
-    }
-    for (int half = 0; half < 2; ++half) {
-      const int t = t0 + 16 * wr + g + 8 * half;
-      for (int j = 0; j < kNT2; ++j) {
-        const int c = o0 + 32 * wc + 8 * j + 2 * q;  // O % 8 == 0: c + 1 < O when c < O
-        if (t < T && c < O)
-          *reinterpret_cast<uint32_t*>(y + static_cast<int64_t>(t) * O + c) =
-              pack_b16x2(from_acc<scalar_t>(out[j][2 * half]),
-                         from_acc<scalar_t>(out[j][2 * half + 1]));
-      }
-    }
-    __syncthreads();  // the stage is read before the next copies overwrite it
-  }
+  pipelined(
+      o_steps, [&](int next) { issue_expand(next % 2, next * kBN); },
+      [&](int stage, int s) {
+        const int o0 = s * kBN;
+        float out[kNT2][4] = {};
+        const scalar_t* bt = bs + (stage * kBN + 32 * wc) * S::kHLd;
+        for (int kk = 0; kk < kER; kk += 16) {
+          uint32_t a[4];
+          ldmatrix<4>(a, gated_s + (16 * wr + lane % 16) * S::kHLd + kk + 8 * (lane / 16));
+          for (int j = 0; j < kNT2; ++j) {
+            uint32_t b[2];
+            ldmatrix<2>(b, bt + (8 * j + lane % 8) * S::kHLd + kk + 8 * (lane / 8 % 2));
+            mma_m16n8k16<scalar_t>(out[j], a, b, out[j]);
+          }
+        }
+        for (int half = 0; half < 2; ++half) {
+          const int t = t0 + 16 * wr + g + 8 * half;
+          for (int j = 0; j < kNT2; ++j) {
+            const int c = o0 + 32 * wc + 8 * j + 2 * q;  // O % 8 == 0: c + 1 < O when c < O
+            if (t < T && c < O)
+              *reinterpret_cast<uint32_t*>(y + static_cast<int64_t>(t) * O + c) =
+                  pack_b16x2(from_acc<scalar_t>(out[j][2 * half]),
+                             from_acc<scalar_t>(out[j][2 * half + 1]));
+          }
+        }
+      });
 }
 
 template <typename scalar_t, int kER>
@@ -349,28 +355,21 @@ fused_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restric
   float acc[kNT1][4] = {};
   const int steps = (O + kBK - 1) / kBK;
   issue_shrink(0, 0);
-  for (int s = 0; s < steps; ++s) {
-    const int stage = s % 2;
-    if (s + 1 < steps) {
-      issue_shrink((s + 1) % 2, (s + 1) * kBK);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // every thread's copies of this dy / B_all stage have landed
-    const scalar_t* yt = ys + stage * kBM * S::kYLd;
-    const scalar_t* bt = bts + stage * kBK * S::kNLd + wc * kHalf;
-    for (int kk = 0; kk < kBK; kk += 16) {
-      uint32_t a[4];
-      ldmatrix<4>(a, yt + (16 * wr + lane % 16) * S::kYLd + kk + 8 * (lane / 16));
-      for (int j = 0; j < kNT1; ++j) {
-        uint32_t b[2];  // B stored k-major (rows o): the transposing ldmatrix
-        ldmatrix<2, true>(b, bt + (kk + lane % 8 + 8 * (lane / 8 % 2)) * S::kNLd + 8 * j);
-        mma_m16n8k16<scalar_t>(acc[j], a, b, acc[j]);
-      }
-    }
-    __syncthreads();  // the stage is read before the next copies overwrite it
-  }
+  pipelined(
+      steps, [&](int next) { issue_shrink(next % 2, next * kBK); },
+      [&](int stage, int s) {
+        const scalar_t* yt = ys + stage * kBM * S::kYLd;
+        const scalar_t* bt = bts + stage * kBK * S::kNLd + wc * kHalf;
+        for (int kk = 0; kk < kBK; kk += 16) {
+          uint32_t a[4];
+          ldmatrix<4>(a, yt + (16 * wr + lane % 16) * S::kYLd + kk + 8 * (lane / 16));
+          for (int j = 0; j < kNT1; ++j) {
+            uint32_t b[2];  // B stored k-major (rows o): the transposing ldmatrix
+            ldmatrix<2, true>(b, bt + (kk + lane % 8 + 8 * (lane / 8 % 2)) * S::kNLd + 8 * j);
+            mma_m16n8k16<scalar_t>(acc[j], a, b, acc[j]);
+          }
+        }
+      });
 
   auto issue_expand = [&](int stage, int d0) {
     for (int i = tid; i < kER * (kBN / 8); i += kThreads) {
@@ -440,38 +439,32 @@ fused_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restric
   }
 
   // dx = dh A_all: K dimension kER, D in stages of kBN.
-  for (int s = 0; s < d_steps; ++s) {
-    const int stage = s % 2, d0 = s * kBN;
-    if (s + 1 < d_steps) {
-      issue_expand((s + 1) % 2, d0 + kBN);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // this stage's A_all rows are complete
-    float out[kNT2][4] = {};
-    const scalar_t* at = as + stage * kER * S::kDLd + 32 * wc;
-    for (int kk = 0; kk < kER; kk += 16) {
-      uint32_t a[4];
-      ldmatrix<4>(a, dh_s + (16 * wr + lane % 16) * S::kNLd + kk + 8 * (lane / 16));
-      for (int j = 0; j < kNT2; ++j) {
-        uint32_t b[2];  // A_all stored k-major (rows e r)
-        ldmatrix<2, true>(b, at + (kk + lane % 8 + 8 * (lane / 8 % 2)) * S::kDLd + 8 * j);
-        mma_m16n8k16<scalar_t>(out[j], a, b, out[j]);
-      }
-    }
-    for (int half = 0; half < 2; ++half) {
-      const int t = t0 + 16 * wr + g + 8 * half;
-      for (int j = 0; j < kNT2; ++j) {
-        const int c = d0 + 32 * wc + 8 * j + 2 * q;
-        if (t < T && c < D)
-          *reinterpret_cast<uint32_t*>(dx + static_cast<int64_t>(t) * D + c) =
-              pack_b16x2(from_acc<scalar_t>(out[j][2 * half]),
-                         from_acc<scalar_t>(out[j][2 * half + 1]));
-      }
-    }
-    __syncthreads();  // the stage is read before the next copies overwrite it
-  }
+  pipelined(
+      d_steps, [&](int next) { issue_expand(next % 2, next * kBN); },
+      [&](int stage, int s) {
+        const int d0 = s * kBN;
+        float out[kNT2][4] = {};
+        const scalar_t* at = as + stage * kER * S::kDLd + 32 * wc;
+        for (int kk = 0; kk < kER; kk += 16) {
+          uint32_t a[4];
+          ldmatrix<4>(a, dh_s + (16 * wr + lane % 16) * S::kNLd + kk + 8 * (lane / 16));
+          for (int j = 0; j < kNT2; ++j) {
+            uint32_t b[2];  // A_all stored k-major (rows e r)
+            ldmatrix<2, true>(b, at + (kk + lane % 8 + 8 * (lane / 8 % 2)) * S::kDLd + 8 * j);
+            mma_m16n8k16<scalar_t>(out[j], a, b, out[j]);
+          }
+        }
+        for (int half = 0; half < 2; ++half) {
+          const int t = t0 + 16 * wr + g + 8 * half;
+          for (int j = 0; j < kNT2; ++j) {
+            const int c = d0 + 32 * wc + 8 * j + 2 * q;
+            if (t < T && c < D)
+              *reinterpret_cast<uint32_t*>(dx + static_cast<int64_t>(t) * D + c) =
+                  pack_b16x2(from_acc<scalar_t>(out[j][2 * half]),
+                             from_acc<scalar_t>(out[j][2 * half + 1]));
+          }
+        }
+      });
 }
 
 // Kernel 2: [dA_all | dB_all^T] = [dh^T x | gated^T dy], a tall-skinny GEMM (E*R rows, D + O
@@ -524,32 +517,25 @@ weight_grad_kernel(const scalar_t* __restrict__ dh, const scalar_t* __restrict__
   float acc[S::kRowIters][S::kNT][4] = {};
   const int steps = te > tb ? (te - tb + kBK - 1) / kBK : 0;
   if (steps > 0) issue(0, tb);
-  for (int s = 0; s < steps; ++s) {
-    const int stage = s % 2;
-    if (s + 1 < steps) {
-      issue((s + 1) % 2, tb + (s + 1) * kBK);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // every thread's copies of this stage have landed
-    const scalar_t* lt = ls + stage * kBK * S::kLLd;
-    const scalar_t* rt = rs + stage * kBK * S::kRLd + cg * (kBN / S::kC);
-    for (int kk = 0; kk < kBK; kk += 16) {
-      for (int it = 0; it < S::kRowIters; ++it) {
-        const int m0 = 16 * (rg + S::kG * it);
-        uint32_t a[4];  // A = L^T: L stored k-major (rows t), the transposing ldmatrix
-        ldmatrix<4, true>(a, lt + (kk + lane % 8 + 8 * (lane / 16)) * S::kLLd + m0 +
-                                 8 * (lane / 8 % 2));
-        for (int j = 0; j < S::kNT; ++j) {
-          uint32_t b[2];
-          ldmatrix<2, true>(b, rt + (kk + lane % 8 + 8 * (lane / 8 % 2)) * S::kRLd + 8 * j);
-          mma_m16n8k16<scalar_t>(acc[it][j], a, b, acc[it][j]);
+  pipelined(
+      steps, [&](int next) { issue(next % 2, tb + next * kBK); },
+      [&](int stage, int s) {
+        const scalar_t* lt = ls + stage * kBK * S::kLLd;
+        const scalar_t* rt = rs + stage * kBK * S::kRLd + cg * (kBN / S::kC);
+        for (int kk = 0; kk < kBK; kk += 16) {
+          for (int it = 0; it < S::kRowIters; ++it) {
+            const int m0 = 16 * (rg + S::kG * it);
+            uint32_t a[4];  // A = L^T: L stored k-major (rows t), the transposing ldmatrix
+            ldmatrix<4, true>(a, lt + (kk + lane % 8 + 8 * (lane / 16)) * S::kLLd + m0 +
+                                     8 * (lane / 8 % 2));
+            for (int j = 0; j < S::kNT; ++j) {
+              uint32_t b[2];
+              ldmatrix<2, true>(b, rt + (kk + lane % 8 + 8 * (lane / 8 % 2)) * S::kRLd + 8 * j);
+              mma_m16n8k16<scalar_t>(acc[it][j], a, b, acc[it][j]);
+            }
+          }
         }
-      }
-    }
-    __syncthreads();  // the stage is read before the next copies overwrite it
-  }
+      });
   const int64_t width = D + O;
   float* out = partial + static_cast<int64_t>(blockIdx.y) * ER * width;
   for (int it = 0; it < S::kRowIters; ++it)
