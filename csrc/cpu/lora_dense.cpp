@@ -7,7 +7,9 @@
 //   y     = gated B_all^T        (T, O)    ATen GEMM, B_all[o, e*R + r] = lora_B[e, o, r]
 //
 // The gate and its gradients run here in parallel C++ (one task per block of tokens, each
-// row written by one task: deterministic for any thread count); the GEMMs are ATen's.
+// row written by one task: deterministic for any thread count); the GEMMs are ATen's. All
+// of it in the accumulation dtype (float32 for bf16 / fp16: a gated h rounded to fp16
+// could overflow where y does not); outputs are rounded once to x's dtype.
 // Notation: docs/architecture.md#notation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,7 +20,6 @@
 
 #include "../checks.h"
 #include "simd.h"
-#include "vec.h"
 
 namespace moe_ext {
 namespace cpu {
@@ -65,17 +66,20 @@ std::tuple<at::Tensor, at::Tensor> lora_dense_forward_cpu(const at::Tensor& x_in
                                                           const at::Tensor& experts_in,
                                                           double scaling, int64_t num_null_experts) {
   check_lora_forward_args(x_in, A_in, B_in, w_in, experts_in, scaling, num_null_experts);
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous();
-  const int64_t T = x.size(0), D = x.size(1), E = A_in.size(0), R = A_in.size(1), K = ex.size(1);
+  const at::ScalarType dt = x_in.scalar_type(), acc = acc_type_of(dt);
+  const at::Tensor w = w_in.contiguous(), ex = experts_in.contiguous();
+  const int64_t T = x_in.size(0), D = x_in.size(1), E = A_in.size(0), R = A_in.size(1),
+                K = ex.size(1);
   check_ids(ex, E, num_null_experts);
-  const at::Tensor h_all = at::mm(x, A_in.reshape({E * R, D}).t());  // (T, E*R)
+  // GEMMs and gate in the accumulation dtype (no-ops for fp32 / fp64): a bf16 / fp16 gated h
+  // could overflow where y does not.
+  const at::Tensor h_all = at::mm(x_in.to(acc), A_in.reshape({E * R, D}).to(acc).t());  // (T, E*R)
   at::Tensor gated = at::zeros_like(h_all);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_dense_forward_cpu", [&] {
-    using acc_t = acc_of<scalar_t>;
-    const scalar_t* hp = h_all.data_ptr<scalar_t>();
-    const acc_t* wp = w.data_ptr<acc_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc, "lora_dense_forward_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t *hp = h_all.data_ptr<acc_t>(), *wp = w.data_ptr<acc_t>();
     const int64_t* ep = ex.data_ptr<int64_t>();
-    scalar_t* gp = gated.data_ptr<scalar_t>();
+    acc_t* gp = gated.data_ptr<acc_t>();
     const acc_t s = static_cast<acc_t>(scaling);
     at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> sum(E, 0);
@@ -83,13 +87,12 @@ std::tuple<at::Tensor, at::Tensor> lora_dense_forward_cpu(const at::Tensor& x_in
       for (int64_t t = t0; t < t1; ++t)
         for_each_gate(ep + t * K, wp + t * K, K, E, sum, chosen, [&](int64_t e, acc_t g) {
           const int64_t base = t * E * R + e * R;
-          for (int64_t r = 0; r < R; ++r)
-            gp[base + r] = static_cast<scalar_t>(s * g * static_cast<acc_t>(hp[base + r]));
+          for (int64_t r = 0; r < R; ++r) gp[base + r] = s * g * hp[base + r];
         });
     });
   });
-  at::Tensor y = at::mm(gated, b_all(B_in).t());  // (T, O)
-  return {y, h_all};
+  at::Tensor y = at::mm(gated, b_all(B_in).to(acc).t());  // (T, O)
+  return {y.to(dt), h_all.to(dt)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_cpu(
@@ -98,25 +101,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_c
     const at::Tensor& h_all_in, double scaling, int64_t num_null_experts) {
   check_lora_dense_backward_args(grad_y_in, x_in, A_in, B_in, w_in, experts_in, h_all_in, scaling,
                                  num_null_experts);
-  const at::ScalarType dt = x_in.scalar_type();
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), ex = experts_in.contiguous(),
-                   dy = grad_y_in.to(dt).contiguous(), h = h_all_in.to(dt).contiguous();
+  const at::ScalarType dt = x_in.scalar_type(), acc = acc_type_of(dt);
+  // Everything in the accumulation dtype (as the forward); h_all rounded to x's dtype first,
+  // as the op's contract reads it in x's dtype.
+  const at::Tensor x = x_in.to(acc), w = w_in.contiguous(), ex = experts_in.contiguous(),
+                   dy = grad_y_in.to(dt).to(acc), h = h_all_in.to(dt).to(acc).contiguous();
   const int64_t T = x.size(0), D = x.size(1), E = A_in.size(0), R = A_in.size(1),
                 O = B_in.size(1), K = ex.size(1);
   check_ids(ex, E, num_null_experts);
-  // d_gated in the accumulation dtype: dw = s <d_gated, h> keeps fp32 accuracy for bf16 / fp16
-  const at::ScalarType acc = acc_type_of(dt);
-  const at::Tensor d_gated = at::mm(dy.to(acc), b_all(B_in).to(acc));  // (T, E*R)
+  const at::Tensor d_gated = at::mm(dy, b_all(B_in).to(acc)).contiguous();  // (T, E*R)
   at::Tensor gated = at::zeros_like(h), dh = at::zeros_like(h);
   at::Tensor dw = at::empty_like(w);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "lora_dense_backward_cpu", [&] {
-    using acc_t = acc_of<scalar_t>;
-    const scalar_t* hp = h.data_ptr<scalar_t>();
-    const acc_t* dgp = d_gated.data_ptr<acc_t>();
-    const acc_t* wp = w.data_ptr<acc_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc, "lora_dense_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t *hp = h.data_ptr<acc_t>(), *dgp = d_gated.data_ptr<acc_t>(), *wp = w.data_ptr<acc_t>();
     const int64_t* ep = ex.data_ptr<int64_t>();
-    scalar_t *gp = gated.data_ptr<scalar_t>(), *dhp = dh.data_ptr<scalar_t>();
-    acc_t* dwp = dw.data_ptr<acc_t>();
+    acc_t *gp = gated.data_ptr<acc_t>(), *dhp = dh.data_ptr<acc_t>(), *dwp = dw.data_ptr<acc_t>();
     const acc_t s = static_cast<acc_t>(scaling);
     at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> sum(E, 0), dot(E, 0);
@@ -127,10 +127,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_c
           const acc_t gate = s * g;
           acc_t d = 0;
           for (int64_t r = 0; r < R; ++r) {
-            const acc_t hv = static_cast<acc_t>(hp[base + r]), dg = dgp[base + r];
-            gp[base + r] = static_cast<scalar_t>(gate * hv);
-            dhp[base + r] = static_cast<scalar_t>(gate * dg);
-            d += dg * hv;
+            gp[base + r] = gate * hp[base + r];
+            dhp[base + r] = gate * dgp[base + r];
+            d += dgp[base + r] * hp[base + r];
           }
           dot[e] = s * d;
         });
@@ -142,10 +141,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_c
       }
     });
   });
-  at::Tensor dx = at::mm(dh, A_in.reshape({E * R, D}));                         // (T, D)
-  at::Tensor dA = at::mm(dh.t(), x).view({E, R, D});                            // (E, R, D)
-  at::Tensor dB = at::mm(dy.t(), gated).view({O, E, R}).permute({1, 0, 2}).contiguous();  // (E, O, R)
-  return {dx, dw, dA, dB};
+  const at::Tensor dx = at::mm(dh, A_in.reshape({E * R, D}).to(acc));          // (T, D)
+  const at::Tensor dA = at::mm(dh.t(), x).view({E, R, D});                     // (E, R, D)
+  const at::Tensor dB = at::mm(dy.t(), gated).view({O, E, R}).permute({1, 0, 2});  // (E, O, R)
+  return {dx.to(dt), dw, dA.to(dt), dB.to(dt).contiguous()};
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
 // CUDA kernels of the dense-gated strategy (lora_dense_forward / lora_dense_backward):
 //
-//   h_all = x A_all^T (T, E*R),  gated = gate(h_all),  y = gated B_all^T (T, O)
+//   h_all = x A_all^T (T, E*R),  gated = gate(h_all),  y = s * gated B_all^T (T, O)
 //
-// with gate(t, e) = s * (sum of token t's routing weights on expert e, in k order).
+// with gate(t, e) = the sum of token t's routing weights on expert e, in k order (the SIMT
+// gate kernels of the generic path fold s into the gate; that path runs in fp32 / fp64).
 //
 // Fused forward (bf16 / fp16, E*R <= 256, R, D, O multiples of 8): one block of kThreads
 // per kBM tokens does both GEMMs on tensor cores (mma.sync m16n8k16 -> fp32, ldmatrix,
@@ -116,11 +117,13 @@ __device__ __forceinline__ void pipelined(int steps, Issue&& issue, Compute&& co
   }
 }
 
-// gate_s[i][e] = s * (sum of token t0 + i's weights on LoRA expert e, in k order) for the
-// block's kBM tokens (0 past T). Threads 0 .. kBM - 1; the caller syncs before reading.
+// gate_s[i][e] = sum of token t0 + i's weights on LoRA expert e, in k order, for the block's
+// kBM tokens (0 past T). Threads 0 .. kBM - 1; the caller syncs before reading. The scaling s
+// is applied to the fp32 results at the end, not here: s * gate * h rounded to bf16 / fp16
+// could overflow where the result does not.
 template <int kMaxE>
 __device__ __forceinline__ void load_gates(float* gate_s, const float* w, const int64_t* experts,
-                                           int t0, int T, int E, int K, float scaling) {
+                                           int t0, int T, int E, int K) {
   const int i = threadIdx.x;
   if (i >= kBM) return;
   float* gate = gate_s + i * kMaxE;
@@ -130,7 +133,6 @@ __device__ __forceinline__ void load_gates(float* gate_s, const float* w, const 
       const int64_t e = experts[static_cast<int64_t>(t0 + i) * K + k];
       if (is_lora(e, E)) gate[e] += w[static_cast<int64_t>(t0 + i) * K + k];
     }
-  for (int e = 0; e < E; ++e) gate[e] *= scaling;
 }
 
 // x (T, D), A_all (E*R, D) = lora_A, B (E, O, R), w / experts (T, K); y (T, O), h_all (T, E*R).
@@ -160,7 +162,7 @@ fused_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
   const int wc = warp / 4;               // warp column
   const int t0 = blockIdx.x * kBM;
 
-  load_gates<S::kMaxE>(gate_s, w, experts, t0, T, E, K, scaling);
+  load_gates<S::kMaxE>(gate_s, w, experts, t0, T, E, K);
 
   // Shrink: h[kBM, kER] = x[t0:, :] A_all^T over D in stages of kBK (16-byte chunks; rows
   // past T or E*R and columns past D are zero-filled).
@@ -249,8 +251,8 @@ fused_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
             const int c = o0 + 32 * wc + 8 * j + 2 * q;  // O % 8 == 0: c + 1 < O when c < O
             if (t < T && c < O)
               *reinterpret_cast<uint32_t*>(y + static_cast<int64_t>(t) * O + c) =
-                  pack_b16x2(from_acc<scalar_t>(out[j][2 * half]),
-                             from_acc<scalar_t>(out[j][2 * half + 1]));
+                  pack_b16x2(from_acc<scalar_t>(scaling * out[j][2 * half]),
+                             from_acc<scalar_t>(scaling * out[j][2 * half + 1]));
           }
         }
       });
@@ -333,7 +335,7 @@ fused_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restric
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, q = lane % 4, wr = warp % 4, wc = warp / 4;
   const int t0 = blockIdx.x * kBM;
-  load_gates<S::kMaxE>(gate_s, w, experts, t0, T, E, K, scaling);
+  load_gates<S::kMaxE>(gate_s, w, experts, t0, T, E, K);
 
   auto issue_shrink = [&](int stage, int o0) {
     for (int i = tid; i < kBM * (kBK / 8) + kBK * (kER / 8); i += kThreads) {
@@ -460,8 +462,8 @@ fused_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restric
             const int c = d0 + 32 * wc + 8 * j + 2 * q;
             if (t < T && c < D)
               *reinterpret_cast<uint32_t*>(dx + static_cast<int64_t>(t) * D + c) =
-                  pack_b16x2(from_acc<scalar_t>(out[j][2 * half]),
-                             from_acc<scalar_t>(out[j][2 * half + 1]));
+                  pack_b16x2(from_acc<scalar_t>(scaling * out[j][2 * half]),
+                             from_acc<scalar_t>(scaling * out[j][2 * half + 1]));
           }
         }
       });
@@ -551,16 +553,18 @@ weight_grad_kernel(const scalar_t* __restrict__ dh, const scalar_t* __restrict__
     }
 }
 
-// dA[e, r, d] and dB[e, o, r] from the splits' partials, summed in split order.
+// dA[e, r, d] and dB[e, o, r]: s times the splits' partials summed in split order.
 template <typename scalar_t>
 __global__ void weight_grad_reduce_kernel(const float* __restrict__ partial, int splits,
                                           int64_t ER, int64_t D, int64_t O, int64_t R,
-                                          scalar_t* __restrict__ dA, scalar_t* __restrict__ dB) {
+                                          float scaling, scalar_t* __restrict__ dA,
+                                          scalar_t* __restrict__ dB) {
   const int64_t width = D + O, n = ER * width;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float sum = 0.f;
     for (int s = 0; s < splits; ++s) sum += partial[s * n + i];
+    sum *= scaling;
     const int64_t m = i / width, c = i % width;
     if (c < D) dA[m * D + c] = from_acc<scalar_t>(sum);
     else dB[((m / R) * O + (c - D)) * R + m % R] = from_acc<scalar_t>(sum);
@@ -596,7 +600,7 @@ cudaError_t launch_backward(const DenseBackwardArgs& a, cudaStream_t stream) {
   launch_kernel<weight_grad_reduce_kernel<scalar_t>>(
       grid_stride_blocks(a.E * a.R * (a.D + a.O)), kThreads, 0, stream,
       static_cast<const float*>(a.partial), splits, a.E * a.R, a.D, a.O, a.R,
-      static_cast<scalar_t*>(a.dA), static_cast<scalar_t*>(a.dB));
+      static_cast<float>(a.scaling), static_cast<scalar_t*>(a.dA), static_cast<scalar_t*>(a.dB));
   return cudaGetLastError();
 }
 

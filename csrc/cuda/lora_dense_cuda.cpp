@@ -50,9 +50,12 @@ std::tuple<at::Tensor, at::Tensor> lora_dense_forward_cuda(const at::Tensor& x_i
                                                    current_stream()));
     return {y, h_all};
   }
-  at::Tensor h_all = at::mm(x, A.view({E * R, D}).t());
-  at::Tensor y = at::mm(gate(h_all, w, ex, E, R, scaling), b_all(B).t());
-  return {y, h_all};
+  // cuBLAS path: GEMMs and gate in the accumulation dtype (no-ops for fp32 / fp64), so a
+  // bf16 / fp16 gated h cannot overflow where y does not.
+  const at::ScalarType acc = acc_type_of(x.scalar_type());
+  const at::Tensor h_all = at::mm(x.to(acc), A.view({E * R, D}).to(acc).t());
+  const at::Tensor y = at::mm(gate(h_all, w, ex, E, R, scaling), b_all(B).to(acc).t());
+  return {y.to(x.scalar_type()), h_all.to(x.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_cuda(
@@ -86,20 +89,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_c
     C10_CUDA_CHECK(launch_lora_dense_fused_backward(dt, args, current_stream()));
     return {dx, dw, dA, dB};
   }
-  // d_gated and dw in the accumulation dtype (fp32 accuracy for dw with bf16 / fp16 data)
+  // cuBLAS path, everything in the accumulation dtype as in the forward.
   const at::ScalarType acc = acc_type_of(st);
-  const at::Tensor d_gated = at::mm(dy.to(acc), b_all(B).to(acc)), h_acc = h.to(acc);
+  const at::Tensor x_acc = x.to(acc), dy_acc = dy.to(acc), h_acc = h.to(acc);
+  const at::Tensor d_gated = at::mm(dy_acc, b_all(B).to(acc));  // (T, E*R)
   at::Tensor dw = at::empty_like(w);
-  C10_CUDA_CHECK(launch_dense_gate_grad_w(dtype_of(acc), d_gated.data_ptr(),
-                                          h_acc.data_ptr(), ex.data_ptr<int64_t>(), T, E, R,
-                                          K, scaling, dw.data_ptr(), current_stream()));
-  const at::Tensor dh = gate(d_gated, w, ex, E, R, scaling).to(st);
-  const at::Tensor A_all = A.view({E * R, D});
-  at::Tensor dx = at::mm(dh, A_all);
-  at::Tensor dA = at::mm(dh.t(), x).view({E, R, D});
-  at::Tensor dB = at::mm(dy.t(), gate(h, w, ex, E, R, scaling))
+  C10_CUDA_CHECK(launch_dense_gate_grad_w(dtype_of(acc), d_gated.data_ptr(), h_acc.data_ptr(),
+                                          ex.data_ptr<int64_t>(), T, E, R, K, scaling,
+                                          dw.data_ptr(), current_stream()));
+  const at::Tensor dh = gate(d_gated, w, ex, E, R, scaling);
+  at::Tensor dx = at::mm(dh, A.view({E * R, D}).to(acc)).to(st);
+  at::Tensor dA = at::mm(dh.t(), x_acc).view({E, R, D}).to(st);
+  at::Tensor dB = at::mm(dy_acc.t(), gate(h_acc, w, ex, E, R, scaling))
                       .view({O, E, R})
                       .permute({1, 0, 2})
+                      .to(st)
                       .contiguous();
   return {dx, dw, dA, dB};
 }
