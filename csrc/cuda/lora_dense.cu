@@ -312,7 +312,7 @@ struct BackwardSmem {
 // dx = dh A_all (tensor cores, D in stages of kBN). Also writes dh and gated = gate * h
 // (T, E*R) for kernel 2. dy (T, O), h_all (T, E*R) as lora_dense_forward returned it.
 template <typename scalar_t, int kER>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)  // one block per SM: without it sm_80 spills
 fused_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ A,
                       const scalar_t* __restrict__ B, const scalar_t* __restrict__ h_all,
                       const float* __restrict__ w, const int64_t* __restrict__ experts, int T,
