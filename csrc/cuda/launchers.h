@@ -108,7 +108,8 @@ cudaError_t launch_lora_dense_fused_forward(DType dtype, const void* x, const vo
                                             cudaStream_t stream);
 // Fused backward on tensor cores, same shapes: kernel 1 per 64 tokens dy -> d_gated = dy
 // B_all -> dw, dh = gate * d_gated -> dx = dh A_all (also writing dh and gated = gate * h,
-// (T, E*R) in `dtype`); kernel 2 [dA_all | dB_all^T] = [dh^T x | gated^T dy] over
+// (T, E*R) scratch in `dtype`, without the scaling, which the fused kernels apply only to
+// fp32 results); kernel 2 [dA_all | dB_all^T] = [dh^T x | gated^T dy] over
 // dense_backward_splits(T) token splits into `partial` (splits, E*R, D + O) fp32, then a
 // reduction in split order into dA (E, R, D) and dB (E, O, R). h_all is what
 // lora_dense_forward returned; dw (T, K) fp32.
