@@ -45,7 +45,7 @@ for what in "$@"; do
       done ;;
     bench)
       stage bench
-      for script in bench_route bench_align bench_lora bench_gate_dense bench_layer; do
+      for script in bench_route bench_align bench_lora bench_lora_dense bench_layer; do
         $PY benchmarks/$script.py --out "$RES" 2>&1 | tail -40
       done ;;
     *) echo "unknown stage $what (build, tests, sanitize, bench)"; exit 2 ;;

@@ -200,24 +200,24 @@ inline void check_lora_backward_args(const at::Tensor& grad_y, const at::Tensor&
   check_same_device(offsets, x, "offsets", "x");
 }
 
-// gate_dense: h_all (T, E*R) float, weights/experts (T, K); grad (if given) shaped like h_all.
-inline void check_gate_dense_args(const at::Tensor& h_all, const at::Tensor& weights,
-                                  const at::Tensor& experts, int64_t E, int64_t num_null_experts,
-                                  double scaling, const at::Tensor* grad_gated = nullptr) {
-  check_dim(h_all, 2, "h_all");
+// lora_dense_backward's extra tensors against x (T, D), lora_A (E, R, D), lora_B (E, O, R):
+// grad_y (T, O) and h_all (T, E*R), the all-expert shrink x A_all^T that lora_dense_forward
+// returned (any float dtype; the kernels read both in x's dtype).
+inline void check_lora_dense_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                           const at::Tensor& A, const at::Tensor& B,
+                                           const at::Tensor& weights, const at::Tensor& experts,
+                                           const at::Tensor& h_all, double scaling,
+                                           int64_t num_null_experts) {
+  check_lora_forward_args(x, A, B, weights, experts, scaling, num_null_experts);
+  const int64_t T = x.size(0), E = A.size(0), R = A.size(1), O = B.size(1);
+  TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == T && grad_y.size(1) == O,
+                    "grad_y must have shape (", T, ", ", O, "), got ", grad_y.sizes());
+  check_float(grad_y, "grad_y");
+  TORCH_CHECK_VALUE(h_all.dim() == 2 && h_all.size(0) == T && h_all.size(1) == E * R,
+                    "h_all must have shape (", T, ", ", E * R, ") (T, E*R), got ", h_all.sizes());
   check_float(h_all, "h_all");
-  check_routing(weights, experts, h_all.size(0), h_all, "h_all");
-  TORCH_CHECK_VALUE(E >= 1 && E <= kMaxExperts && h_all.size(1) % E == 0, "h_all width ",
-                    h_all.size(1), " must be a multiple of num_experts=", E,
-                    " (num_experts in [1, ", kMaxExperts, "])");
-  check_num_null_experts(num_null_experts, E);
-  check_scaling(scaling);
-  if (grad_gated) {
-    TORCH_CHECK_VALUE(grad_gated->sizes() == h_all.sizes(), "grad_gated shape ",
-                      grad_gated->sizes(), " must equal h_all shape ", h_all.sizes());
-    check_float(*grad_gated, "grad_gated");
-    check_same_device(*grad_gated, h_all, "grad_gated", "h_all");
-  }
+  check_same_device(grad_y, x, "grad_y", "x");
+  check_same_device(h_all, x, "h_all", "x");
 }
 
 // Host data check of lora_backward's pair alignment (the CPU kernels always, the CUDA ones

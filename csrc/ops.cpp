@@ -26,11 +26,13 @@ TORCH_LIBRARY(moe_ext, m) {
   m.def("lora_backward(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor weights, "
         "Tensor experts, Tensor order, Tensor offsets, Tensor h, float scaling, "
         "int num_null_experts) -> (Tensor grad_x, Tensor grad_weights, Tensor grad_A, Tensor grad_B)");
-  // Dense-gated strategy: masks the all-expert shrink h_all (T, E*R) to the chosen experts.
-  m.def("gate_dense(Tensor h_all, Tensor weights, Tensor experts, int num_experts, "
-        "int num_null_experts, float scaling) -> Tensor");
-  m.def("gate_dense_backward(Tensor grad_gated, Tensor h_all, Tensor weights, Tensor experts, "
-        "int num_experts, int num_null_experts, float scaling) -> (Tensor grad_h_all, Tensor grad_weights)");
+  // Dense-gated strategy: y (T, O) = gate(x A_all^T) B_all^T with every expert's shrink
+  // computed and the unchosen ones masked; h_all (T, E*R) = x A_all^T kept for backward.
+  m.def("lora_dense_forward(Tensor x, Tensor lora_A, Tensor lora_B, Tensor weights, "
+        "Tensor experts, float scaling, int num_null_experts) -> (Tensor y, Tensor h_all)");
+  m.def("lora_dense_backward(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, "
+        "Tensor weights, Tensor experts, Tensor h_all, float scaling, int num_null_experts) "
+        "-> (Tensor grad_x, Tensor grad_weights, Tensor grad_A, Tensor grad_B)");
 }
 
 // Build facts for `moe-ext info`, as JSON. The macros come from setup.py.

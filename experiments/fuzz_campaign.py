@@ -25,7 +25,7 @@ from moe_ext.utils.io import read_json, write_json, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "ops", "fuzz_main.py")
-FAMILIES = ("route", "align", "lora", "gate_dense")
+FAMILIES = ("route", "align", "lora", "lora_dense")
 SANITIZER_LINE = re.compile(r"(ERROR: AddressSanitizer: [\w-]+|runtime error: [^\n]{0,80}|"
                             r"AddressSanitizer: [\w-]+|LeakSanitizer|RSS limit|out of memory)")
 FRAME = re.compile(r"(csrc/[\w/]+\.(?:cpp|h):\d+)")

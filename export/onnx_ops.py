@@ -45,9 +45,8 @@ def _gates(weights, experts, tokens, num_experts, num_null_experts: int, dtype):
     return op.CastLike(op.Slice(full, _ints([0]), num_experts, _ints([1])), dtype)
 
 
-def lora_forward(x, lora_A, lora_B, weights, experts, scaling: float, num_null_experts: int):
-    """Dense-gated: y = ((x A_all^T) * gates * s) B_all; h (T*K, R) = the chosen experts'
-    shrink (0 for null experts), as the kernel returns it."""
+def _dense_gated(x, lora_A, lora_B, weights, experts, scaling: float, num_null_experts: int):
+    """y = ((x A_all^T) * gates * s) B_all -> (y (T, O), h_all (T, E*R), h3 (T, E, R))."""
     E = op.Shape(lora_A, start=0, end=1)
     ER = op.Concat(E, op.Shape(lora_A, start=1, end=2), axis=0)  # [E, R]
     tokens = op.Shape(x, start=0, end=1)
@@ -60,6 +59,21 @@ def lora_forward(x, lora_A, lora_B, weights, experts, scaling: float, num_null_e
     b_flat = op.Reshape(op.Transpose(lora_B, perm=[0, 2, 1]),
                         op.Concat(_ints([-1]), op.Shape(lora_B, start=1, end=2), axis=0))  # (E*R, O)
     y = op.MatMul(op.Reshape(gated, op.Concat(tokens, _ints([-1]), axis=0)), b_flat)
+    return y, h_all, h3
+
+
+def lora_dense_forward(x, lora_A, lora_B, weights, experts, scaling: float,
+                       num_null_experts: int):
+    """The dense-gated op as it is: y (T, O) and h_all (T, E*R) = x A_all^T."""
+    y, h_all, _ = _dense_gated(x, lora_A, lora_B, weights, experts, scaling, num_null_experts)
+    return y, h_all
+
+
+def lora_forward(x, lora_A, lora_B, weights, experts, scaling: float, num_null_experts: int):
+    """Dense-gated: y as in lora_dense_forward; h (T*K, R) = the chosen experts' shrink (0 for
+    null experts), as the kernel returns it."""
+    y, _, h3 = _dense_gated(x, lora_A, lora_B, weights, experts, scaling, num_null_experts)
+    E = op.Shape(lora_A, start=0, end=1)
     # h: gather each chosen expert's R values; null experts (id >= E) give 0
     is_lora = op.Less(experts, E)
     safe = op.Where(is_lora, experts, op.Constant(value_ints=[0]))
@@ -87,22 +101,11 @@ def _pair_alignment(experts, E):
     return order, offsets
 
 
-def gate_dense(h_all, weights, experts, num_experts: int, num_null_experts: int, scaling: float):
-    """gated (T, E*R): h_all's chosen experts' columns scaled by s * weight, others zero."""
-    tokens = op.Shape(h_all, start=0, end=1)
-    E = op.Constant(value_ints=[num_experts])
-    gates = _gates(weights, experts, tokens, E, num_null_experts, h_all)
-    h3 = op.Reshape(h_all, op.Concat(tokens, E, _ints([-1]), axis=0))
-    gated = op.Mul(h3, op.Unsqueeze(op.Mul(gates, op.CastLike(op.Constant(value_float=float(scaling)), h_all)),
-                                    _ints([2])))
-    return op.Reshape(gated, op.Concat(tokens, _ints([-1]), axis=0))
-
-
 def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export(dynamo=True)."""
     ops = torch.ops.moe_ext
     return {ops.route.default: route, ops.lora_forward.default: lora_forward,
-            ops.gate_dense.default: gate_dense}
+            ops.lora_dense_forward.default: lora_dense_forward}
 
 
-__all__ = ["translation_table", "route", "lora_forward", "gate_dense", "INT64"]
+__all__ = ["translation_table", "route", "lora_forward", "lora_dense_forward", "INT64"]

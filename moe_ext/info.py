@@ -11,8 +11,8 @@ from . import _C, ops  # noqa: F401  (ops registers the fake kernels and autogra
 from .ops.fallback import REGISTERED
 from .version import __version__
 
-OP_NAMES = ["route", "route_backward", "align", "lora_forward", "lora_backward", "gate_dense",
-            "gate_dense_backward"]
+OP_NAMES = ["route", "route_backward", "align", "lora_forward", "lora_backward",
+            "lora_dense_forward", "lora_dense_backward"]
 
 
 def _has_kernel(op: str, key: str) -> bool:

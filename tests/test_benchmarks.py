@@ -10,7 +10,7 @@ BENCH = os.path.join(os.path.dirname(HERE), "benchmarks")
 
 
 @pytest.mark.parametrize("script", ["bench_route.py", "bench_align.py", "bench_lora.py",
-                                    "bench_gate_dense.py", "bench_layer.py"])
+                                    "bench_lora_dense.py", "bench_layer.py"])
 def test_benchmark_script_runs(script, tmp_path):
     cmd = [sys.executable, os.path.join(BENCH, script), "--device", "cpu", "--tokens", "64",
            "--features", "32", "--experts", "4", "16", "--reps", "1", "--out", str(tmp_path)]

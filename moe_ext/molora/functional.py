@@ -36,8 +36,9 @@ def choose_strategy(num_experts: int, top_k: int, rank: int, device: torch.devic
           K=8 sparse 114 ms vs dense 51 ms.   E=64, K=2: sparse 39 ms vs dense 303 ms.
     Sparse time grows with K, dense time does not, so dense wins from about K >= E/3.
 
-    CUDA: dense while E*R <= 256 (the design's lead, docs/architecture.md: there the two GEMMs of the dense form
-    run near the memory floor on tensor cores, while the sparse path moves more bytes) or
+    CUDA: dense while E*R <= 256 (the design's lead: there lora_dense runs fused tensor-core
+    kernels for bf16 / fp16 that read x once, docs/architecture.md "Dense-gated path on
+    tensor cores", while the sparse path reads each x row once per chosen expert) or
     K >= E/3. NOT YET MEASURED: the CUDA kernels have not run on a GPU; the crossover is
     to be re-measured with benchmarks/bench_lora.py (providers moe_ext-sparse/-dense)."""
     if torch.device(device).type == "cuda" and num_experts * rank <= 256:
@@ -105,9 +106,7 @@ def molora_with_routing(x: torch.Tensor, router_logits: torch.Tensor, lora_A: to
     if strategy == "sparse":
         y = ops.lora_sparse(x2, lora_A, lora_B, weights, routing.experts, scaling, num_null_experts)
     else:
-        h_all = x2 @ lora_A.reshape(E * R, D).T
-        gated = ops.gate_dense(h_all, weights, routing.experts, E, num_null_experts, scaling)
-        y = gated @ lora_B.permute(0, 2, 1).reshape(E * R, O)
+        y = ops.lora_dense(x2, lora_A, lora_B, weights, routing.experts, scaling, num_null_experts)
     return MoLoRAOutput(y.reshape(*lead, O), routing.probs, routing.experts, routing.counts)
 
 

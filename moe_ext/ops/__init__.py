@@ -4,8 +4,8 @@ wrapper, fake (meta) kernel for torch.compile / export and autograd side by side
   route.py       route, route_backward     softmax / top-K / renormalise / counts
   align.py       align                     stable counting sort of pairs by expert
   lora.py        lora_forward, _backward   the sparse grouped strategy
+  lora_dense.py  lora_dense_forward, _backward   the dense-gated strategy
   checks.py      the fake kernels' argument checks (those of csrc/checks.h)
-  gate_dense.py  gate_dense, _backward     the dense-gated strategy's mask
   reference.py   a pure-PyTorch reference of every op (tests compare against it)
   fallback.py    PyTorch kernels for CUDA tensors when the build has no CUDA kernel
 
@@ -14,9 +14,9 @@ Notation: docs/architecture.md#notation.
 from . import fallback, reference
 from .align import align
 from .common import acc_dtype
-from .gate_dense import gate_dense
 from .lora import lora_sparse, pair_alignment
+from .lora_dense import lora_dense
 from .route import Routing, route
 
-__all__ = ["Routing", "route", "align", "lora_sparse", "pair_alignment", "gate_dense", "acc_dtype",
+__all__ = ["Routing", "route", "align", "lora_sparse", "pair_alignment", "lora_dense", "acc_dtype",
            "reference", "fallback"]

@@ -138,15 +138,12 @@ def lora_backward_args(grad_y, x, lora_A, lora_B, weights, experts, order, offse
     dtype(offsets, (torch.int64,), "offsets")
 
 
-def gate_dense_args(h_all, weights, experts, E, N, s, grad_gated=None) -> None:
-    same_device(h_all=h_all, weights=weights, experts=experts, grad_gated=grad_gated)
-    dim(h_all, 2, "h_all")
+def lora_dense_backward_args(grad_y, x, lora_A, lora_B, weights, experts, h_all, s, N) -> None:
+    lora_forward_args(x, lora_A, lora_B, weights, experts, s, N)
+    same_device(x=x, grad_y=grad_y, h_all=h_all)
+    T, E, R, O = x.shape[0], lora_A.shape[0], lora_A.shape[1], lora_B.shape[1]
+    value(grad_y.shape == (T, O), f"grad_y must have shape ({T}, {O}), got {tuple(grad_y.shape)}")
+    dtype(grad_y, FLOATS, "grad_y")
+    value(h_all.shape == (T, E * R),
+          f"h_all must have shape ({T}, {E * R}) (T, E*R), got {tuple(h_all.shape)}")
     dtype(h_all, FLOATS, "h_all")
-    routing(weights, experts, h_all.shape[0], h_all, "h_all")
-    value(1 <= E <= MAX_EXPERTS and h_all.shape[1] % E == 0,
-          f"h_all width {h_all.shape[1]} must be a multiple of num_experts={E}")
-    num_null_experts(N, E)
-    scaling(s)
-    if grad_gated is not None:
-        value(grad_gated.shape == h_all.shape, "grad_gated shape must equal h_all shape")
-        dtype(grad_gated, FLOATS, "grad_gated")

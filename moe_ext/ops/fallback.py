@@ -2,8 +2,8 @@
 extension was built without a CUDA kernel, so MoLoRA layers, training and export work on
 a GPU (at PyTorch speed, not kernel speed). `moe-ext info` reports them as fallbacks.
 
-Same contracts as the C++ kernels (csrc/ops.cpp), no host synchronisation. route, align
-and gate_dense are the references (reference.py); the LoRA ops use the dense-gated form:
+Same contracts as the C++ kernels (csrc/ops.cpp), no host synchronisation. route and align
+are the references (reference.py); both LoRA op families use the dense-gated form:
 all experts' shrink as one GEMM, the routing weights scattered into a (T, E) gate matrix,
 one GEMM for the expand. The registered ops check sizes, dtypes and devices as the kernels
 do (checks.py); non-finite router logits and out-of-range ids to align are only checked when
@@ -70,14 +70,20 @@ def _chosen(values, experts, E):
     return values.gather(1, idx) * mask
 
 
-def lora_forward(x, lora_A, lora_B, weights, experts, scaling, num_null_experts):
+def _dense_forward(x, lora_A, lora_B, weights, experts, scaling, num_null_experts):
+    """y (T, O) in x's dtype and h_all (T, E, R) in acc: all experts' shrink, masked, expanded."""
     E, R, _ = lora_A.shape
     h_all = _shrink_all(x, lora_A)
     gated = (h_all * (scaling * reference.gates(weights, experts, E, num_null_experts))[:, :, None])
     y = gated.reshape(-1, E * R) @ lora_B.permute(0, 2, 1).reshape(E * R, -1).to(gated.dtype)
+    return y.to(x.dtype), h_all
+
+
+def lora_forward(x, lora_A, lora_B, weights, experts, scaling, num_null_experts):
+    y, h_all = _dense_forward(x, lora_A, lora_B, weights, experts, scaling, num_null_experts)
+    E, R, _ = lora_A.shape
     order, offsets = align(experts.clamp(max=E), E + 1)  # ops.pair_alignment
-    return (y.to(x.dtype), _chosen(h_all, experts, E).reshape(-1, R).contiguous(), order,
-            offsets)
+    return y, _chosen(h_all, experts, E).reshape(-1, R).contiguous(), order, offsets
 
 
 def lora_backward(grad_y, x, lora_A, lora_B, weights, experts, order, offsets, h, scaling,
@@ -99,16 +105,18 @@ def lora_backward(grad_y, x, lora_A, lora_B, weights, experts, order, offsets, h
             dB.to(lora_B.dtype).contiguous())
 
 
-def gate_dense_backward(grad_gated, h_all, weights, experts, num_experts, num_null_experts,
-                        scaling):
-    acc = acc_dtype(h_all.dtype)
-    gates = scaling * reference.gates(weights, experts, num_experts, num_null_experts)
-    shape3 = (h_all.shape[0], num_experts, h_all.shape[1] // num_experts)  # (T, E, R); T may be 0
-    g3 = grad_gated.to(acc).view(shape3)
-    h3 = h_all.to(acc).view(shape3)
-    dh = (g3 * gates[:, :, None]).reshape(h_all.shape).to(h_all.dtype)
-    dw = _chosen(scaling * (g3 * h3).sum(-1), experts, num_experts)
-    return dh, dw.to(weights.dtype)
+def lora_dense_forward(x, lora_A, lora_B, weights, experts, scaling, num_null_experts):
+    """(y, h_all): the dense-gated form of lora_forward, h_all (T, E*R) in x's dtype."""
+    y, h_all = _dense_forward(x, lora_A, lora_B, weights, experts, scaling, num_null_experts)
+    return y, h_all.reshape(h_all.shape[0], -1).to(x.dtype)
+
+
+def lora_dense_backward(grad_y, x, lora_A, lora_B, weights, experts, h_all, scaling,
+                        num_null_experts):
+    """Differentiable (the forward op's backward under create_graph=True uses it); h_all is
+    recomputed from x so that second derivatives reach x."""
+    return lora_backward(grad_y, x, lora_A, lora_B, weights, experts, None, None, h_all, scaling,
+                         num_null_experts)
 
 
 def _checked(fn, check):
@@ -126,9 +134,8 @@ OPS = {
     "align": _checked(align, checks.align_args),
     "lora_forward": _checked(lora_forward, checks.lora_forward_args),
     "lora_backward": _checked(lora_backward, checks.lora_backward_args),
-    "gate_dense": _checked(reference.gate_dense, checks.gate_dense_args),
-    "gate_dense_backward": _checked(gate_dense_backward, lambda g, h, w, e, E, N, s:
-                                    checks.gate_dense_args(h, w, e, E, N, s, g)),
+    "lora_dense_forward": _checked(lora_dense_forward, checks.lora_forward_args),
+    "lora_dense_backward": _checked(lora_dense_backward, checks.lora_dense_backward_args),
 }
 
 

@@ -59,14 +59,6 @@ def gates(weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
     return full.scatter_add(1, idx, weights)[:, :num_experts]
 
 
-def gate_dense(h_all: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-               num_experts: int, num_null_experts: int, scaling: float) -> torch.Tensor:
-    """h_all (T, E*R) -> gated (T, E*R): expert e's R columns times s * gate(t, e)."""
-    g = gates(weights, experts, num_experts, num_null_experts).to(h_all.dtype)
-    h3 = h_all.view(h_all.shape[0], num_experts, h_all.shape[1] // num_experts)
-    return (h3 * (scaling * g)[:, :, None]).reshape(h_all.shape)
-
-
 def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                weights: torch.Tensor, experts: torch.Tensor, scaling: float) -> torch.Tensor:
     """y[t] = s * sum_k weights[t,k] * B_e A_e x[t] (e = experts[t,k]; e >= E adds nothing).
@@ -78,6 +70,14 @@ def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
         y = y + scaling * gate[:, None] * ((x.to(weights.dtype) @ lora_A[e].to(weights.dtype).T)
                                            @ lora_B[e].to(weights.dtype).T)
     return y.to(x.dtype)
+
+
+def lora_dense(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               weights: torch.Tensor, experts: torch.Tensor, scaling: float):
+    """lora_dense_forward's outputs: y (T, O) = lora_delta and h_all (T, E*R) = x A_all^T."""
+    E, R, D = lora_A.shape
+    h_all = x.to(weights.dtype) @ lora_A.reshape(E * R, D).to(weights.dtype).T
+    return lora_delta(x, lora_A, lora_B, weights, experts, scaling), h_all.to(x.dtype)
 
 
 def molora(x, router_logits, lora_A, lora_B, top_k, scaling, num_null_experts=0,

@@ -56,6 +56,10 @@ MUTANTS = [
     Mutant("weight_grad: off-by-one bound on the staged pairs", "csrc/cuda/lora.cu",
            "for (int i = 0; i < m; ++i) {", "for (int i = 0; i <= m; ++i) {",
            "asan", ["lora/all tokens on one expert"], ["out of bounds"]),
+    Mutant("lora_dense fused forward: barrier after a shrink stage's copies removed",
+           "csrc/cuda/lora_dense.cu",
+           "    __syncthreads();  // every thread's copies of this stage have landed\n", "",
+           "tsan", ["lora_dense/fused bf16 T70"], ["ThreadSanitizer: data race"]),
 ]
 
 

@@ -158,29 +158,69 @@ inline LoraBackward lora_backward(DType t, const LoraShape& s, const Buffer& dy,
   return g;
 }
 
-// gate_dense_cuda / gate_dense_backward_cuda: h_all, gated (T, E R) in `t`; w (T, K) acc.
-inline Buffer gate_dense(DType t, const Buffer& h_all, const Buffer& w, const Buffer& experts,
+// lora_dense_cuda.cpp's generic path: the gate kernels around its cuBLAS GEMMs (which
+// the model cannot run). in, out (T, E R) in `t`; w (T, K) acc.
+inline Buffer dense_gate(DType t, const Buffer& in, const Buffer& w, const Buffer& experts,
                          int64_t T, int64_t E, int64_t R, int64_t K, double scaling) {
-  Buffer gated(T * E * R * dtype_size(t), false);
-  check_cuda(moe_ext::cuda::launch_gate_dense(t, h_all.get(), w.get(),
-                                              static_cast<const int64_t*>(experts.get()), T, E, R, K,
-                                              scaling, gated.get(), nullptr),
-             "launch_gate_dense");
-  return gated;
+  Buffer out(T * E * R * dtype_size(t), false);
+  check_cuda(moe_ext::cuda::launch_dense_gate(t, in.get(), w.get(),
+                                              static_cast<const int64_t*>(experts.get()), T, E, R,
+                                              K, scaling, out.get(), nullptr),
+             "launch_dense_gate");
+  return out;
 }
 
-struct GateGrads {
-  Buffer dh, dw;
+inline Buffer dense_gate_grad_w(DType t, const Buffer& d_gated, const Buffer& h_all,
+                                const Buffer& experts, int64_t T, int64_t E, int64_t R, int64_t K,
+                                double scaling) {
+  Buffer dw(T * K * dtype_size(acc_of(t)), false);
+  check_cuda(moe_ext::cuda::launch_dense_gate_grad_w(
+                 t, d_gated.get(), h_all.get(), static_cast<const int64_t*>(experts.get()), T, E,
+                 R, K, scaling, dw.get(), nullptr),
+             "launch_dense_gate_grad_w");
+  return dw;
+}
+
+struct DenseForward {
+  Buffer y, h_all;
 };
 
-inline GateGrads gate_dense_backward(DType t, const Buffer& grad, const Buffer& h_all, const Buffer& w,
-                                     const Buffer& experts, int64_t T, int64_t E, int64_t R, int64_t K,
-                                     double scaling) {
-  GateGrads g{Buffer(T * E * R * dtype_size(t), false), Buffer(T * K * dtype_size(acc_of(t)), false)};
-  check_cuda(moe_ext::cuda::launch_gate_dense_backward(
-                 t, grad.get(), h_all.get(), w.get(), static_cast<const int64_t*>(experts.get()), T,
-                 E, R, K, scaling, g.dh.get(), g.dw.get(), nullptr),
-             "launch_gate_dense_backward");
+// lora_dense_forward_cuda's fused path: x (T, D), A (E, R, D), B (E, O, R) in `t`.
+inline DenseForward lora_dense_fused_forward(DType t, const LoraShape& s, const Buffer& x,
+                                             const Buffer& A, const Buffer& B, const Buffer& w,
+                                             const Buffer& experts) {
+  check(moe_ext::cuda::dense_fused_supported(t, s.T, s.D, s.O, s.E, s.R, s.K),
+        "the fused dense forward does not take this shape / dtype");
+  DenseForward f{Buffer(s.T * s.O * dtype_size(t), false),
+                 Buffer(s.T * s.E * s.R * dtype_size(t), false)};
+  check_cuda(moe_ext::cuda::launch_lora_dense_fused_forward(
+                 t, x.get(), A.get(), B.get(), w.get(), static_cast<const int64_t*>(experts.get()),
+                 s.T, s.D, s.O, s.E, s.R, s.K, s.scaling, f.y.get(), f.h_all.get(), nullptr),
+             "launch_lora_dense_fused_forward");
+  return f;
+}
+
+struct DenseBackward {
+  Buffer dx, dw, dA, dB;
+};
+
+// lora_dense_backward_cuda's fused path: dy (T, O), h_all (T, E R) in `t`.
+inline DenseBackward lora_dense_fused_backward(DType t, const LoraShape& s, const Buffer& dy,
+                                               const Buffer& x, const Buffer& A, const Buffer& B,
+                                               const Buffer& h_all, const Buffer& w,
+                                               const Buffer& experts) {
+  const size_t el = dtype_size(t);
+  const int64_t ER = s.E * s.R, splits = moe_ext::cuda::dense_backward_splits(s.T);
+  DenseBackward g{Buffer(s.T * s.D * el, false), Buffer(s.T * s.K * 4, false),
+                  Buffer(ER * s.D * el, false), Buffer(s.E * s.O * s.R * el, false)};
+  Buffer dh(s.T * ER * el, false), gated(s.T * ER * el, false);
+  Buffer partial(splits * ER * (s.D + s.O) * 4, false);
+  const moe_ext::cuda::DenseBackwardArgs args{
+      dy.get(), x.get(), A.get(), B.get(), h_all.get(), w.get(),
+      static_cast<const int64_t*>(experts.get()), s.T, s.D, s.O, s.E, s.R, s.K, s.scaling,
+      g.dx.get(), g.dw.get(), g.dA.get(), g.dB.get(), dh.get(), gated.get(), partial.get()};
+  check_cuda(moe_ext::cuda::launch_lora_dense_fused_backward(t, args, nullptr),
+             "launch_lora_dense_fused_backward");
   return g;
 }
 

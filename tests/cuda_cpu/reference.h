@@ -152,8 +152,17 @@ inline LoraGrads lora_backward(const Lora& s, const Vec& gy, const Vec& x, const
   return g;
 }
 
+// h_all (T, E R) = x A_all^T: every expert's shrink of every token.
+inline Vec shrink_all(const Vec& x, const Vec& A, int64_t T, int64_t D, int64_t E, int64_t R) {
+  Vec h(T * E * R, 0.0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < E * R; ++n)
+      for (int64_t d = 0; d < D; ++d) h[t * E * R + n] += x[t * D + d] * A[n * D + d];
+  return h;
+}
+
 // gated[t, e R + r] = s (sum of w[t, k] over the slots k that chose e) h_all[t, e R + r].
-inline Vec gate_dense(const Vec& h_all, const Vec& w, const Ids& experts, int64_t T, int64_t E,
+inline Vec dense_gate(const Vec& h_all, const Vec& w, const Ids& experts, int64_t T, int64_t E,
                       int64_t R, int64_t K, double scaling) {
   Vec out(T * E * R);
   for (int64_t t = 0; t < T; ++t)
@@ -167,8 +176,8 @@ inline Vec gate_dense(const Vec& h_all, const Vec& w, const Ids& experts, int64_
   return out;
 }
 
-// Gradient of sum(grad * gate_dense(h_all, w)) to w.
-inline Vec gate_dense_grad_w(const Vec& grad, const Vec& h_all, const Ids& experts, int64_t T,
+// Gradient of sum(grad * dense_gate(h_all, w)) to w.
+inline Vec dense_gate_grad_w(const Vec& grad, const Vec& h_all, const Ids& experts, int64_t T,
                              int64_t E, int64_t R, int64_t K, double scaling) {
   Vec dw(T * K, 0.0);
   for (int64_t p = 0; p < T * K; ++p) {

@@ -20,7 +20,7 @@ import torch
 
 from moe_ext.ops import reference
 
-FAMILIES = ("route", "align", "lora", "gate_dense")
+FAMILIES = ("route", "align", "lora", "lora_dense")
 FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 ANY_DTYPES = FLOATS + (torch.int64, torch.int32, torch.bool)
 BAD_IDS = (-1, -(2**63), 2**62, 2**63 - 1)
@@ -34,9 +34,10 @@ NAMES = {
     "lora_forward": ("x", "lora_A", "lora_B", "weights", "experts", "scaling", "num_null_experts"),
     "lora_backward": ("grad_y", "x", "lora_A", "lora_B", "weights", "experts", "order", "offsets",
                       "h", "scaling", "num_null_experts"),
-    "gate_dense": ("h_all", "weights", "experts", "num_experts", "num_null_experts", "scaling"),
-    "gate_dense_backward": ("grad_gated", "h_all", "weights", "experts", "num_experts",
-                            "num_null_experts", "scaling"),
+    "lora_dense_forward": ("x", "lora_A", "lora_B", "weights", "experts", "scaling",
+                           "num_null_experts"),
+    "lora_dense_backward": ("grad_y", "x", "lora_A", "lora_B", "weights", "experts", "h_all",
+                            "scaling", "num_null_experts"),
 }
 RANK = {"valid": 0, "either": 1, "invalid": 2}
 
@@ -233,13 +234,18 @@ def align_case(rng) -> Case:
     return _finish(case, rng, [lambda: set_bad_id(case, 0, rng, bins), bins_value])
 
 
-def lora_case(rng) -> Case:
+def _lora_inputs(rng):
+    """Valid inputs of both LoRA op families at small random shapes."""
     T, D, O = _size(rng, 10, (129, 300)), _size(rng, 9, (257, 300)), _size(rng, 9, (257, 300))
     E, R, N = rng.randint(1, 6), rng.randint(1, 5), rng.randint(0, 2)
     K, dtype, s = rng.randint(1, E + N), rng.choice(FLOATS), rng.uniform(-2, 2)
     x, A, B = (_data(rng, *shape, dtype=dtype) for shape in ((T, D), (E, R, D), (E, O, R)))
     w, e = _routing(rng, T, E + N, K)
-    w = w.to(_acc(dtype))
+    return T, O, E, N, dtype, s, x, A, B, w.to(_acc(dtype)), e
+
+
+def lora_case(rng) -> Case:
+    T, O, E, N, dtype, s, x, A, B, w, e = _lora_inputs(rng)
     if rng.random() < 0.4:
         case = Case("lora_forward", [x, A, B, w, e, s, N])
         value = [lambda: set_bad_id(case, 4, rng, E + N), lambda: set_scaling(case, 5, rng),
@@ -303,23 +309,17 @@ def _bad_offsets(case, rng):
     case.mutate(f"offsets[{i}]", verdict)
 
 
-def gate_dense_case(rng) -> Case:
-    T, E, R, N = _size(rng, 10, (100, 200)), rng.randint(1, 6), rng.randint(1, 5), rng.randint(0, 2)
-    K, dtype, s = rng.randint(1, E + N), rng.choice(FLOATS), rng.uniform(-2, 2)
-    w, e = _routing(rng, T, E + N, K)
-    h_all = _data(rng, T, E * R, dtype=dtype)
-    args = [h_all, w.to(_acc(dtype)), e, E, N, s]
-    case = (Case("gate_dense", args) if rng.random() < 0.5 else
-            Case("gate_dense_backward", [_data(rng, T, E * R, dtype=dtype)] + args))
-    base = 0 if case.op == "gate_dense" else 1
-
-    def num_experts():
-        value = rng.choice([0, -1, E + 1, -(2**63)] + list(HUGE_INTS))
-        case.args[base + 3] = value
-        case.mutate(f"num_experts={value}", "invalid" if value <= 0 else "either")
-
-    value = [lambda: set_bad_id(case, base + 2, rng, E + N), num_experts,
-             lambda: set_num_null(case, base + 4, rng), lambda: set_scaling(case, base + 5, rng)]
+def lora_dense_case(rng) -> Case:
+    T, O, E, N, dtype, s, x, A, B, w, e = _lora_inputs(rng)
+    if rng.random() < 0.4:
+        case = Case("lora_dense_forward", [x, A, B, w, e, s, N])
+        value = [lambda: set_bad_id(case, 4, rng, E + N), lambda: set_scaling(case, 5, rng),
+                 lambda: set_num_null(case, 6, rng)]
+        return _finish(case, rng, value)
+    h_all = (x.double() @ A.double().flatten(0, 1).T).to(dtype)  # (T, E*R)
+    case = Case("lora_dense_backward", [_data(rng, T, O, dtype=dtype), x, A, B, w, e, h_all, s, N])
+    value = [lambda: set_bad_id(case, 5, rng, E + N), lambda: set_scaling(case, 7, rng),
+             lambda: set_num_null(case, 8, rng)]
     return _finish(case, rng, value)
 
 
@@ -337,7 +337,7 @@ def _finish(case, rng, value_mutations) -> Case:
 
 
 MAKERS = {"route": route_case, "align": align_case, "lora": lora_case,
-          "gate_dense": gate_dense_case}
+          "lora_dense": lora_dense_case}
 
 
 def make_case(family: str, rng: random.Random) -> Case:

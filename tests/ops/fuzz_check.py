@@ -85,28 +85,29 @@ def ref_lora_backward(gy, x, A, B, w, experts, order, offsets, h, scaling, N):
     return dx, dw.view(T, K), dA, dB
 
 
-def ref_gate_dense(h_all, w, experts, E, N, scaling):
-    _check_gate_args(h_all, w, experts, E, N)
-    return reference.gate_dense(_f64(h_all), _f64(w), experts, E, N, scaling)
+def ref_lora_dense_forward(x, A, B, w, experts, scaling, N):
+    y, _ = ref_lora_forward(x, A, B, w, experts, scaling, N)
+    return y, _f64(x) @ _f64(A).flatten(0, 1).T
 
 
-def ref_gate_dense_backward(gg, h_all, w, experts, E, N, scaling):
-    _check_gate_args(h_all, w, experts, E, N)
-    if gg.shape != h_all.shape:
-        raise ValueError("reference: grad_gated shape")
-    gg = gg.to(h_all.dtype)  # as the op converts it
-    return fallback.gate_dense_backward(_f64(gg), _f64(h_all), _f64(w), experts, E, N, scaling)
-
-
-def _check_gate_args(h_all, w, experts, E, N):
-    _check_ids(experts, max(E, 0), N)
-    if E < 1 or h_all.dim() != 2 or h_all.shape[1] % E or w.shape != experts.shape:
-        raise ValueError("reference: gate shapes")
+def ref_lora_dense_backward(gy, x, A, B, w, experts, h_all, scaling, N):
+    """ref_lora_backward on the pair rows of the given h_all (the op's contract)."""
+    E, R = A.shape[0], A.shape[1]
+    _check_ids(experts, E, N)
+    if h_all.shape != (x.shape[0], E * R) or w.shape != experts.shape:
+        raise ValueError("reference: shapes")
+    h3 = _f64(h_all.to(x.dtype)).view(-1, E, R)  # as the op converts it
+    lora = experts < E
+    idx = torch.where(lora, experts, torch.zeros_like(experts))
+    h = (h3.gather(1, idx[:, :, None].expand(-1, -1, R)) * lora[:, :, None]).reshape(-1, R)
+    order, offsets = lora_align(experts, E)
+    return ref_lora_backward(gy, x, A, B, w, experts, order, offsets, h, scaling, N)
 
 
 REFERENCES = {"route": ref_route, "route_backward": ref_route_backward, "align": ref_align,
               "lora_forward": ref_lora_forward, "lora_backward": ref_lora_backward,
-              "gate_dense": ref_gate_dense, "gate_dense_backward": ref_gate_dense_backward}
+              "lora_dense_forward": ref_lora_dense_forward,
+              "lora_dense_backward": ref_lora_dense_backward}
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 

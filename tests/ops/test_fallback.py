@@ -33,7 +33,7 @@ def test_align_matches_kernel():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("K,N", [(2, 0), (3, 2), (5, 1)])
-def test_lora_and_gate_ops_match_kernels(dtype, K, N):
+def test_lora_ops_match_kernels(dtype, K, N):
     x, L, A, B = make_inputs(41, 13, 11, 4, 3, N, dtype)
     r = ops.route(L, K)
     w = r.weights.to(ops.acc_dtype(dtype))
@@ -48,12 +48,11 @@ def test_lora_and_gate_ops_match_kernels(dtype, K, N):
     got = fallback.lora_backward(dy, x, A, B, w, r.experts, order, offsets, h, 0.9, N)
     for g, k in zip(got, want):
         torch.testing.assert_close(g, k, **tol)
-    h_all = torch.randn(41, 12, dtype=dtype)
-    torch.testing.assert_close(fallback.OPS["gate_dense"](h_all, w, r.experts, 4, N, 0.9),
-                               C.gate_dense(h_all, w, r.experts, 4, N, 0.9), **tol)
-    gg = torch.randn_like(h_all)
-    for g, k in zip(fallback.gate_dense_backward(gg, h_all, w, r.experts, 4, N, 0.9),
-                    C.gate_dense_backward(gg, h_all, w, r.experts, 4, N, 0.9)):
+    y, h_all = C.lora_dense_forward(x, A, B, w, r.experts, 0.9, N)
+    for g, k in zip(fallback.OPS["lora_dense_forward"](x, A, B, w, r.experts, 0.9, N), (y, h_all)):
+        torch.testing.assert_close(g, k, **tol)
+    for g, k in zip(fallback.OPS["lora_dense_backward"](dy, x, A, B, w, r.experts, h_all, 0.9, N),
+                    C.lora_dense_backward(dy, x, A, B, w, r.experts, h_all, 0.9, N)):
         torch.testing.assert_close(g, k, **tol)
 
 
@@ -83,5 +82,7 @@ def test_fallbacks_check_arguments_and_keep_bad_ids_in_bounds(monkeypatch):
     g = fallback.OPS["route_backward"](None, gw, r.probs, r.weights, bad, 1.0, True)
     assert torch.isfinite(g).all() and torch.equal(g[1], valid[1])
     with pytest.raises(ValueError, match="scaling"):
-        fallback.OPS["gate_dense"](torch.zeros(2, 6, dtype=torch.float64), r.weights, r.experts, 3, 0,
-                                   float("nan"))
+        fallback.OPS["lora_dense_forward"](torch.zeros(2, 4, dtype=torch.float64),
+                                           torch.zeros(3, 2, 4, dtype=torch.float64),
+                                           torch.zeros(3, 5, 2, dtype=torch.float64), r.weights,
+                                           r.experts, float("nan"), 0)

@@ -32,7 +32,7 @@ def test_fuzz_direct_op_calls(device):
     how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
     assert proc.returncode == 0, f"fuzzer {how}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"route", "align", "lora", "gate_dense"}
+    assert set(summary) == {"route", "align", "lora", "lora_dense"}
     for family, counts in summary.items():
         assert counts["cases"] >= EXAMPLES // 2, (family, counts)
         # both outcomes are exercised: valid calls return, mutated ones are refused

@@ -1,0 +1,59 @@
+"""moe_ext::lora_dense_forward and moe_ext::lora_dense_backward, the dense-gated strategy:
+typed wrapper, fake kernels, autograd through the registered backward op."""
+from __future__ import annotations
+
+import torch
+
+from . import checks, fallback
+from .common import lib, register_no_derivative
+
+
+def lora_dense(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               weights: torch.Tensor, experts: torch.Tensor, scaling: float,
+               num_null_experts: int = 0) -> torch.Tensor:
+    """Dense-gated strategy: y[t] = s * sum_k weights[t,k] * B_e A_e x[t], e = experts[t,k],
+    computed as gate(x A_all^T) B_all^T: every expert's shrink, the unchosen ones masked.
+
+    x (T, D), lora_A (E, R, D), lora_B (E, O, R), weights (T, K) in acc dtype,
+    experts (T, K) int64 in [0, E + num_null_experts). Returns y (T, O) in x's dtype.
+    """
+    y, _ = lib.lora_dense_forward(x, lora_A, lora_B, weights, experts, float(scaling),
+                                  int(num_null_experts))
+    return y
+
+
+@torch.library.register_fake("moe_ext::lora_dense_forward")
+def _lora_dense_forward_fake(x, lora_A, lora_B, weights, experts, scaling, num_null_experts):
+    checks.lora_forward_args(x, lora_A, lora_B, weights, experts, scaling, num_null_experts)
+    T, E, R, O = x.shape[0], lora_A.shape[0], lora_A.shape[1], lora_B.shape[1]
+    return x.new_empty((T, O)), x.new_empty((T, E * R))
+
+
+@torch.library.register_fake("moe_ext::lora_dense_backward")
+def _lora_dense_backward_fake(grad_y, x, lora_A, lora_B, weights, experts, h_all, scaling,
+                              num_null_experts):
+    checks.lora_dense_backward_args(grad_y, x, lora_A, lora_B, weights, experts, h_all, scaling,
+                                    num_null_experts)
+    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(lora_A),
+            torch.empty_like(lora_B))
+
+
+def _setup(ctx, inputs, output):
+    x, lora_A, lora_B, weights, experts, scaling, num_null_experts = inputs
+    ctx.save_for_backward(x, lora_A, lora_B, weights, experts, output[1])
+    ctx.scaling, ctx.num_null = scaling, num_null_experts
+
+
+def _backward(ctx, grad_y, _grad_h_all):
+    x, lora_A, lora_B, weights, experts, h_all = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = x.new_zeros((x.shape[0], lora_B.shape[1]))
+    # create_graph=True: the differentiable PyTorch formula (fallback.py) instead of the kernel.
+    backward = fallback.lora_dense_backward if torch.is_grad_enabled() else lib.lora_dense_backward
+    dx, dw, dA, dB = backward(grad_y, x, lora_A, lora_B, weights, experts, h_all, ctx.scaling,
+                              ctx.num_null)
+    return dx, dA, dB, dw, None, None, None
+
+
+torch.library.register_autograd("moe_ext::lora_dense_forward", _backward, setup_context=_setup)
+register_no_derivative("lora_dense_backward", "ops.lora_dense or functional.molora")
