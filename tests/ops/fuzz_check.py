@@ -86,7 +86,7 @@ def ref_lora_backward(gy, x, A, B, w, experts, order, offsets, h, scaling, N):
 
 
 def ref_lora_dense_forward(x, A, B, w, experts, scaling, N):
-    y, _ = ref_lora_forward(x, A, B, w, experts, scaling, N)
+    y = ref_lora_forward(x, A, B, w, experts, scaling, N)[0]
     return y, _f64(x) @ _f64(A).flatten(0, 1).T
 
 
