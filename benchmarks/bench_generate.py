@@ -107,7 +107,10 @@ def time_engines(model, lm, B: int, args) -> list[dict]:
     med = {key: float(np.median(v)) for key, v in times.items()}
     rows = []
     for engine in ("onnxruntime", "pytorch"):
-        step = (med[("generateN", engine)] - med[("generate1", engine)]) / (n - 1)
+        # a decode step per rep from the two generate calls of that rep (taken back to back),
+        # then the median: a difference of medians would pair calls from different reps
+        step = float(np.median([(a - b) / (n - 1) for a, b in
+                                zip(times[("generateN", engine)], times[("generate1", engine)])]))
         rows.append({"batch": B, "phase": "prefill", "engine": engine,
                      "ms": med[("prefill", engine)], "tokens_per_s": 1e3 * B * S / med[("prefill", engine)]})
         rows.append({"batch": B, "phase": "decode", "engine": engine, "ms": step,

@@ -16,7 +16,7 @@ that carry a preference's marker (conditioned), (2) to neutral prompts while the
 conflicting pair is swept (group biases for the mixtures, interpolation weights for the
 soups), giving each method's Pareto front and hypervolume per pair. Means over seeds.
 
-Run: .venv/bin/python experiments/pmol_mixing.py        (5 to 15 min on 2 shared cores)
+Run: .venv/bin/python experiments/pmol_mixing.py        (about 3 min on 2 shared cores, longer under load)
      .venv/bin/python experiments/pmol_mixing.py --model FOLDER   (a local HF causal LM)
      .venv/bin/python experiments/pmol_mixing.py --replot         (md + plots from the json)
 Writes experiments/results/pmol_mixing.{md,json}, pmol_mixing_fronts.png (neutral prompts)

@@ -156,10 +156,13 @@ def _generation_check(lm_model, ort_lm, tok, new_tokens: int = 16) -> dict:
     same = []
     for steer in (None, {"verbose": 2.0}):
         pmol.set_group_bias(lm_model, steer)
-        with torch.no_grad():
-            want = lm_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                     do_sample=False, pad_token_id=tok.pad_token_id)
-        pmol.set_group_bias(lm_model, None)
+        try:
+            with torch.no_grad():
+                want = lm_model.generate(input_ids=ids, attention_mask=mask,
+                                         max_new_tokens=new_tokens, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)
+        finally:
+            pmol.set_group_bias(lm_model, None)
         got = ort_lm.generate(ids, mask, max_new_tokens=new_tokens, steer=steer)
         same.append(bool(torch.equal(got, want)))
     return {"identical": all(same), "prompts": len(ids), "new_tokens": new_tokens}

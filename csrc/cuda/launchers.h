@@ -124,6 +124,10 @@ cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_s
 constexpr int64_t kDenseFusedMaxWidth = 256;
 bool dense_fused_supported(DType dtype, int64_t T, int64_t D, int64_t O, int64_t E, int64_t R,
                            int64_t K);
+// Dynamic shared memory the fused kernels of width E*R need (forward and backward, the
+// largest): the host uses the cuBLAS path on a device whose opt-in limit is smaller
+// (sm_86 / sm_89 allow 99 KB per block, sm_80 / sm_90 163 / 227 KB).
+size_t dense_fused_shared_bytes(int64_t ER);
 cudaError_t launch_lora_dense_fused_forward(DType dtype, const void* x, const void* A,
                                             const void* B, const void* w, const int64_t* experts,
                                             int64_t T, int64_t D, int64_t O, int64_t E, int64_t R,

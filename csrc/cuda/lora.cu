@@ -355,8 +355,10 @@ grouped_expand_kernel(const acc_of<scalar_t>* __restrict__ coef,
 
 // The same expand on tensor cores, for __half / __nv_bfloat16: 4 warps, warp w owns pairs
 // 16w..16w+15 of the tile and the block's 128 columns as 16 n8 tiles; each rank chunk of 16
-// is one k16 step of mma_m16n8k16 (fp32 accumulation). The pair rows scale_p coef[p] are
-// rounded to the data dtype for the mma (as a bf16 / fp16 GEMM would hold them).
+// is one k16 step of mma_m16n8k16 (fp32 accumulation). The pair rows coef[p] are rounded
+// to the data dtype for the mma (as a bf16 / fp16 GEMM would hold them); scale_p = s w_p
+// multiplies the fp32 result in the epilogue (each mma row is one pair), so a large s w
+// cannot overflow an fp16 intermediate.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kTcThreads)
 grouped_expand_tc_kernel(const float* __restrict__ coef, const float* __restrict__ pair_scale,
@@ -385,8 +387,7 @@ grouped_expand_tc_kernel(const float* __restrict__ coef, const float* __restrict
   for (int r0 = 0; r0 < (null_tile ? 0 : R); r0 += kRankChunk) {
     for (int idx = threadIdx.x; idx < kPairTile * kRankChunk; idx += kTcThreads) {
       const int i = idx / kRankChunk, rr = idx % kRankChunk;
-      cs[i][rr] = (i < m && r0 + rr < R) ? from_acc<scalar_t>(coef[pair[i] * R + r0 + rr] * scale[i])
-                                         : zero;
+      cs[i][rr] = (i < m && r0 + rr < R) ? from_acc<scalar_t>(coef[pair[i] * R + r0 + rr]) : zero;
     }
     for (int idx = threadIdx.x; idx < kColumns * kRankChunk; idx += kTcThreads) {
       const int cc = columns_fast ? idx % kColumns : idx / kRankChunk;
@@ -415,7 +416,7 @@ grouped_expand_tc_kernel(const float* __restrict__ coef, const float* __restrict
 #pragma unroll
     for (int j = 0; j < kColumns / 8; ++j) {
       const int64_t c = c0 + 8 * j + 2 * (lane % 4) + i % 2;
-      if (c < n) row[c] = from_acc<scalar_t>(acc[j][i]);
+      if (c < n) row[c] = from_acc<scalar_t>(acc[j][i] * scale[slot]);  // s w on fp32 only
     }
   }
 }

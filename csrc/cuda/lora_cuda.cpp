@@ -34,6 +34,10 @@ void expand_and_combine(DType dtype, const at::Tensor& coef, const void* pair_sc
                         const at::Tensor& offsets, const at::Tensor& tile_start, int64_t E,
                         int64_t K, at::Tensor& out, cudaStream_t stream) {
   const int64_t T = out.size(0), R = coef.size(1);
+  if (K == 0) {  // experts (T, 0): no pairs, the delta is 0 (as on the CPU)
+    out.zero_();
+    return;
+  }
   at::Tensor spare = at::empty({(K - 1) * T * n}, out.options());
   C10_CUDA_CHECK(launch_grouped_expand(dtype, coef.data_ptr(), pair_scale, scaling, W, n,
                                        order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),

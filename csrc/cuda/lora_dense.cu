@@ -620,8 +620,25 @@ bool dense_fused_supported(DType dtype, int64_t T, int64_t D, int64_t O, int64_t
                            int64_t K) {
   const bool b16 = dtype == DType::kFloat16 || dtype == DType::kBFloat16;
   return b16 && T >= 1 && E * R <= kDenseFusedMaxWidth && R % 8 == 0 && D >= 8 && D % 8 == 0 &&
-         O % 8 == 0 && T < (int64_t(1) << 31) && D < (int64_t(1) << 31) &&
+         O >= 8 && O % 8 == 0 && T < (int64_t(1) << 31) && D < (int64_t(1) << 31) &&
          O < (int64_t(1) << 31) && K < (int64_t(1) << 31);
+}
+
+namespace {
+template <int kER>
+constexpr size_t fused_shared_bytes() {
+  constexpr size_t f = FusedSmem<kER>::kBytes, b = BackwardSmem<kER>::kBytes,
+                   g = WeightGradShape<kER>::kBytes;
+  return f > b ? (f > g ? f : g) : (b > g ? b : g);
+}
+}  // namespace
+
+size_t dense_fused_shared_bytes(int64_t ER) {
+  if (ER <= 16) return fused_shared_bytes<16>();
+  if (ER <= 32) return fused_shared_bytes<32>();
+  if (ER <= 64) return fused_shared_bytes<64>();
+  if (ER <= 128) return fused_shared_bytes<128>();
+  return fused_shared_bytes<256>();
 }
 
 cudaError_t launch_lora_dense_fused_forward(DType dtype, const void* x, const void* A,

@@ -3,6 +3,7 @@
 // Both directions: the fused tensor-core kernels where dense_fused_supported says so (bf16 /
 // fp16, E*R <= 256, R, D, O multiples of 8, 16-byte aligned data), else cuBLAS GEMMs
 // around the SIMT gate kernels.
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include "ops_common.h"
@@ -12,6 +13,14 @@ namespace cuda {
 namespace {
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// The fused kernels' shared memory fits the current device's per-block opt-in limit.
+bool fused_fits_device(int64_t ER) {
+  int limit = 0;  // an attribute query, no synchronisation
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        c10::cuda::current_device()));
+  return dense_fused_shared_bytes(ER) <= static_cast<size_t>(limit);
+}
 
 // B_all (O, E*R): B_all[o, e*R + r] = lora_B[e, o, r] (a copy of the weights).
 at::Tensor b_all(const at::Tensor& B) {
@@ -41,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor> lora_dense_forward_cuda(const at::Tensor& x_i
   const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), O = B.size(1),
                 K = ex.size(1);
   const DType dt = dtype_of(x.scalar_type());
-  if (dense_fused_supported(dt, T, D, O, E, R, K) && aligned16(x) && aligned16(A) &&
+  if (dense_fused_supported(dt, T, D, O, E, R, K) && fused_fits_device(E * R) &&
+      aligned16(x) && aligned16(A) &&
       aligned16(B)) {
     at::Tensor y = at::empty({T, O}, x.options()), h_all = at::empty({T, E * R}, x.options());
     C10_CUDA_CHECK(launch_lora_dense_fused_forward(dt, x.data_ptr(), A.data_ptr(), B.data_ptr(),
@@ -74,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_c
                 K = ex.size(1);
   const DType dt = dtype_of(st);
   const at::Tensor B = B_in.contiguous();
-  if (dense_fused_supported(dt, T, D, O, E, R, K) && aligned16(x) && aligned16(A) &&
+  if (dense_fused_supported(dt, T, D, O, E, R, K) && fused_fits_device(E * R) &&
+      aligned16(x) && aligned16(A) &&
       aligned16(B) && aligned16(dy) && aligned16(h)) {
     at::Tensor dx = at::empty_like(x), dw = at::empty_like(w), dA = at::empty_like(A),
                dB = at::empty_like(B);

@@ -1,6 +1,8 @@
 """`moe-ext export` and `moe-ext ort-run`."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -25,6 +27,11 @@ def cmd_export(args) -> int:
         for option, path in (("--adapter", args.adapter), ("--reward-model", args.reward_model)):
             if path:
                 check_exists(path, option)
+        reward_only = [o for o, given in (("--adapter", args.adapter), ("--base", args.base),
+                                          ("--no-cache", args.no_cache)) if given]
+        if args.reward_model and reward_only:
+            return fail(f"{', '.join(reward_only)}: not for --reward-model exports")
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         if args.reward_model:
             model = load_reward_model(args.reward_model)
             to_onnx(model, args.output, reward_example_inputs(model, args.personalized),

@@ -65,7 +65,8 @@ def generate_onnx(path: str, tokenizer, prompt, options: GenerationOptions,
                       do_sample=options.do_sample, temperature=options.temperature,
                       top_k=options.top_k or 0,
                       top_p=options.top_p if options.top_p is not None else 1.0,
-                      seed=options.seed, pad_token_id=pad, steer=steer or None)
+                      seed=options.seed, pad_token_id=pad, steer=steer or None,
+                      eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -77,6 +78,8 @@ def cmd_generate(args) -> int:
         if args.onnx:
             if args.base:
                 return fail("--base is for --adapter; an --onnx graph holds its base")
+            if args.dtype:
+                return fail("--dtype is for --adapter; an --onnx graph has its own dtype")
             check_exists(args.onnx, "--onnx", folder=False)
             tokenizer = load_tokenizer(args.tokenizer or os.path.dirname(os.path.abspath(args.onnx)))
             text = generate_onnx(args.onnx, tokenizer, args.prompt, options, steer, args.provider)
@@ -84,7 +87,7 @@ def cmd_generate(args) -> int:
             if args.tokenizer or args.provider:
                 return fail("--tokenizer and --provider are for --onnx graphs")
             check_exists(args.adapter, "--adapter")
-            model = load_molora_model(args.adapter, args.base, args.dtype)
+            model = load_molora_model(args.adapter, args.base, args.dtype or "float32")
             tokenizer = load_adapter_tokenizer(args.adapter, args.base)
             text = generate(model, tokenizer, args.prompt, options, steer)
     except (OSError, ValueError) as err:
@@ -113,7 +116,9 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", help="--onnx: tokenizer hub id or folder")
     p.add_argument("--provider", help="--onnx: onnxruntime execution provider "
                                       "(default: CUDA when available, else CPU)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="--adapter: dtype of the model (default float32; an --onnx graph "
+                        "has its own)")
     add_generation_options(p)
     add_json(p, "the prompt and the text")
     p.set_defaults(func=cmd_generate)

@@ -117,7 +117,7 @@ def lora_forward_args(x, lora_A, lora_B, weights, experts, s, N) -> None:
     value(D == x.shape[1], f"lora_A has D={D} but x has D={x.shape[1]}")
     value(lora_B.shape[0] == E and lora_B.shape[2] == R,
           f"lora_B shape {tuple(lora_B.shape)} does not match lora_A (E={E}, R={R})")
-    value(R >= 1, "lora_A needs R >= 1")
+    value(E >= 1 and R >= 1, f"lora_A needs E >= 1 and R >= 1, got shape {tuple(lora_A.shape)}")
     routing(weights, experts, x.shape[0], x, "x")
     scaling(s)
     num_null_experts(N, E)

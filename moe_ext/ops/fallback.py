@@ -108,7 +108,8 @@ def lora_backward(grad_y, x, lora_A, lora_B, weights, experts, order, offsets, h
 def lora_dense_forward(x, lora_A, lora_B, weights, experts, scaling, num_null_experts):
     """(y, h_all): the dense-gated form of lora_forward, h_all (T, E*R) in x's dtype."""
     y, h_all = _dense_forward(x, lora_A, lora_B, weights, experts, scaling, num_null_experts)
-    return y, h_all.reshape(h_all.shape[0], -1).to(x.dtype)
+    E, R, _ = lora_A.shape
+    return y, h_all.reshape(h_all.shape[0], E * R).to(x.dtype)  # E * R, not -1: T may be 0
 
 
 def lora_dense_backward(grad_y, x, lora_A, lora_B, weights, experts, h_all, scaling,

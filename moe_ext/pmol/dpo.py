@@ -5,8 +5,9 @@ losses of moe_ext.molora.losses:
     loss = DPO(policy, reference) + rpo_alpha * NLL(chosen)
            + aux_coef * load_balance + z_coef * z_loss + group_coef * group_soft_loss
 
-NLL(chosen) is the mean negative log-likelihood per chosen response token (RPO, Pang et
-al. 2024; TRL's DPOConfig.rpo_alpha); it keeps DPO from lowering the chosen responses'
+NLL(chosen) is the mean negative log-likelihood per chosen response token over the batch,
+as TRL's DPOConfig.rpo_alpha computes it (RPO, Pang et al. 2024, normalises per sequence
+first); it keeps DPO from lowering the chosen responses'
 likelihood along with the rejected ones', which otherwise leaves small models generating
 text that is in neither (0 by default: plain DPO).
 """

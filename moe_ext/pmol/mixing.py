@@ -21,11 +21,17 @@ from .scorers import score_replies
 def mix_bias(weights: dict[str, float], groups: Sequence[str], strength: float = 1.0,
              floor: float = 1e-3) -> dict[str, float]:
     """Group logit biases for a mix: bias_g = strength * log(max(w_g / sum w, floor)), so at
-    strength 1 the router's softmax mass on group g is multiplied by w_g (the null experts
-    keep bias 0); groups missing from `weights` get weight 0."""
+    strength 1 and router temperature tau = 1 the router's softmax mass on group g is
+    multiplied by w_g (by w_g ** (strength / tau) in general: the route op divides the
+    biased logits by tau; the null experts keep bias 0); groups missing from `weights` get
+    weight 0. ValueError for weights, strength or floor that are not finite."""
     unknown = [g for g in weights if g not in groups]
     if unknown:
         raise ValueError(f"mix names unknown groups {unknown}; groups: {list(groups)}")
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights.values()):
+        raise ValueError(f"mix weights must be finite numbers, got {weights}")
+    if not (math.isfinite(strength) and math.isfinite(floor)):
+        raise ValueError(f"strength and floor must be finite, got {strength}, {floor}")
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise ValueError(f"mix weights must be >= 0 with a positive sum, got {weights}")
     if strength <= 0 or not 0 < floor < 1:

@@ -13,8 +13,8 @@ the K base rewards; on a prompt the user's pair is (argmax, argmin) over the M c
 of sum_k w_k s_k, as in PersonalLLM.
 
 Users and prompts: the prompts are split into seen (training) and unseen ones. Seen users
-each label `seen_user_share` of the seen prompts: that is the training set, with no user
-ids. Unseen users only bring `adapt_pool` pairs on seen prompts, from which few-shot
+each label `seen_user_share` of the seen prompts: that is the training set (Pairs.user
+holds each pair's user id, which models with per-user routing train on). Unseen users only bring `adapt_pool` pairs on seen prompts, from which few-shot
 adaptation sets are drawn. Every user has `eval_pairs` held-out pairs on seen prompts
 (ones they did not label) and as many on unseen prompts.
 

@@ -103,7 +103,9 @@ def read_reward_meta(directory: str) -> dict:
     if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
     meta = read_verified_config(directory, CONFIG_NAME)
-    kind = meta.get("class") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    kind = meta.get("class")
     if meta.get("format_version") != FORMAT_VERSION or kind not in ("SparseMoERewardModel",
                                                                      "BackboneRewardModel"):
         raise ValueError(f"{path}: not a moe_ext reward model checkpoint (format 1)")

@@ -68,6 +68,12 @@ def remove_stale_temporaries_in(folder: str, suffix: str = "") -> None:
             remove_path(os.path.join(folder, entry))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[str], object]) -> None:
     """Calls write(tmp_path) on a temporary file beside `path`, flushes it to disk and
     renames it over `path` (then flushes the folder, so the rename itself is durable)."""
@@ -79,6 +85,8 @@ def atomic_write(path: str, write: Callable[[str], object]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        if os.path.isfile(tmp):  # mkstemp makes it owner-only; a saved file follows the umask
+            os.chmod(tmp, 0o666 & ~_umask())
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:

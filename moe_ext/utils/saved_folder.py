@@ -74,15 +74,25 @@ def _read_pending(directory: str, config_name: str) -> Optional[dict]:
 
 
 def _finish(directory: str, config_name: str, meta: dict) -> None:
-    """The renames of a save whose pending files and config are on disk."""
+    """The renames of a save whose pending files and config are on disk. A reader may
+    finish a save while its writer is still renaming: a pending file that is gone was moved
+    into place by the other one, so it is skipped rather than an error."""
     for name in meta[CHECKSUMS]:
         pending = _pending(directory, name)
         if "/" not in name and os.path.isfile(pending) and \
                 sha256_file(pending) == meta[CHECKSUMS][name]:
-            os.replace(pending, os.path.join(directory, name))
+            _replace_if_there(pending, os.path.join(directory, name))
     fsync_path(directory)
-    os.replace(_pending(directory, config_name), os.path.join(directory, config_name))
+    _replace_if_there(_pending(directory, config_name), os.path.join(directory, config_name))
     fsync_path(directory)
+
+
+def _replace_if_there(src: str, dst: str) -> None:
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError:
+        if not os.path.exists(dst):
+            raise
 
 
 def _config_matches(directory: str, config_name: str) -> bool:
@@ -131,14 +141,14 @@ def commit_save(directory: str, config_name: str, meta: dict,
 
 def safe_member(directory: str, name, what: str) -> str:
     """directory/name for a file name read from a config; ValueError when `name` is not a
-    string or would leave `directory` (absolute, "..", a link out)."""
+    string or would leave `directory` by its name (absolute, ".."). A file that is a
+    symbolic link is followed: Hugging Face's cache links snapshot files to its blobs."""
     if not isinstance(name, str) or not name or os.path.isabs(name):
         raise ValueError(f"{what}: {name!r} is not a file name inside {directory!r}")
-    root = os.path.realpath(directory)
-    path = os.path.realpath(os.path.join(directory, name))
-    if os.path.commonpath([root, path]) != root or path == root:
+    relative = os.path.normpath(name)
+    if relative == "." or relative.split(os.sep)[0] == "..":
         raise ValueError(f"{what}: {name!r} leaves the folder {directory!r}")
-    return path
+    return os.path.join(directory, relative)
 
 
 def read_verified_config(directory: str, config_name: str) -> dict:

@@ -111,6 +111,11 @@ CUDA_CPU_CASE("lora_dense/fused refuses what it cannot take", "", [] {
   check(!dense_fused_supported(DType::kBFloat16, 8, 12, 8, 2, 8, 2), "D % 8");
   check(!dense_fused_supported(DType::kBFloat16, 8, 8, 12, 2, 8, 2), "O % 8");
   check(!dense_fused_supported(DType::kBFloat16, 0, 8, 8, 2, 8, 2), "T = 0");
+  check(!dense_fused_supported(DType::kBFloat16, 8, 8, 0, 2, 8, 2), "O = 0");
+  // width 256 needs more than the 99 KB per block of sm_86 / sm_89 (the host then takes the
+  // cuBLAS path), width 128 fits there
+  check(moe_ext::cuda::dense_fused_shared_bytes(256) > 101376, "width 256 over 99 KB");
+  check(moe_ext::cuda::dense_fused_shared_bytes(128) <= 101376, "width 128 within 99 KB");
   check(dense_fused_supported(DType::kBFloat16, 8, 8, 8, 32, 8, 2), "E*R = 256");
 });
 

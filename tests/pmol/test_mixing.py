@@ -103,9 +103,12 @@ def test_mix_bias_multiplies_group_mass_by_its_weight():
                          for i in range(5)], dtype=torch.float64)
     torch.testing.assert_close(q, want / want.sum())
     assert pmol.pair_mixes("a", "b", 3) == [{"a": 1, "b": 0}, {"a": 0.5, "b": 0.5}, {"a": 0, "b": 1}]
-    for bad in ({"z": 1.0}, {"a": -1.0}, {"a": 0.0}):
+    for bad in ({"z": 1.0}, {"a": -1.0}, {"a": 0.0}, {"a": float("nan"), "b": 1.0},
+                {"a": float("inf")}):
         with pytest.raises(ValueError):
             pmol.mix_bias(bad, list(groups))
+    with pytest.raises(ValueError, match="finite"):
+        pmol.mix_bias(weights, list(groups), strength=float("nan"))
     with pytest.raises(ValueError, match="at least 2"):
         pmol.pair_mixes("a", "b", 1)
 

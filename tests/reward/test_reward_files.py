@@ -65,3 +65,10 @@ def test_bad_tensors_and_torn_files_are_named(saved):
     edit_config(folder, lambda m: m.pop("sha256"))  # an older save: no checksums
     with pytest.raises(ValueError, match=f"{key} holds NaN or infinite values"):
         reward.load_reward_model(str(folder))
+
+
+def test_a_config_that_is_not_an_object_is_named(saved):
+    folder, _ = saved
+    (folder / "reward_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        reward.load_reward_model(str(folder))

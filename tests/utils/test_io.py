@@ -57,3 +57,12 @@ def test_jsonl_and_sha256(tmp_path):
     with pytest.raises(ValueError, match=r"rows.jsonl:2: not valid JSON"):
         list(read_jsonl(str(path)))
     assert sha256_file(str(path)) == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
+
+
+def test_written_files_follow_the_umask_not_owner_only(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "a.json"), lambda p: open(p, "w").write("{}"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o644

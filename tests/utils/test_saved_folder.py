@@ -97,3 +97,33 @@ def test_read_jsonl_refuses_a_huge_line_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"rows.jsonl:2: line longer than 1000 bytes"):
         list(read_jsonl(str(path), max_line_bytes=1000))
     assert list(read_jsonl(str(path), max_line_bytes=6000))[0] == (1, {"a": 1})
+
+
+def test_a_reader_finishing_a_save_does_not_fail_its_writer(tmp_path):
+    """A load during a save's renames finishes them (read_verified_config); the writer's own
+    renames of what is already in place are then no error."""
+    save(tmp_path, 1)
+    begin_save(str(tmp_path), "config.json")
+    new = {"value": 2, saved_folder.CHECKSUMS: {}}
+    for name, text in (("weights.bin", "weights 2"), ("info.json", json.dumps({"value": 2}))):
+        pending = tmp_path / (saved_folder.PENDING + name)
+        pending.write_text(text)
+        new[saved_folder.CHECKSUMS][name] = sha256_file(str(pending))
+    (tmp_path / (saved_folder.PENDING + "config.json")).write_text(json.dumps(new))
+    saved_folder._finish(str(tmp_path), "config.json", new)  # the reader
+    saved_folder._finish(str(tmp_path), "config.json", new)  # the writer, after it
+    assert state(tmp_path) == (2, 2, 2) and hidden(tmp_path) == []
+
+
+def test_weights_linked_from_elsewhere_load_and_names_cannot_leave(tmp_path):
+    """Hugging Face's cache links snapshot files to blobs outside the folder: followed; a
+    name with ".." or an absolute name is refused."""
+    blobs, folder = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    folder.mkdir()
+    (blobs / "w").write_text("weights")
+    os.symlink(blobs / "w", folder / "weights.bin")
+    assert open(saved_folder.safe_member(str(folder), "weights.bin", "cfg")).read() == "weights"
+    for name in ("../blobs/w", str(blobs / "w"), "a/../../x", "."):
+        with pytest.raises(ValueError, match="cfg"):
+            saved_folder.safe_member(str(folder), name, "cfg")
