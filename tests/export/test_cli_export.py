@@ -123,8 +123,11 @@ def test_export_errors_name_the_option(tmp_path, offline_hub, capsys):
     for argv, message in cases:
         assert cli.main(["export", *argv, "--output", out]) == 2, argv
         assert message in capsys.readouterr().err, argv
+    # an output folder that does not exist yet is created (as --output of train-pmol);
+    # a file where a folder must be is an error naming --output
+    (tmp_path / "a_file").write_text("")
     assert cli.main(["export", "--adapter", str(adapter), "--base", "x",
-                     "--output", str(tmp_path / "no" / "lm.onnx")]) == 2
+                     "--output", str(tmp_path / "a_file" / "lm.onnx")]) == 2
     assert "--output" in capsys.readouterr().err
     assert not os.path.exists(out)
     assert np.all([not f.endswith(".onnx") for f in os.listdir(tmp_path)])
