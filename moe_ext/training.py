@@ -151,7 +151,7 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer,
         raise ValueError(f"the checkpoint in {directory!r} was trained on another "
                          f"{', '.join(differ)}; use another output folder")
     path = os.path.join(directory, meta["tensors"])
-    tensors = load_safetensors(path)
+    tensors = load_safetensors(path, meta.get("sha256"))
     params = dict(trainable_parameters(model))
     for name, p in params.items():
         key = f"param.{name}"

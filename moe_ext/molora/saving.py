@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..utils.io import atomic_write, write_json
-from ..utils.saved_folder import begin_save, commit_save, read_verified_config
+from ..utils.saved_folder import begin_save, commit_save, read_verified_config, recorded_sha256
 from ..utils.tensors import check_tensor, load_safetensors
 from .config import MoLoRAConfig
 from .layer import is_conv1d, linear_features, molora_layers
@@ -118,16 +118,17 @@ def read_adapter_files(directory: str, tensors: bool = True) -> tuple[dict, dict
     meta = read_verified_config(directory, CONFIG_NAME)
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: not a JSON object")
-    return meta, (read_adapter_weights(directory) if tensors else {})
+    return meta, (read_adapter_weights(directory, meta) if tensors else {})
 
 
-def read_adapter_weights(directory: str) -> dict:
-    """The tensors of directory/adapter_model.safetensors (FileNotFoundError / ValueError
-    naming the file)."""
+def read_adapter_weights(directory: str, meta: dict) -> dict:
+    """The tensors of directory/adapter_model.safetensors, checked against the SHA-256 that
+    `meta` (its adapter_config.json) records, if any (FileNotFoundError / ValueError naming
+    the file)."""
     weights = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
-    return load_safetensors(weights)
+    return load_safetensors(weights, recorded_sha256(meta, WEIGHTS_NAME))
 
 
 def check_molora_meta(meta: dict, directory: str) -> dict:
@@ -198,7 +199,7 @@ def load_molora(model: nn.Module, directory: str) -> nn.Module:
     meta, _ = read_adapter_files(directory, tensors=False)  # the config first: cheap
     check_molora_meta(meta, directory)
     config = config_from_meta(meta, directory)
-    state = read_adapter_weights(directory)
+    state = read_adapter_weights(directory, meta)
     where = f"adapter in {directory!r}"
     weights = os.path.join(directory, WEIGHTS_NAME)
     saved_class = meta.get("base_model_class")

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..molora import MoLoRAConfig, adapter_state_dict, base_state_dict, molora_layers
 from ..utils.io import write_json
-from ..utils.saved_folder import begin_save, commit_save, move_changed_files, read_verified_config
+from ..utils.saved_folder import (begin_save, commit_save, move_changed_files, read_verified_config,
+                                  recorded_sha256)
 from ..utils.tensors import check_tensor, load_safetensors
 from .backbone import BackboneConfig, BackboneRewardModel, load_backbone, prepare_backbone
 from .model import RewardConfig, SparseMoERewardModel
@@ -127,10 +128,11 @@ def read_reward_meta(directory: str) -> dict:
     return meta
 
 
-def _checked_state(weights: str, expected: dict) -> dict:
-    """The tensors of `weights`, each checked (float, finite, and the shape in `expected`
-    for the keys it has); ValueError naming the file and the tensor."""
-    state = load_safetensors(weights)
+def _checked_state(weights: str, expected: dict, meta: dict) -> dict:
+    """The tensors of `weights` (the bytes checked against the SHA-256 in `meta`, the
+    config), each checked (float, finite, and the shape in `expected` for the keys it
+    has); ValueError naming the file and the tensor."""
+    state = load_safetensors(weights, recorded_sha256(meta, WEIGHTS_NAME))
     for key, tensor in state.items():
         check_tensor(weights, key, tensor, expected.get(key))
     return state
@@ -145,7 +147,7 @@ def load_reward_model(directory: str, backbone: Optional[str] = None) -> nn.Modu
         with torch.device("meta"):  # the shapes, before allocating anything
             shapes = {k: tuple(v.shape) for k, v in
                       SparseMoERewardModel.from_config(meta["config"]).state_dict().items()}
-        state = _checked_state(weights, shapes)
+        state = _checked_state(weights, shapes, meta)
         if sorted(state) != sorted(shapes):
             raise ValueError(f"{weights}: tensors {sorted(set(state) ^ set(shapes))[:5]} do not "
                              f"fit the config in {path}")
@@ -157,7 +159,7 @@ def load_reward_model(directory: str, backbone: Optional[str] = None) -> nn.Modu
     source = os.path.join(directory, BACKBONE_DIR) if meta.get("backbone_saved") else \
         (backbone or cfg.backbone)
     tokenizer_dir = os.path.join(directory, TOKENIZER_DIR)
-    state = _checked_state(weights, {})
+    state = _checked_state(weights, {}, meta)
     net, tokenizer = load_backbone(source, cfg.backbone_class,
                                    tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
     prepare_backbone(net, meta["molora_config"])

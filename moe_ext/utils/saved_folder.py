@@ -178,6 +178,13 @@ def read_verified_config(directory: str, config_name: str) -> dict:
                      f"corrupted save); save again")
 
 
+def recorded_sha256(meta: dict, name: str) -> Optional[str]:
+    """The digest that a config read by read_verified_config records for file `name`, or
+    None (a config without checksums)."""
+    sums = meta.get(CHECKSUMS)
+    return sums.get(name) if isinstance(sums, dict) else None
+
+
 def move_changed_files(directory: str, write: Callable[[str], object]) -> list[str]:
     """Calls write(tmp_folder) (e.g. tokenizer.save_pretrained) on a temporary folder beside
     `directory`, then renames each file into `directory` whose bytes differ from the one

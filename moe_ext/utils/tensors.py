@@ -2,18 +2,29 @@
 ValueError naming the file and the tensor."""
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 
-def load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file; ValueError naming it when it is not one."""
+def load_safetensors(path: str, sha256: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; ValueError naming it when it is not one. With
+    `sha256` (the digest a config recorded), the bytes read are the bytes checked: a save
+    that replaced the file after the config was verified is an error, never a mix."""
     try:
-        return load_file(path)
-    except (SafetensorError, OSError) as err:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path} does not match the SHA-256 its config records (saved again "
+                         f"during this load?); load again")
+    try:
+        return load(data)
+    except SafetensorError as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 
 

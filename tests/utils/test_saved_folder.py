@@ -6,9 +6,12 @@ import json
 import os
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from moe_ext.utils import saved_folder
 from moe_ext.utils.io import read_jsonl, sha256_file
+from moe_ext.utils.tensors import load_safetensors
 from moe_ext.utils.saved_folder import (begin_save, commit_save, move_changed_files,
                                         read_verified_config)
 
@@ -127,3 +130,14 @@ def test_weights_linked_from_elsewhere_load_and_names_cannot_leave(tmp_path):
     for name in ("../blobs/w", str(blobs / "w"), "a/../../x", "."):
         with pytest.raises(ValueError, match="cfg"):
             saved_folder.safe_member(str(folder), name, "cfg")
+
+
+def test_tensors_are_checked_against_the_digest_on_the_bytes_read(tmp_path):
+    """A load reads the weights once and checks those bytes: a file replaced after its
+    config was verified (a save during the load) is an error naming it, never a mix."""
+    path = str(tmp_path / "w.safetensors")
+    save_file({"a": torch.ones(2)}, path)
+    assert torch.equal(load_safetensors(path, sha256_file(path))["a"], torch.ones(2))
+    assert torch.equal(load_safetensors(path)["a"], torch.ones(2))  # no checksum recorded
+    with pytest.raises(ValueError, match="w.safetensors does not match"):
+        load_safetensors(path, "0" * 64)
