@@ -67,8 +67,8 @@ def before_us(T: int, D: int, O: int, K: int, R: int, E: int) -> tuple:
 
 def kernels(T: int, D: int, O: int, K: int, R: int, E: int):
     """Rows (pass, kernel, bytes, flops, now_us, tc_us, floor_us) for bf16 data: now_us for
-    the kernels as they are (shrinks and expands on tensor cores, weight_grad SIMT), tc_us
-    with weight_grad on tensor cores too."""
+    the kernels as they are (shrinks and expands on tensor cores, weight_grad SIMT, the
+    K-combine in the expand's slot launches), tc_us with weight_grad on tensor cores too."""
     P, el = T * K, 2
     tiles = expected_tiles(T, K, E, PAIR_TILE)
     pad = tiles * PAIR_TILE / P             # the SIMT tiles compute all 64 slots
@@ -76,6 +76,9 @@ def kernels(T: int, D: int, O: int, K: int, R: int, E: int):
     col_blocks = math.ceil(O / 128)  # expand and weight_grad blocks cover 128 columns
     shrink_flops, expand_flops = 2 * P * R * D, 2 * P * R * O
     rows = []
+
+    def slot_bytes(n):  # the K slot launches of an expand to n columns
+        return K * E * n * R * el + (2 * K - 1) * T * n * el
 
     def add(pas, name, nbytes, flops, simt_rate_flops, blocks=1, tc=True, tc_now=False,
             floor_bytes=None):
@@ -89,19 +92,20 @@ def kernels(T: int, D: int, O: int, K: int, R: int, E: int):
     add("fwd", "grouped_shrink", P * D * el + E * R * D * el + P * R * 4, shrink_flops,
         simt_rate(4 / 5) / pad, tiles, tc_now=True,
         floor_bytes=T * D * el + E * R * D * el + P * R * 4)
-    # expand: planes (K, T, O) in bf16 written once, B once (tiles re-read it from L2).
-    add("fwd", "grouped_expand", P * O * el + E * O * R * el, expand_flops,
-        simt_rate(32 / 12) / pad, tiles * col_blocks, tc_now=True)
-    add("fwd", "combine_planes", (K + 1) * T * O * el, 0, 1, tc=False)
+    # expand: one launch per slot over every tile (B read K times, the other slots' rows
+    # masked); slot 0 writes y, slot k > 0 reads and writes it back: (2K - 1) T O, no planes.
+    add("fwd", "grouped_expand (K slot launches)", slot_bytes(O), K * expand_flops,
+        simt_rate(32 / 12) / pad, K * tiles * col_blocks, tc_now=True,
+        floor_bytes=T * O * el + E * O * R * el)
     add("fwd", "(pass floor: x, y, A, B once)", 0, 0, 1, tc=False,
         floor_bytes=T * (D + O) * el + E * R * (D + O) * el)
     # Backward: the shrink of dy with dh, dw fused; the expand of dh into dx; weight grads.
     add("bwd", "grouped_shrink + pair grads", P * O * el + E * O * R * el + 3 * P * R * 4,
         expand_flops, simt_rate(4 / 5) / pad,
         blocks=tiles, tc_now=True, floor_bytes=T * O * el + E * O * R * el + 3 * P * R * 4)
-    add("bwd", "grouped_expand (dx)", P * D * el + E * R * D * el, shrink_flops,
-        simt_rate(32 / 12) / pad, tiles * math.ceil(D / 128), tc_now=True)
-    add("bwd", "combine_planes (dx)", (K + 1) * T * D * el, 0, 1, tc=False)
+    add("bwd", "grouped_expand (dx, K slot launches)", slot_bytes(D), K * shrink_flops,
+        simt_rate(32 / 12) / pad, K * tiles * math.ceil(D / 128), tc_now=True,
+        floor_bytes=T * D * el + E * R * D * el)
     for name, n in (("weight_grad dA", D), ("weight_grad dB", O)):
         # gathered rows once per rank chunk of 16, coef rows per column block (L2), G_e out.
         spill = max(0.0, chunks - E) * R * n * 4 * 2

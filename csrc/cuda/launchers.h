@@ -75,19 +75,16 @@ cudaError_t launch_grouped_shrink(DType dtype, const void* vecs, int64_t n, Expe
                                   const int32_t* tile_start, const int64_t* experts, int64_t P,
                                   int64_t E, int64_t K, int64_t R, const PairGrads* grads,
                                   void* out, cudaStream_t stream);
-// The per-slot planes of the expand, in `dtype`: pair p = (t, k) of LoRA expert e writes
-// plane_k[t, c] = sum_r coef[p, r] * scale_p * W_e[c, r] for c < n (0 for null pairs), with
-// scale_p = scaling * pair_scale[p] (or 1 when pair_scale is null). Plane 0 is out (T, n),
-// plane k > 0 is spare[k - 1] ((K - 1, T, n)). coef (P, R) acc.
+// The expand, in `dtype`, one launch per slot k in k order: out[t, c] = sum over k of
+// sum_r coef[p, r] * scale_p * W_e[c, r] for the pairs p = (t, k), c < n (null pairs add 0),
+// with scale_p = scaling * pair_scale[p] (or 1 when pair_scale is null). Slot 0 writes
+// out (T, n), slot k > 0 adds to it: the K-combine in k order, in place, no buffer.
+// coef (P, R) acc.
 cudaError_t launch_grouped_expand(DType dtype, const void* coef, const void* pair_scale,
                                   double scaling, ExpertWeights W, int64_t n,
                                   const int64_t* order, const int64_t* offsets,
                                   const int32_t* tile_start, int64_t T, int64_t E, int64_t K,
-                                  int64_t R, void* out, void* spare, cudaStream_t stream);
-// The K-combine: out (T, n) += spare[0] + ... + spare[K - 2], added in k order in acc
-// (deterministic); nothing for K = 1.
-cudaError_t launch_combine_planes(DType dtype, const void* spare, int64_t T, int64_t K,
-                                  int64_t n, void* out, cudaStream_t stream);
+                                  int64_t R, void* out, cudaStream_t stream);
 // Weight gradients go per (expert, chunk of grad_chunk_pairs(P) pairs), so that one expert
 // with many pairs spreads over many blocks; experts of several chunks leave acc partials in
 // `spill` (max_grad_spill_slots(P) * R * n elements, at most 257 slots: the chunk grows

@@ -4,16 +4,17 @@
 // shared memory:
 //   grouped_shrink:  h[p] = W_e vecs[token(p)]          (forward A x; backward gh = B^T dy,
 //                    with dh[p] = s w[p] gh and dw[p] = s <gh, h[p]> in the epilogue)
-//   grouped_expand:  plane_k[t] = scale_p W_e coef[p]   for p = (t, k), in the data dtype;
-//                    plane 0 is the output itself      (forward s w B h, backward A^T dh)
-//   combine_planes:  y[t] += plane_1[t] + ... + plane_{K-1}[t], in k order (K > 1 only)
+//   grouped_expand:  one launch per slot k in k order: out[t] = scale_p W_e coef[p] for the
+//                    pairs p = (t, k) of slot 0, out[t] += scale_p W_e coef[p] for those of
+//                    slot k > 0 (forward s w B h, backward A^T dh); each launch writes
+//                    every row at most once, so the K-combine needs no buffer and no race
 //   weight_grad:     G_e = sum_p coef[p] rows[token(p)]^T, one block per (chunk of
 //                    grad_chunk_pairs(P) pairs of e, column block); an expert with one
 //                    chunk writes G_e, one with several leaves acc partials that
 //                    weight_grad_reduce adds in chunk order (one hot expert spreads over
 //                    many blocks).
-// The tiles of bin E write zero rows, so every row of h, dh, dw and of the planes is
-// written exactly once (no memset), and every sum runs in a fixed order: no atomics,
+// The tiles of bin E write zero rows, so every row of h, dh, dw and of out is written
+// (no memset), and every sum runs in a fixed order: no atomics,
 // bitwise repeatable. Grid sizes are host-side upper bounds (blocks past the device-side
 // count exit at once), so nothing waits for the host. fp16/bf16 run the shrink and the
 // expand on tensor cores (*_tc_kernel: mma.sync, ldmatrix, cp.async; fp32 accumulation),
@@ -82,23 +83,27 @@ __device__ __forceinline__ void stage_shrink_pairs(const int64_t* order, const i
   if (gate) gate[threadIdx.x] = mine && !null_tile ? scaling * w[p] : acc_t(0);
 }
 
-// An expand tile's pairs, by threads < kPairTile: pair[i] and its scale_p.
+// An expand tile's pairs of slot `slot`, by threads < kPairTile: pair[i] (-1 for the
+// tile's pairs of other slots and past its end) and its scale_p.
 template <typename acc_t>
 __device__ __forceinline__ void stage_expand_pairs(const int64_t* order, int64_t first, int m,
+                                                   int64_t K, int64_t slot,
                                                    const acc_t* pair_scale, acc_t scaling,
                                                    int64_t* pair, acc_t* scale) {
   if (threadIdx.x >= kPairTile) return;
-  const int64_t p = threadIdx.x < m ? order[first + threadIdx.x] : -1;
+  int64_t p = threadIdx.x < m ? order[first + threadIdx.x] : -1;
+  if (p % K != slot) p = -1;  // (-1 % K is -1, never a slot)
   pair[threadIdx.x] = p;
   scale[threadIdx.x] = p >= 0 && pair_scale ? scaling * pair_scale[p] : acc_t(1);
 }
 
-// Pair p = (t, k)'s row of plane k: out (T, n) for k = 0, spare[k - 1] (T, n) otherwise.
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t* plane_row(scalar_t* out, scalar_t* spare, int64_t p,
-                                               int64_t T, int64_t K, int64_t n) {
-  const int64_t t = p / K, k = p % K;
-  return k == 0 ? out + t * n : spare + ((k - 1) * T + t) * n;
+// The expand's store of one value of pair p = (t, slot)'s row: slot 0 writes out[t, c],
+// later slots add to it (launches run in slot order: the sum is in k order).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void expand_store(scalar_t* out, int64_t p, int64_t K, int64_t slot,
+                                             int64_t n, int64_t c, acc_t v) {
+  scalar_t& o = out[(p / K) * n + c];
+  o = from_acc<scalar_t>(slot == 0 ? v : to_acc(o) + v);
 }
 
 // The backward epilogue of the shrink (all acc): h (P, R) from the forward, w (P,), dw (P,).
@@ -290,8 +295,8 @@ grouped_shrink_tc_kernel(const scalar_t* __restrict__ vecs, int64_t n, bool alig
 }
 
 // Thread layout: 64 pairs x 128 columns; thread (pairs 4 * (tid / 16) + i, columns
-// tid % 16 + 16 * j). Block (tile, column block). Pair p = (t, k) writes its row of
-// plane k: out (T, n) for k = 0, spare[k - 1] (T, n) for k > 0.
+// tid % 16 + 16 * j). Block (tile, column block). Only the tile's pairs of slot `slot`
+// write (expand_store).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 grouped_expand_kernel(const acc_of<scalar_t>* __restrict__ coef,
@@ -299,8 +304,7 @@ grouped_expand_kernel(const acc_of<scalar_t>* __restrict__ coef,
                       const scalar_t* __restrict__ W, int64_t ws_e, int64_t ws_c, int64_t ws_r,
                       int64_t n, const int64_t* __restrict__ order,
                       const int64_t* __restrict__ offsets, const int32_t* __restrict__ tile_start,
-                      int64_t E, int64_t T, int64_t K, int R, scalar_t* __restrict__ out,
-                      scalar_t* __restrict__ spare) {
+                      int64_t E, int64_t K, int64_t slot, int R, scalar_t* __restrict__ out) {
   using acc_t = acc_of<scalar_t>;
   __shared__ acc_t cs[kRankChunk][kPairTile + 1];  // +1: the transposing stores hit 16 banks
   __shared__ acc_t wsm[kRankChunk][kColumns];
@@ -311,7 +315,7 @@ grouped_expand_kernel(const acc_of<scalar_t>* __restrict__ coef,
   if (!locate_tile(tile_start, offsets, E + 1, blockIdx.x, e, first, m)) return;
   const bool null_tile = e == E;  // block-uniform: zero rows
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColumns;
-  stage_expand_pairs(order, first, m, pair_scale, scaling, pair, scale);
+  stage_expand_pairs(order, first, m, K, slot, pair_scale, scaling, pair, scale);
   __syncthreads();
   const scalar_t* We = W + (null_tile ? 0 : e * ws_e);
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
@@ -319,7 +323,7 @@ grouped_expand_kernel(const acc_of<scalar_t>* __restrict__ coef,
   for (int r0 = 0; r0 < (null_tile ? 0 : R); r0 += kRankChunk) {
     for (int idx = threadIdx.x; idx < kPairTile * kRankChunk; idx += kThreads) {
       const int i = idx / kRankChunk, rr = idx % kRankChunk;
-      cs[rr][i] = (i < m && r0 + rr < R) ? coef[pair[i] * R + r0 + rr] * scale[i] : acc_t(0);
+      cs[rr][i] = (pair[i] >= 0 && r0 + rr < R) ? coef[pair[i] * R + r0 + rr] * scale[i] : acc_t(0);
     }
     for (int idx = threadIdx.x; idx < kRankChunk * kColumns; idx += kThreads) {
       const int rr = idx / kColumns, cc = idx % kColumns;
@@ -343,12 +347,12 @@ grouped_expand_kernel(const acc_of<scalar_t>* __restrict__ coef,
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    if (ty * 4 + i >= m) continue;
-    scalar_t* row = plane_row(out, spare, pair[ty * 4 + i], T, K, n);
+    const int64_t p = pair[ty * 4 + i];
+    if (p < 0) continue;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int64_t c = c0 + tx + 16 * j;
-      if (c < n) row[c] = from_acc<scalar_t>(acc[i][j]);
+      if (c < n) expand_store(out, p, K, slot, n, c, acc[i][j]);
     }
   }
 }
@@ -365,8 +369,8 @@ grouped_expand_tc_kernel(const float* __restrict__ coef, const float* __restrict
                          float scaling, const scalar_t* __restrict__ W, int64_t ws_e, int64_t ws_c,
                          int64_t ws_r, int64_t n, const int64_t* __restrict__ order,
                          const int64_t* __restrict__ offsets, const int32_t* __restrict__ tile_start,
-                         int64_t E, int64_t T, int64_t K, int R, scalar_t* __restrict__ out,
-                         scalar_t* __restrict__ spare) {
+                         int64_t E, int64_t K, int64_t slot, int R,
+                         scalar_t* __restrict__ out) {
   constexpr int kPad = kRankChunk + 8;  // row stride 48 bytes: ldmatrix rows hit distinct banks
   __shared__ __align__(16) scalar_t cs[kPairTile][kPad];
   __shared__ __align__(16) scalar_t wsm[kColumns][kPad];
@@ -377,7 +381,7 @@ grouped_expand_tc_kernel(const float* __restrict__ coef, const float* __restrict
   if (!locate_tile(tile_start, offsets, E + 1, blockIdx.x, e, first, m)) return;
   const bool null_tile = e == E;  // block-uniform: zero rows
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColumns;
-  stage_expand_pairs(order, first, m, pair_scale, scaling, pair, scale);
+  stage_expand_pairs(order, first, m, K, slot, pair_scale, scaling, pair, scale);
   __syncthreads();
   const scalar_t* We = W + (null_tile ? 0 : e * ws_e);
   const scalar_t zero = from_acc<scalar_t>(0.f);
@@ -387,7 +391,8 @@ grouped_expand_tc_kernel(const float* __restrict__ coef, const float* __restrict
   for (int r0 = 0; r0 < (null_tile ? 0 : R); r0 += kRankChunk) {
     for (int idx = threadIdx.x; idx < kPairTile * kRankChunk; idx += kTcThreads) {
       const int i = idx / kRankChunk, rr = idx % kRankChunk;
-      cs[i][rr] = (i < m && r0 + rr < R) ? from_acc<scalar_t>(coef[pair[i] * R + r0 + rr]) : zero;
+      cs[i][rr] = (pair[i] >= 0 && r0 + rr < R) ? from_acc<scalar_t>(coef[pair[i] * R + r0 + rr])
+                                                : zero;
     }
     for (int idx = threadIdx.x; idx < kColumns * kRankChunk; idx += kTcThreads) {
       const int cc = columns_fast ? idx % kColumns : idx / kRankChunk;
@@ -410,28 +415,14 @@ grouped_expand_tc_kernel(const float* __restrict__ coef, const float* __restrict
   // acc[j][i]: pair row 16 warp + lane / 4 + 8 (i / 2), column c0 + 8 j + 2 (lane % 4) + i % 2.
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int slot = warp * 16 + lane / 4 + 8 * (i / 2);
-    if (slot >= m) continue;
-    scalar_t* row = plane_row(out, spare, pair[slot], T, K, n);
+    const int row = warp * 16 + lane / 4 + 8 * (i / 2);
+    const int64_t p = pair[row];
+    if (p < 0) continue;
 #pragma unroll
     for (int j = 0; j < kColumns / 8; ++j) {
       const int64_t c = c0 + 8 * j + 2 * (lane % 4) + i % 2;
-      if (c < n) row[c] = from_acc<scalar_t>(acc[j][i] * scale[slot]);  // s w on fp32 only
+      if (c < n) expand_store(out, p, K, slot, n, c, acc[j][i] * scale[row]);  // s w on fp32
     }
-  }
-}
-
-// out (T, n) += spare[0] + ... + spare[K - 2], each (T, n), added in k order in acc.
-template <typename scalar_t>
-__global__ void combine_planes_kernel(const scalar_t* __restrict__ spare, int64_t T, int64_t K,
-                                      int64_t n, scalar_t* __restrict__ out) {
-  using acc_t = acc_of<scalar_t>;
-  const int64_t plane = T * n;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < plane;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t s = to_acc(out[idx]);
-    for (int64_t k = 1; k < K; ++k) s += to_acc(spare[(k - 1) * plane + idx]);
-    out[idx] = from_acc<scalar_t>(s);
   }
 }
 
@@ -594,35 +585,25 @@ cudaError_t launch_grouped_expand(DType dtype, const void* coef, const void* pai
                                   double scaling, ExpertWeights W, int64_t n,
                                   const int64_t* order, const int64_t* offsets,
                                   const int32_t* tile_start, int64_t T, int64_t E, int64_t K,
-                                  int64_t R, void* out, void* spare, cudaStream_t stream) {
+                                  int64_t R, void* out, cudaStream_t stream) {
   if (T * K == 0 || n == 0) return cudaGetLastError();
   const dim3 grid(static_cast<unsigned>(max_pair_tiles(T * K, E + 1)), blocks_for(n, kColumns));
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    const auto args = std::make_tuple(
-        static_cast<const acc_t*>(coef), static_cast<const acc_t*>(pair_scale),
-        static_cast<acc_t>(scaling), static_cast<const scalar_t*>(W.data), W.stride_e, W.stride_i,
-        W.stride_j, n, order, offsets, tile_start, E, T, K, static_cast<int>(R),
-        static_cast<scalar_t*>(out), static_cast<scalar_t*>(spare));
-    std::apply([&](auto... a) {
-      if constexpr (sizeof(scalar_t) == 2)  // __half, __nv_bfloat16: tensor cores
-        launch_kernel<grouped_expand_tc_kernel<scalar_t>>(grid, kTcThreads, 0, stream, a...);
-      else
-        launch_kernel<grouped_expand_kernel<scalar_t>>(grid, kThreads, 0, stream, a...);
-    }, args);
-  });
-  return cudaGetLastError();
-}
-
-cudaError_t launch_combine_planes(DType dtype, const void* spare, int64_t T, int64_t K,
-                                  int64_t n, void* out, cudaStream_t stream) {
-  if (T * n == 0 || K < 2) return cudaGetLastError();
-  const unsigned blocks = static_cast<unsigned>(min64(blocks_for(T * n, kThreads), 65536));
-  dispatch_all(dtype, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    launch_kernel<combine_planes_kernel<scalar_t>>(blocks, kThreads, 0, stream,
-        static_cast<const scalar_t*>(spare), T, K, n, static_cast<scalar_t*>(out));
+    for (int64_t slot = 0; slot < K; ++slot) {  // in k order: slot k adds to slots 0..k-1
+      const auto args = std::make_tuple(
+          static_cast<const acc_t*>(coef), static_cast<const acc_t*>(pair_scale),
+          static_cast<acc_t>(scaling), static_cast<const scalar_t*>(W.data), W.stride_e,
+          W.stride_i, W.stride_j, n, order, offsets, tile_start, E, K, slot,
+          static_cast<int>(R), static_cast<scalar_t*>(out));
+      std::apply([&](auto... a) {
+        if constexpr (sizeof(scalar_t) == 2)  // __half, __nv_bfloat16: tensor cores
+          launch_kernel<grouped_expand_tc_kernel<scalar_t>>(grid, kTcThreads, 0, stream, a...);
+        else
+          launch_kernel<grouped_expand_kernel<scalar_t>>(grid, kThreads, 0, stream, a...);
+      }, args);
+    }
   });
   return cudaGetLastError();
 }

@@ -25,25 +25,21 @@ at::Tensor tile_map(const at::Tensor& offsets, int64_t E) {
   return tile_start;
 }
 
-// out (T, n) = for each token, the sum over its LoRA pairs of scale_p W_e coef[p]: the
-// expand writes each pair's row once into the plane of its slot k (plane 0 is out itself,
-// planes 1..K-1 a (K - 1, T, n) buffer in out's dtype), then the K-combine adds the planes
-// into out in k order.
-void expand_and_combine(DType dtype, const at::Tensor& coef, const void* pair_scale,
-                        double scaling, ExpertWeights W, int64_t n, const at::Tensor& order,
-                        const at::Tensor& offsets, const at::Tensor& tile_start, int64_t E,
-                        int64_t K, at::Tensor& out, cudaStream_t stream) {
+// out (T, n) = for each token, the sum over its LoRA pairs of scale_p W_e coef[p], added in
+// k order in place (slot 0 writes each row, slot k > 0 adds to it).
+void expand_slots(DType dtype, const at::Tensor& coef, const void* pair_scale, double scaling,
+                  ExpertWeights W, int64_t n, const at::Tensor& order, const at::Tensor& offsets,
+                  const at::Tensor& tile_start, int64_t E, int64_t K, at::Tensor& out,
+                  cudaStream_t stream) {
   const int64_t T = out.size(0), R = coef.size(1);
   if (K == 0) {  // experts (T, 0): no pairs, the delta is 0 (as on the CPU)
     out.zero_();
     return;
   }
-  at::Tensor spare = at::empty({(K - 1) * T * n}, out.options());
   C10_CUDA_CHECK(launch_grouped_expand(dtype, coef.data_ptr(), pair_scale, scaling, W, n,
                                        order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
                                        tile_start.data_ptr<int32_t>(), T, E, K, R, out.data_ptr(),
-                                       spare.data_ptr(), stream));
-  C10_CUDA_CHECK(launch_combine_planes(dtype, spare.data_ptr(), T, K, n, out.data_ptr(), stream));
+                                       stream));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_forward_cuda(
@@ -72,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_forward_cuda(
                                        experts.data_ptr<int64_t>(), P, E, K, R, nullptr,
                                        h.data_ptr(), stream));
   at::Tensor y = at::empty({T, O}, x.options());
-  expand_and_combine(dtype, h, w.data_ptr(), scaling, b_cols(B), O, order, offsets, tile_start, E,
-                     K, y, stream);
+  expand_slots(dtype, h, w.data_ptr(), scaling, b_cols(B), O, order, offsets, tile_start, E,
+             K, y, stream);
   return {y, h, order, offsets};  // the alignment lora_backward takes (ops.pair_alignment)
 }
 
@@ -122,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
                                        E, K, R, &grads, dh.data_ptr(), stream));
   // dx[t] = sum_k A_e^T dh[t, k].
   at::Tensor dx = at::empty_like(x);
-  expand_and_combine(dtype, dh, nullptr, 1.0, a_cols(A), D, order, offsets, tile_start, E, K, dx,
-                     stream);
+  expand_slots(dtype, dh, nullptr, 1.0, a_cols(A), D, order, offsets, tile_start, E, K, dx,
+               stream);
   // dA_e = sum_p dh[p] x[t]^T; dB_e = sum_p dy[t] (s w_p h[p])^T, per (expert, pair chunk).
   at::Tensor chunk_map = at::empty({3 * (E + 1)}, offsets.options().dtype(at::kInt));
   C10_CUDA_CHECK(launch_grad_chunk_map(off, P, E, chunk_map.data_ptr<int32_t>(), stream));

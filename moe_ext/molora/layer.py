@@ -71,6 +71,38 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     raise ValueError(f"base must be an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward hooks on `module` or on every module (accelerate's device hooks, for example)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(nn.modules.module, "_global_forward_hooks", None)
+                or getattr(nn.modules.module, "_global_forward_pre_hooks", None))
+
+
+def _base_adds_in_place(base: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> bool:
+    """Whether base(x) + delta may run as one GEMM accumulating into delta: a plain
+    nn.Linear or Conv1D (not a quantised or other subclass), no hooks, one dtype and device,
+    no autocast (it does not cast in-place ops), and not traced (the ONNX graphs keep
+    the plain add)."""
+    W = base.weight
+    return ((type(base) is nn.Linear or is_conv1d(base)) and not _has_hooks(base)
+            and type(W) in (nn.Parameter, torch.Tensor) and W.dtype == x.dtype == delta.dtype
+            and W.device == x.device and delta.is_contiguous()
+            and not torch.is_autocast_enabled(x.device.type)
+            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+
+
+def _add_base_in_place(base: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """delta (..., O) += x (..., D) W^T (+ bias), in place: the GEMM reads delta in its
+    epilogue (beta = 1 in cuBLAS / MKL) instead of a separate pass that reads base(x) and
+    delta and writes their sum, and the sum is rounded once."""
+    W_t = base.weight.t() if isinstance(base, nn.Linear) else base.weight  # (D, O)
+    out = delta.view(-1, delta.shape[-1])
+    out.addmm_(x.reshape(-1, x.shape[-1]), W_t)
+    if base.bias is not None:
+        out.add_(base.bias)
+    return delta
+
+
 class MoLoRALinear(nn.Module):
     """Wraps `base` (nn.Linear or Conv1D, D -> O). Parameters: lora_A (E, R, D), lora_B
     (E, O, R) (zeros, so a fresh layer equals its base), router (nn.Linear D -> E + N, no
@@ -112,10 +144,13 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., O)."""
-        y = self.base(x)
         if not self.adapters_enabled:
-            return y
-        return y + self.molora_output(x).delta.to(y.dtype)
+            return self.base(x)
+        delta = self.molora_output(x).delta
+        if _base_adds_in_place(self.base, x, delta):
+            return _add_base_in_place(self.base, x, delta)
+        y = self.base(x)
+        return y + delta.to(y.dtype)
 
     def molora_output(self, x: torch.Tensor):
         """The experts' delta (..., O) and this call's routing; records `last_routing`."""

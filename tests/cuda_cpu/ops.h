@@ -79,19 +79,15 @@ inline Buffer tile_map(const Buffer& offsets, int64_t E) {
   return tiles;
 }
 
-// lora_cuda.cpp's expand_and_combine: per-slot planes (plane 0 is out), then the K-combine.
-inline void expand_and_combine(DType t, const Buffer& coef, const Buffer& pair_scale, double scaling,
-                               ExpertWeights W, int64_t n, const AlignOut& a, const Buffer& tiles,
-                               const LoraShape& s, Buffer& out) {
-  Buffer spare((s.K - 1) * s.T * n * dtype_size(t), false);
+// lora_cuda.cpp's expand_slots: one expand launch per slot, adding into out in k order.
+inline void expand_slots(DType t, const Buffer& coef, const Buffer& pair_scale, double scaling,
+                         ExpertWeights W, int64_t n, const AlignOut& a, const Buffer& tiles,
+                         const LoraShape& s, Buffer& out) {
   check_cuda(moe_ext::cuda::launch_grouped_expand(
                  t, coef.get(), pair_scale.get(), scaling, W, n,
                  static_cast<const int64_t*>(a.order.get()), static_cast<const int64_t*>(a.offsets.get()),
-                 static_cast<const int32_t*>(tiles.get()), s.T, s.E, s.K, s.R, out.get(), spare.get(),
-                 nullptr),
+                 static_cast<const int32_t*>(tiles.get()), s.T, s.E, s.K, s.R, out.get(), nullptr),
              "launch_grouped_expand");
-  check_cuda(moe_ext::cuda::launch_combine_planes(t, spare.get(), s.T, s.K, n, out.get(), nullptr),
-             "launch_combine_planes");
 }
 
 struct LoraForward {
@@ -112,7 +108,7 @@ inline LoraForward lora_forward(DType t, const LoraShape& s, const Buffer& x, co
                  static_cast<const int64_t*>(experts.get()), P, s.E, s.K, s.R, nullptr, f.h.get(),
                  nullptr),
              "launch_grouped_shrink");
-  expand_and_combine(t, f.h, w, s.scaling, b_cols(B, s), s.O, f.a, tiles, s, f.y);
+  expand_slots(t, f.h, w, s.scaling, b_cols(B, s), s.O, f.a, tiles, s, f.y);
   return f;
 }
 
@@ -139,7 +135,7 @@ inline LoraBackward lora_backward(DType t, const LoraShape& s, const Buffer& dy,
   check_cuda(moe_ext::cuda::launch_grouped_shrink(t, dy.get(), s.O, b_rows(B, s), ord, off, tl, ids,
                                                   P, s.E, s.K, s.R, &grads, dh.get(), nullptr),
              "launch_grouped_shrink (backward)");
-  expand_and_combine(t, dh, Buffer(), 1.0, a_cols(A, s), s.D, a, tiles, s, g.dx);
+  expand_slots(t, dh, Buffer(), 1.0, a_cols(A, s), s.D, a, tiles, s, g.dx);
   Buffer chunk_map(3 * (s.E + 1) * 4, false);
   check_cuda(moe_ext::cuda::launch_grad_chunk_map(off, P, s.E, static_cast<int32_t*>(chunk_map.get()),
                                                   nullptr),

@@ -74,3 +74,45 @@ def test_layer_rejects_bad_arguments():
         MoLoRALinear(nn.Conv1d(3, 3, 1), MoLoRAConfig())
     with pytest.raises(ValueError, match="config"):
         MoLoRALinear(nn.Linear(3, 3), {"r": 2})
+
+
+def _conv1d(D, O):
+    from transformers.pytorch_utils import Conv1D
+    return Conv1D(O, D)
+
+
+@pytest.mark.parametrize("make_base", [lambda: nn.Linear(16, 8, bias=False), lambda: nn.Linear(16, 8),
+                                       lambda: _conv1d(16, 8)], ids=["linear", "linear+bias", "conv1d"])
+def test_base_added_in_place_matches_separate_add(make_base, monkeypatch):
+    """A plain Linear / Conv1D adds base(x) into the delta in one GEMM (beta = 1); a hooked
+    base runs as a module. Both give the same output and gradients as base(x) + delta."""
+    import moe_ext.molora.layer as layer_module
+    calls = []
+    fused = layer_module._add_base_in_place
+    monkeypatch.setattr(layer_module, "_add_base_in_place",
+                        lambda *a: calls.append(1) or fused(*a))
+    torch.manual_seed(0)
+    layer = MoLoRALinear(make_base(), MoLoRAConfig(r=4, num_experts=4, num_null_experts=1,
+                                                   top_k=2)).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    params = [x] + [p for p in layer.parameters()]
+
+    def out_and_grads():
+        y = layer(x)
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, 8, dtype=y.dtype)).sum(), params)
+        return y, grads
+
+    y, grads = out_and_grads()
+    assert calls == [1]
+    want = layer.base(x) + layer.molora_output(x).delta
+    torch.testing.assert_close(y, want)
+    hook_calls = []
+    handle = layer.base.register_forward_hook(lambda m, i, o: hook_calls.append(1))
+    y2, grads2 = out_and_grads()
+    handle.remove()
+    assert calls == [1] and hook_calls == [1]  # the hooked base ran as a module
+    torch.testing.assert_close(y, y2)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g, g2)
