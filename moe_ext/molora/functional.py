@@ -107,7 +107,10 @@ def molora_with_routing(x: torch.Tensor, router_logits: torch.Tensor, lora_A: to
         y = ops.lora_sparse(x2, lora_A, lora_B, weights, routing.experts, scaling, num_null_experts)
     else:
         y = ops.lora_dense(x2, lora_A, lora_B, weights, routing.experts, scaling, num_null_experts)
-    return MoLoRAOutput(y.reshape(*lead, O), routing.probs, routing.experts, routing.counts)
+    # 2-D x: the op's own tensor, not a view of it (MoLoRALinear adds the base GEMM into it
+    # in place, which on a view would cost autograd two more passes over it in backward)
+    delta = y if len(lead) == 1 else y.reshape(*lead, O)
+    return MoLoRAOutput(delta, routing.probs, routing.experts, routing.counts)
 
 
 def molora(x: torch.Tensor, router_logits: torch.Tensor, lora_A: torch.Tensor,

@@ -86,20 +86,20 @@ def _base_adds_in_place(base: nn.Module, x: torch.Tensor, delta: torch.Tensor) -
     W = base.weight
     return ((type(base) is nn.Linear or is_conv1d(base)) and not _has_hooks(base)
             and type(W) in (nn.Parameter, torch.Tensor) and W.dtype == x.dtype == delta.dtype
-            and W.device == x.device and delta.is_contiguous()
+            and W.device == x.device and delta.is_contiguous() and delta._base is None
             and not torch.is_autocast_enabled(x.device.type)
             and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
 
 
 def _add_base_in_place(base: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """delta (..., O) += x (..., D) W^T (+ bias), in place: the GEMM reads delta in its
+    """delta (T, O) += x (..., D) W^T (+ bias), in place: the GEMM reads delta in its
     epilogue (beta = 1 in cuBLAS / MKL) instead of a separate pass that reads base(x) and
-    delta and writes their sum, and the sum is rounded once."""
+    delta and writes their sum, and the sum is rounded once. delta must not be a view
+    (autograd would wrap the in-place op in CopySlices: two more passes in backward)."""
     W_t = base.weight.t() if isinstance(base, nn.Linear) else base.weight  # (D, O)
-    out = delta.view(-1, delta.shape[-1])
-    out.addmm_(x.reshape(-1, x.shape[-1]), W_t)
+    delta.addmm_(x.reshape(-1, x.shape[-1]), W_t)
     if base.bias is not None:
-        out.add_(base.bias)
+        delta.add_(base.bias)
     return delta
 
 
@@ -146,14 +146,18 @@ class MoLoRALinear(nn.Module):
         """x (..., D) -> (..., O)."""
         if not self.adapters_enabled:
             return self.base(x)
-        delta = self.molora_output(x).delta
+        delta = self._molora_output(x, flat=True).delta  # (T, O)
         if _base_adds_in_place(self.base, x, delta):
-            return _add_base_in_place(self.base, x, delta)
+            return _add_base_in_place(self.base, x, delta).view(*x.shape[:-1], -1)
         y = self.base(x)
-        return y + delta.to(y.dtype)
+        return y + delta.view(y.shape).to(y.dtype)
 
     def molora_output(self, x: torch.Tensor):
         """The experts' delta (..., O) and this call's routing; records `last_routing`."""
+        return self._molora_output(x, flat=False)
+
+    def _molora_output(self, x: torch.Tensor, flat: bool):
+        """molora_output; with `flat` the delta is (T, O), the kernel's own tensor."""
         c = self.config
         A, B = self.lora_A, self.lora_B
         if torch.is_autocast_enabled(x.device.type):  # run the experts in the autocast dtype
@@ -166,8 +170,11 @@ class MoLoRALinear(nn.Module):
         route_logits, bias = logits, self.logit_bias
         if override is not None and override.row_bias is not None:
             route_logits, bias = _add_row_bias(logits, override.row_bias), None
+        xd = self.dropout(x)
+        if flat:  # the routing keeps x's batch rows (row_bias above); the kernels see (T, D)
+            xd, route_logits = xd.reshape(-1, xd.shape[-1]), route_logits.reshape(-1, logits.shape[-1])
         out = molora_with_routing(
-            self.dropout(x), route_logits, A, B, c.top_k, c.scaling, c.num_null_experts,
+            xd, route_logits, A, B, c.top_k, c.scaling, c.num_null_experts,
             c.normalize_weights, temperature=c.router_temperature, logit_bias=bias,
             strategy=c.strategy)
         if override is None or override.record:

@@ -106,6 +106,14 @@ def test_base_added_in_place_matches_separate_add(make_base, monkeypatch):
 
     y, grads = out_and_grads()
     assert calls == [1]
+    seen, nodes, todo = set(), set(), [y.grad_fn]  # in place on the kernel's tensor: no CopySlices
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            nodes.add(type(node).__name__)
+            todo += [n for n, _ in node.next_functions]
+    assert "CopySlices" not in nodes and any(n.startswith("AddmmBackward") for n in nodes)
     want = layer.base(x) + layer.molora_output(x).delta
     torch.testing.assert_close(y, want)
     hook_calls = []
