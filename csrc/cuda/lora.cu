@@ -455,6 +455,28 @@ __global__ void grad_chunk_map_kernel(const int64_t* __restrict__ offsets, int64
                 map + 2 * (E + 1));
 }
 
+// A weight-gradient block's chunk: expert e, its chunk index, its pairs [begin, end) of
+// `order`, and whether it is e's only chunk (G_e straight to out; else an acc partial in
+// spill slot spill_start[e] + chunk).
+struct GradChunk {
+  int64_t e, chunk, begin, end;
+  bool alone;
+};
+
+// Block blockIdx.x -> its chunk; false for blocks past the last chunk.
+__device__ __forceinline__ bool locate_grad_chunk(const int32_t* map, const int64_t* offsets,
+                                                  int64_t E, int64_t pairs_per_chunk,
+                                                  GradChunk& g) {
+  const int32_t* chunk_start = map;
+  if (blockIdx.x >= chunk_start[E]) return false;
+  g.e = find_bin(chunk_start, E, blockIdx.x);
+  g.chunk = blockIdx.x - chunk_start[g.e];
+  g.begin = offsets[g.e] + g.chunk * pairs_per_chunk;
+  g.end = min64(offsets[g.e + 1], g.begin + pairs_per_chunk);
+  g.alone = chunk_start[g.e + 1] - chunk_start[g.e] == 1;
+  return true;
+}
+
 // Block (chunk, column block blockIdx.y); thread (rank row tid / 16, columns tid % 16 +
 // 16 * q). The chunk's pairs stream through shared memory kGradPairs at a time.
 template <typename scalar_t>
@@ -472,14 +494,10 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
   __shared__ acc_t rs[kGradPairs][kColumns];
   __shared__ acc_t sc[kGradPairs][kRankChunk + 1];
   __shared__ int64_t tok[kGradPairs];
-  const int32_t* chunk_start = map;
+  GradChunk g;
+  if (!locate_grad_chunk(map, offsets, E, pairs_per_chunk, g)) return;
   const int32_t* spill_start = map + (E + 1);
-  if (blockIdx.x >= chunk_start[E]) return;
-  const int64_t e = find_bin(chunk_start, E, blockIdx.x);
-  const int64_t chunk = blockIdx.x - chunk_start[e];
-  const bool alone = chunk_start[e + 1] - chunk_start[e] == 1;  // G_e straight to out
-  const int64_t begin = offsets[e] + chunk * pairs_per_chunk;
-  const int64_t end = min64(offsets[e + 1], begin + pairs_per_chunk);
+  const int64_t e = g.e, begin = g.begin, end = g.end;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColumns;
   const int ri = threadIdx.x / 16, cj = threadIdx.x % 16;
   for (int r0 = 0; r0 < R; r0 += kRankChunk) {
@@ -514,8 +532,8 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
       for (int q = 0; q < 8; ++q) {
         const int64_t c = c0 + cj + 16 * q;
         if (c >= n) continue;
-        if (alone) out[e * os_e + r * os_r + c * os_c] = from_acc<scalar_t>(acc[q]);
-        else spill[((spill_start[e] + chunk) * R + r) * n + c] = acc[q];
+        if (g.alone) out[e * os_e + r * os_r + c * os_c] = from_acc<scalar_t>(acc[q]);
+        else spill[((spill_start[e] + g.chunk) * R + r) * n + c] = acc[q];
       }
     }
   }
@@ -550,14 +568,10 @@ weight_grad_tc_kernel(const float* __restrict__ coef, const float* __restrict__ 
   __shared__ __align__(16) scalar_t ss[2][kRankChunk][kGradTcPairPad];  // S^T: (rank, pair)
   __shared__ __align__(16) scalar_t rs[2][kGradTcPairs][kGradTcColPad];  // (pair, column)
   __shared__ int64_t tok[2][kGradTcPairs];  // the pair's row offset in rows, -1: zero row
-  const int32_t* chunk_start = map;
+  GradChunk g;
+  if (!locate_grad_chunk(map, offsets, E, pairs_per_chunk, g)) return;
   const int32_t* spill_start = map + (E + 1);
-  if (blockIdx.x >= chunk_start[E]) return;
-  const int64_t e = find_bin(chunk_start, E, blockIdx.x);
-  const int64_t chunk = blockIdx.x - chunk_start[e];
-  const bool alone = chunk_start[e + 1] - chunk_start[e] == 1;  // G_e straight to out
-  const int64_t begin = offsets[e] + chunk * pairs_per_chunk;
-  const int64_t end = min64(offsets[e + 1], begin + pairs_per_chunk);
+  const int64_t e = g.e, begin = g.begin, end = g.end;
   const int stages = static_cast<int>((end - begin + kGradTcPairs - 1) / kGradTcPairs);
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColumns;
   const scalar_t zero = from_acc<scalar_t>(0.f);
@@ -629,8 +643,8 @@ weight_grad_tc_kernel(const float* __restrict__ coef, const float* __restrict__ 
         const int r = r0 + lane / 4 + 8 * (i / 2);
         const int64_t c = c0 + 32 * warp + 8 * j + 2 * (lane % 4) + i % 2;
         if (r >= R || c >= n) continue;
-        if (alone) out[e * os_e + r * os_r + c * os_c] = from_acc<scalar_t>(acc[j][i]);
-        else spill[((spill_start[e] + chunk) * R + r) * n + c] = acc[j][i];
+        if (g.alone) out[e * os_e + r * os_r + c * os_c] = from_acc<scalar_t>(acc[j][i]);
+        else spill[((spill_start[e] + g.chunk) * R + r) * n + c] = acc[j][i];
       }
   }
 }
