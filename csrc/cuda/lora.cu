@@ -552,7 +552,7 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
 // fp32 registers; the epilogue writes G_e or the chunk's fp32 partial, as the SIMT kernel.
 constexpr int kGradTcPairs = 64;                // pairs per stage: four k16 steps
 constexpr int kGradTcPairPad = kGradTcPairs + 8;  // S rows of 144 bytes: distinct banks
-constexpr int kGradTcColPad = kColumns + 8;     // row rows of 272 bytes: distinct banks
+constexpr int kGradTcColPad = kColumns + 8;     // gathered rows of 272 bytes: distinct banks
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kTcThreads)
@@ -587,7 +587,8 @@ weight_grad_tc_kernel(const float* __restrict__ coef, const float* __restrict__ 
       const float sp = mine && pair_scale ? scaling * pair_scale[p] : 1.f;
       tok[buf][i] = mine ? (p / K) * n : -1;
       for (int rr = 0; rr < kRankChunk; ++rr)
-        ss[buf][rr][i] = mine && r0 + rr < R ? from_acc<scalar_t>(sp * coef[p * R + r0 + rr]) : zero;
+        ss[buf][rr][i] =
+            mine && r0 + rr < R ? from_acc<scalar_t>(sp * coef[p * R + r0 + rr]) : zero;
     };
     // Stage s's gathered rows (every thread; reads tok[buf], so after a barrier).
     auto stage_rows = [&](int buf) {
@@ -616,7 +617,7 @@ weight_grad_tc_kernel(const float* __restrict__ coef, const float* __restrict__ 
     for (int s = 0; s < stages; ++s) {
       const int buf = s % 2;
       if (s + 1 < stages) stage_pairs(buf ^ 1, s + 1);
-      if (aligned) cp_async_wait<0>();  // weight_grad_tc: this thread's rows of stage s
+      if (aligned) cp_async_wait<0>();  // this thread's copies of stage s have landed
       __syncthreads();  // every thread's rows of stage s landed; tok[buf ^ 1] is written
       if (s + 1 < stages) stage_rows(buf ^ 1);  // in flight while stage s feeds the mma
 #pragma unroll
