@@ -67,8 +67,9 @@ def before_us(T: int, D: int, O: int, K: int, R: int, E: int) -> tuple:
 
 def kernels(T: int, D: int, O: int, K: int, R: int, E: int):
     """Rows (pass, kernel, bytes, flops, now_us, tc_us, floor_us) for bf16 data: now_us for
-    the kernels as they are (shrinks and expands on tensor cores, weight_grad SIMT, the
-    K-combine in the expand's slot launches), tc_us with weight_grad on tensor cores too."""
+    the kernels as they are (fp16/bf16: shrinks, expands and weight_grad on tensor cores;
+    the K-combine in the expand's slot launches), tc_us with every GEMM-like kernel on
+    tensor cores."""
     P, el = T * K, 2
     tiles = expected_tiles(T, K, E, PAIR_TILE)
     pad = tiles * PAIR_TILE / P             # the SIMT tiles compute all 64 slots
@@ -108,24 +109,30 @@ def kernels(T: int, D: int, O: int, K: int, R: int, E: int):
         floor_bytes=T * D * el + E * R * D * el)
     for name, n in (("weight_grad dA", D), ("weight_grad dB", O)):
         # gathered rows once per rank chunk of 16, coef rows per column block (L2), G_e out.
+        # fp16/bf16 run weight_grad_tc (mma over the pairs): now = the tensor-core estimate.
         spill = max(0.0, chunks - E) * R * n * 4 * 2
         add("bwd", name, P * n * el * math.ceil(R / 16) + E * R * n * el + spill,
-            2 * P * R * n, simt_rate(8 / 9), chunks * math.ceil(n / 128),
+            2 * P * R * n, simt_rate(8 / 9), chunks * math.ceil(n / 128), tc_now=True,
             floor_bytes=T * n * el + E * R * n * el)
     add("bwd", "(pass floor: x, dy, dx, A, B, dA, dB once)", 0, 0, 1, tc=False,
         floor_bytes=T * (2 * D + O) * el + 2 * E * R * (D + O) * el)
     return rows
 
 
-def hot_expert_weight_grad_us(T: int, n: int, R: int, chunked: bool) -> float:
+def hot_expert_weight_grad_us(T: int, n: int, R: int, chunked: bool,
+                              tensor_cores: bool = False) -> float:
     """One weight gradient (dA or dB) when one expert holds T pairs (every token's first
     choice): one block per 128 columns walking all T pairs (before), or one per (chunk of
-    512 pairs, 128 columns) plus the chunk reduction (now). SIMT rate per busy SM."""
+    512 pairs, 128 columns) plus the chunk reduction (now). SIMT or mma rate per busy SM,
+    at least the time to read the T gathered bf16 rows once."""
     blocks = math.ceil(n / 128) * (math.ceil(T / GRAD_CHUNK) if chunked else 1)
     busy = min(SMS, blocks)
-    compute = 2 * T * R * n / (simt_rate(8 / 9) * busy / SMS) * 1e6
+    rate = MMA_FLOPS if tensor_cores else simt_rate(8 / 9)
+    compute = 2 * T * R * n / (rate * busy / SMS) * 1e6
+    reads = T * n * 2 / (HBM * EFFICIENCY) * 1e6
     spill = 2 * math.ceil(T / GRAD_CHUNK) * R * n * 4 if chunked else 0
-    return compute + spill / (HBM * EFFICIENCY) * 1e6 + LAUNCH_US * (2 if chunked else 1)
+    return (max(compute, reads) + spill / (HBM * EFFICIENCY) * 1e6
+            + LAUNCH_US * (2 if chunked else 1))
 
 
 def main():
@@ -155,10 +162,12 @@ def main():
                   f"{sum(r[5] for r in mine):.0f} | {floor:.0f} |")
     print("\nBefore (all SIMT, fp32 per-pair buffer, align twice), same model: " + ", ".join(
         f"E={E} fwd {f:.0f} us, bwd {b:.0f} us"
-        for E, (f, b) in ((E, before_us(T, D, D, K, R, E)) for E in a.experts)))
-    print(f"One hot expert (T pairs), one weight gradient, SIMT: "
+        for E, (f, b) in ((E, before_us(T, D, D, K, R, E)) for E in a.experts)) + ".")
+    print(f"One hot expert (T pairs), one weight gradient: SIMT (fp32) "
           f"{hot_expert_weight_grad_us(T, D, R, False):.0f} us with one block per column block, "
-          f"{hot_expert_weight_grad_us(T, D, R, True):.0f} us over chunks of {GRAD_CHUNK} pairs")
+          f"{hot_expert_weight_grad_us(T, D, R, True):.0f} us over chunks of {GRAD_CHUNK} pairs; "
+          f"tensor cores (fp16/bf16) {hot_expert_weight_grad_us(T, D, R, True, True):.0f} us "
+          f"over chunks of {GRAD_CHUNK} pairs.")
 
 
 if __name__ == "__main__":

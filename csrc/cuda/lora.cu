@@ -17,8 +17,8 @@
 // (no memset), and every sum runs in a fixed order: no atomics,
 // bitwise repeatable. Grid sizes are host-side upper bounds (blocks past the device-side
 // count exit at once), so nothing waits for the host. fp16/bf16 run the shrink and the
-// expand on tensor cores (*_tc_kernel: mma.sync, ldmatrix, cp.async; fp32 accumulation),
-// fp32/fp64 and weight_grad on CUDA cores (SIMT, acc accumulation).
+// expand and weight_grad on tensor cores (*_tc_kernel: mma.sync, ldmatrix, cp.async; fp32
+// accumulation), fp32/fp64 on CUDA cores (SIMT, acc accumulation).
 #include <tuple>
 
 #include "common.cuh"
@@ -446,6 +446,28 @@ __global__ void grad_chunk_map_kernel(const int64_t* __restrict__ offsets, int64
                 map + 2 * (E + 1));
 }
 
+// A weight-gradient block's chunk: expert e, its chunk index, its pairs [begin, end) of
+// `order`, and whether it is e's only chunk (G_e straight to out; else an acc partial in
+// spill slot spill_start[e] + chunk).
+struct GradChunk {
+  int64_t e, chunk, begin, end;
+  bool alone;
+};
+
+// Block blockIdx.x -> its chunk; false for blocks past the last chunk.
+__device__ __forceinline__ bool locate_grad_chunk(const int32_t* map, const int64_t* offsets,
+                                                  int64_t E, int64_t pairs_per_chunk,
+                                                  GradChunk& g) {
+  const int32_t* chunk_start = map;
+  if (blockIdx.x >= chunk_start[E]) return false;
+  g.e = find_bin(chunk_start, E, blockIdx.x);
+  g.chunk = blockIdx.x - chunk_start[g.e];
+  g.begin = offsets[g.e] + g.chunk * pairs_per_chunk;
+  g.end = min64(offsets[g.e + 1], g.begin + pairs_per_chunk);
+  g.alone = chunk_start[g.e + 1] - chunk_start[g.e] == 1;
+  return true;
+}
+
 // Block (chunk, column block blockIdx.y); thread (rank row tid / 16, columns tid % 16 +
 // 16 * q). The chunk's pairs stream through shared memory kGradPairs at a time.
 template <typename scalar_t>
@@ -463,14 +485,10 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
   __shared__ acc_t rs[kGradPairs][kColumns];
   __shared__ acc_t sc[kGradPairs][kRankChunk + 1];
   __shared__ int64_t tok[kGradPairs];
-  const int32_t* chunk_start = map;
+  GradChunk g;
+  if (!locate_grad_chunk(map, offsets, E, pairs_per_chunk, g)) return;
   const int32_t* spill_start = map + (E + 1);
-  if (blockIdx.x >= chunk_start[E]) return;
-  const int64_t e = find_bin(chunk_start, E, blockIdx.x);
-  const int64_t chunk = blockIdx.x - chunk_start[e];
-  const bool alone = chunk_start[e + 1] - chunk_start[e] == 1;  // G_e straight to out
-  const int64_t begin = offsets[e] + chunk * pairs_per_chunk;
-  const int64_t end = min64(offsets[e + 1], begin + pairs_per_chunk);
+  const int64_t e = g.e, begin = g.begin, end = g.end;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColumns;
   const int ri = threadIdx.x / 16, cj = threadIdx.x % 16;
   for (int r0 = 0; r0 < R; r0 += kRankChunk) {
@@ -505,10 +523,121 @@ weight_grad_kernel(const acc_of<scalar_t>* __restrict__ coef,
       for (int q = 0; q < 8; ++q) {
         const int64_t c = c0 + cj + 16 * q;
         if (c >= n) continue;
-        if (alone) out[e * os_e + r * os_r + c * os_c] = from_acc<scalar_t>(acc[q]);
-        else spill[((spill_start[e] + chunk) * R + r) * n + c] = acc[q];
+        if (g.alone) out[e * os_e + r * os_r + c * os_c] = from_acc<scalar_t>(acc[q]);
+        else spill[((spill_start[e] + g.chunk) * R + r) * n + c] = acc[q];
       }
     }
+  }
+}
+
+// The same weight gradient on tensor cores, for __half / __nv_bfloat16. Per rank chunk,
+// G_e[r0:r0+16, c0:c0+128] = S^T Rows: an mma_m16n8k16 GEMM whose M is the 16 rank rows,
+// N the block's 128 columns (warp w owns columns 32w..32w+31, four n8 tiles) and K the
+// chunk's pairs, kGradTcPairs per stage, double-buffered. S (pairs x 16, stored rank-major
+// as the row-major A) holds scale_p coef[p, r0:r0+16], the product taken in fp32 and
+// rounded to the data dtype for the mma, as the expand rounds its coef (the scale_p of a
+// pair cannot move to the epilogue here: the pairs are the reduction dimension); the
+// gathered rows are the k-major B (ldmatrix .trans), arriving by cp.async (16-byte chunks,
+// when `aligned`: n % 8 == 0 and rows 16-byte aligned) or by plain loads. Pairs of other
+// experts (bad ids) and past the chunk get zero coefficients and zero rows. Accumulation in
+// fp32 registers; the epilogue writes G_e or the chunk's fp32 partial, as the SIMT kernel.
+constexpr int kGradTcPairs = 64;                // pairs per stage: four k16 steps
+constexpr int kGradTcPairPad = kGradTcPairs + 8;  // S rows of 144 bytes: distinct banks
+constexpr int kGradTcColPad = kColumns + 8;     // gathered rows of 272 bytes: distinct banks
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kTcThreads)
+weight_grad_tc_kernel(const float* __restrict__ coef, const float* __restrict__ pair_scale,
+                      float scaling, const scalar_t* __restrict__ rows, int64_t n, bool aligned,
+                      const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
+                      const int32_t* __restrict__ map, int64_t pairs_per_chunk,
+                      const int64_t* __restrict__ experts, int64_t E, int64_t K, int R,
+                      float* __restrict__ spill, scalar_t* __restrict__ out, int64_t os_e,
+                      int64_t os_r, int64_t os_c) {
+  static_assert(kColumns == 32 * (kTcThreads / 32) && kRankChunk == 16, "warp tiles");
+  static_assert(kGradTcPairs <= kTcThreads && kGradTcPairs % 16 == 0, "stage");
+  __shared__ __align__(16) scalar_t ss[2][kRankChunk][kGradTcPairPad];  // S^T: (rank, pair)
+  __shared__ __align__(16) scalar_t rs[2][kGradTcPairs][kGradTcColPad];  // (pair, column)
+  __shared__ int64_t tok[2][kGradTcPairs];  // the pair's row offset in rows, -1: zero row
+  GradChunk g;
+  if (!locate_grad_chunk(map, offsets, E, pairs_per_chunk, g)) return;
+  const int32_t* spill_start = map + (E + 1);
+  const int64_t e = g.e, begin = g.begin, end = g.end;
+  const int stages = static_cast<int>((end - begin + kGradTcPairs - 1) / kGradTcPairs);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kColumns;
+  const scalar_t zero = from_acc<scalar_t>(0.f);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r0 = 0; r0 < R; r0 += kRankChunk) {
+    // Stage s's pairs (threads < kGradTcPairs, one pair each): tok and the column of S.
+    auto stage_pairs = [&](int buf, int s) {
+      const int i = threadIdx.x;
+      if (i >= kGradTcPairs) return;
+      const int64_t at = begin + static_cast<int64_t>(s) * kGradTcPairs + i;
+      const int64_t p = at < end ? order[at] : -1;
+      const bool mine = p >= 0 && experts[p] == e;  // bad ids in this bin add nothing
+      const float sp = mine && pair_scale ? scaling * pair_scale[p] : 1.f;
+      tok[buf][i] = mine ? (p / K) * n : -1;
+      for (int rr = 0; rr < kRankChunk; ++rr)
+        ss[buf][rr][i] =
+            mine && r0 + rr < R ? from_acc<scalar_t>(sp * coef[p * R + r0 + rr]) : zero;
+    };
+    // Stage s's gathered rows (every thread; reads tok[buf], so after a barrier).
+    auto stage_rows = [&](int buf) {
+      if (aligned) {
+#pragma unroll 2
+        for (int idx = threadIdx.x; idx < kGradTcPairs * (kColumns / 8); idx += kTcThreads) {
+          const int i = idx / (kColumns / 8), cc = (idx % (kColumns / 8)) * 8;
+          const bool ok = tok[buf][i] >= 0 && c0 + cc < n;
+          cp_async_16(&rs[buf][i][cc], ok ? rows + tok[buf][i] + c0 + cc : rows, ok ? 16 : 0);
+        }
+        cp_async_commit();
+      } else {
+#pragma unroll 4
+        for (int idx = threadIdx.x; idx < kGradTcPairs * kColumns; idx += kTcThreads) {
+          const int i = idx / kColumns, cc = idx % kColumns;
+          rs[buf][i][cc] = tok[buf][i] >= 0 && c0 + cc < n ? rows[tok[buf][i] + c0 + cc] : zero;
+        }
+      }
+    };
+    float acc[4][4] = {};
+    if (stages > 0) {
+      stage_pairs(0, 0);
+      __syncthreads();  // tok[0] is written
+      stage_rows(0);
+    }
+    for (int s = 0; s < stages; ++s) {
+      const int buf = s % 2;
+      if (s + 1 < stages) stage_pairs(buf ^ 1, s + 1);
+      if (aligned) cp_async_wait<0>();  // this thread's copies of stage s have landed
+      __syncthreads();  // every thread's rows of stage s landed; tok[buf ^ 1] is written
+      if (s + 1 < stages) stage_rows(buf ^ 1);  // in flight while stage s feeds the mma
+#pragma unroll
+      for (int kk = 0; kk < kGradTcPairs; kk += 16) {
+        uint32_t a[4];
+        ldmatrix<4>(a, &ss[buf][lane % 16][kk + 8 * (lane / 16)]);
+#pragma unroll
+        for (int j = 0; j < 4; j += 2) {
+          uint32_t b[4];  // k-major rows: matrices (k 0-7, k 8-15) x (n tile j, j + 1)
+          ldmatrix<4, true>(b, &rs[buf][kk + lane % 8 + 8 * (lane / 8 % 2)]
+                                  [32 * warp + 8 * j + 8 * (lane / 16)]);
+          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+          mma_m16n8k16<scalar_t>(acc[j], a, b0, acc[j]);
+          mma_m16n8k16<scalar_t>(acc[j + 1], a, b1, acc[j + 1]);
+        }
+      }
+      __syncthreads();  // stage s is consumed before stage s + 2 overwrites its buffers
+    }
+    // acc[j][i]: rank r0 + lane / 4 + 8 (i / 2), column c0 + 32 warp + 8 j + 2 (lane % 4) + i % 2.
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = r0 + lane / 4 + 8 * (i / 2);
+        const int64_t c = c0 + 32 * warp + 8 * j + 2 * (lane % 4) + i % 2;
+        if (r >= R || c >= n) continue;
+        if (g.alone) out[e * os_e + r * os_r + c * os_c] = from_acc<scalar_t>(acc[j][i]);
+        else spill[((spill_start[e] + g.chunk) * R + r) * n + c] = acc[j][i];
+      }
   }
 }
 
@@ -628,12 +757,22 @@ cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_s
   dispatch_all(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    launch_kernel<weight_grad_kernel<scalar_t>>(grid, kThreads, 0, stream,
-        static_cast<const acc_t*>(coef), static_cast<const acc_t*>(pair_scale),
-        static_cast<acc_t>(scaling), static_cast<const scalar_t*>(rows), n, order, offsets,
-        chunk_map, grad_chunk_pairs(P), experts, E, K, static_cast<int>(R),
-        static_cast<acc_t*>(spill),
-        static_cast<scalar_t*>(out), out_stride_e, out_stride_r, out_stride_c);
+    if constexpr (sizeof(scalar_t) == 2) {  // __half, __nv_bfloat16: tensor cores
+      const bool aligned = n % 8 == 0 && reinterpret_cast<uintptr_t>(rows) % 16 == 0;
+      launch_kernel<weight_grad_tc_kernel<scalar_t>>(grid, kTcThreads, 0, stream,
+          static_cast<const float*>(coef), static_cast<const float*>(pair_scale),
+          static_cast<float>(scaling), static_cast<const scalar_t*>(rows), n, aligned, order,
+          offsets, chunk_map, grad_chunk_pairs(P), experts, E, K, static_cast<int>(R),
+          static_cast<float*>(spill), static_cast<scalar_t*>(out), out_stride_e, out_stride_r,
+          out_stride_c);
+    } else {
+      launch_kernel<weight_grad_kernel<scalar_t>>(grid, kThreads, 0, stream,
+          static_cast<const acc_t*>(coef), static_cast<const acc_t*>(pair_scale),
+          static_cast<acc_t>(scaling), static_cast<const scalar_t*>(rows), n, order, offsets,
+          chunk_map, grad_chunk_pairs(P), experts, E, K, static_cast<int>(R),
+          static_cast<acc_t*>(spill),
+          static_cast<scalar_t*>(out), out_stride_e, out_stride_r, out_stride_c);
+    }
     launch_kernel<weight_grad_reduce_kernel<scalar_t>>(reduce_grid, kThreads, 0, stream,
         static_cast<const acc_t*>(spill), chunk_map, E, static_cast<int>(R), n,
         static_cast<scalar_t*>(out), out_stride_e, out_stride_r, out_stride_c);

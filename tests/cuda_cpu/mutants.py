@@ -59,6 +59,15 @@ MUTANTS = [
     Mutant("weight_grad: off-by-one bound on the staged pairs", "csrc/cuda/lora.cu",
            "for (int i = 0; i < m; ++i) {", "for (int i = 0; i <= m; ++i) {",
            "asan", ["lora/all tokens on one expert"], ["out of bounds"]),
+    Mutant("weight_grad_tc: wait for the stage's cp.async rows removed", "csrc/cuda/lora.cu",
+           "      if (aligned) cp_async_wait<0>();  "
+           "// this thread's copies of stage s have landed\n", "",
+           "asan", ["lora/weight_grad bf16 cp.async rows"], ["want"]),
+    Mutant("weight_grad_tc: barrier before the next stage overwrites the buffers removed",
+           "csrc/cuda/lora.cu",
+           "      __syncthreads();  "
+           "// stage s is consumed before stage s + 2 overwrites its buffers\n", "",
+           "tsan", ["lora/weight_grad bf16 misaligned rows"], ["ThreadSanitizer: data race"]),
     Mutant("lora_dense fused forward: barrier after a shrink stage's copies removed",
            "csrc/cuda/lora_dense.cu",
            "    __syncthreads();  // every thread's copies of this stage have landed\n", "",

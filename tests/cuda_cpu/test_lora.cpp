@@ -224,6 +224,92 @@ CUDA_CPU_CASE("lora/one hot expert, bf16, R > 16", "tsan", [] {
   check_lora(DType::kBFloat16, s, hot_expert_inputs(s));
 });
 
+// launch_weight_grad alone, on a hand-made alignment, against a float64 sum: for fp16 /
+// bf16 the tensor-core kernel (weight_grad_tc) on both staging paths, R over rank chunks
+// of 16 (zero-padded), column blocks of 128 (the last partial), an expert over several
+// pair chunks (weight_grad_reduce), a never-chosen expert, null and bad ids, and pairs in
+// the wrong bin (skipped), written through transposed, padded output strides.
+struct GradCase {
+  DType t;
+  int64_t T, K, E, R, n;
+  int64_t hot;       // the first `hot` tokens put slot 0 on expert 1 (> 512: several chunks)
+  bool pair_scale;   // dB's form (coef h, scale s w) or dA's (coef dh, no scale)
+  int64_t shift;     // rows start this many elements into their buffer (1: misaligned)
+};
+
+void check_weight_grad(const GradCase& c, uint64_t seed) {
+  const int64_t P = c.T * c.K, E = c.E, R = c.R, n = c.n;
+  // Experts 0..E-2, a null id (E) and bad ids (-2, E + 5); expert E - 1 never chosen.
+  std::vector<int64_t> ids(P);
+  for (int64_t p = 0; p < P; ++p)
+    ids[p] = p / c.K < c.hot && p % c.K == 0 ? 1
+             : p % 7 == 3                    ? (p % 2 ? -2 : E + 5)
+             : p % 5 == 1                    ? E
+                                             : int64_t((p * 7919 + seed) % (E - 1));
+  auto bin = [&](int64_t e) { return e >= 0 && e < E ? e : E; };
+  std::vector<int64_t> order, offsets(E + 2, 0);
+  for (int64_t b = 0; b <= E; ++b) {
+    offsets[b] = static_cast<int64_t>(order.size());
+    for (int64_t p = 0; p < P; ++p)
+      if (bin(ids[p]) == b) order.push_back(p);
+  }
+  offsets[E + 1] = P;
+  offsets[1] -= 1;      // bin 0's last pair now opens bin 1: skipped by both
+  offsets[E - 1] -= 1;  // the never-chosen expert's bin holds only a pair of expert E - 2
+  const std::vector<double> rows = randn(c.T * n + c.shift, seed + 1);
+  const std::vector<double> coef = randn(P * R, seed + 2), scale = randn(P, seed + 3);
+  const double scaling = 0.7;
+  const int64_t os_c = R, os_r = 1, os_e = n * R + 3;  // G_e stored (n, R), gaps between experts
+  const Buffer rows_b = to_device(rows, c.t), coef_b = to_device(coef, DType::kFloat32);
+  const Buffer scale_b = to_device(scale, DType::kFloat32), ids_b = ints_to_device(ids);
+  const Buffer order_b = ints_to_device(order), offsets_b = ints_to_device(offsets);
+  const auto* off = static_cast<const int64_t*>(offsets_b.get());
+  Buffer map(3 * (E + 1) * 4, false), out(E * os_e * dtype_size(c.t), false);
+  Buffer spill(moe_ext::cuda::max_grad_spill_slots(P) * R * n * 4, false);
+  check_cuda(moe_ext::cuda::launch_grad_chunk_map(off, P, E, static_cast<int32_t*>(map.get()),
+                                                  nullptr), "launch_grad_chunk_map");
+  const char* row0 = static_cast<const char*>(rows_b.get()) + c.shift * dtype_size(c.t);
+  check_cuda(moe_ext::cuda::launch_weight_grad(
+                 c.t, coef_b.get(), c.pair_scale ? scale_b.get() : nullptr, scaling, row0, n,
+                 static_cast<const int64_t*>(order_b.get()), off,
+                 static_cast<const int32_t*>(map.get()), static_cast<const int64_t*>(ids_b.get()),
+                 P, E, c.K, R, spill.get(), out.get(), os_e, os_r, os_c, nullptr),
+             "launch_weight_grad");
+  const auto x = rounded(rows, c.t), cf = rounded(coef, DType::kFloat32);
+  const auto sc = rounded(scale, DType::kFloat32);
+  std::vector<double> want(E * R * n, 0.0), got(E * R * n);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t i = off[e]; i < off[e + 1]; ++i) {
+      const int64_t p = order[i];
+      if (ids[p] != e) continue;
+      const double s = c.pair_scale ? scaling * sc[p] : 1.0;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t col = 0; col < n; ++col)
+          want[(e * R + r) * n + col] += s * cf[p * R + r] * x[c.shift + (p / c.K) * n + col];
+    }
+  const auto all = to_host(out, c.t, E * os_e);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t col = 0; col < n; ++col)
+        got[(e * R + r) * n + col] = all[e * os_e + r * os_r + col * os_c];
+  expect_close("G", got, want, tolerance(c.t));
+  for (int64_t i = (E - 1) * R * n; i < E * R * n; ++i) check(got[i] == 0, "G of expert E - 1");
+  for (int64_t e = 0; e < E; ++e)  // the gaps between experts keep the poison (NaN)
+    for (int64_t i = n * R; i < os_e; ++i) check(std::isnan(all[e * os_e + i]), "gap written");
+}
+
+CUDA_CPU_CASE("lora/weight_grad bf16 cp.async rows, R24 n200, hot expert over 2 chunks", "", [] {
+  check_weight_grad({DType::kBFloat16, 600, 2, 4, 24, 200, 600, true, 0}, 21);
+});
+
+CUDA_CPU_CASE("lora/weight_grad f16 plain loads, R4 n37, hot expert over 2 chunks", "", [] {
+  check_weight_grad({DType::kFloat16, 560, 1, 3, 4, 37, 530, false, 0}, 22);
+});
+
+CUDA_CPU_CASE("lora/weight_grad bf16 misaligned rows, R16 n16, one chunk of 3 stages", "tsan", [] {
+  check_weight_grad({DType::kBFloat16, 170, 2, 4, 16, 16, 150, true, 1}, 23);  // 3 stages
+});
+
 CUDA_CPU_CASE("lora/bitwise repeatable", "", [] {
   const LoraShape s{40, 24, 20, 4, 8, 1, 2, 0.8};
   const Inputs in = make_inputs(s, 10);
