@@ -83,7 +83,8 @@ def _conv1d(D, O):
 
 @pytest.mark.parametrize("make_base", [lambda: nn.Linear(16, 8, bias=False), lambda: nn.Linear(16, 8),
                                        lambda: _conv1d(16, 8)], ids=["linear", "linear+bias", "conv1d"])
-def test_base_added_in_place_matches_separate_add(make_base, monkeypatch):
+@pytest.mark.parametrize("strategy", ["sparse", "dense"])
+def test_base_added_in_place_matches_separate_add(make_base, strategy, monkeypatch):
     """A plain Linear / Conv1D adds base(x) into the delta in one GEMM (beta = 1); a hooked
     base runs as a module. Both give the same output and gradients as base(x) + delta."""
     import moe_ext.molora.layer as layer_module
@@ -93,7 +94,7 @@ def test_base_added_in_place_matches_separate_add(make_base, monkeypatch):
                         lambda *a: calls.append(1) or fused(*a))
     torch.manual_seed(0)
     layer = MoLoRALinear(make_base(), MoLoRAConfig(r=4, num_experts=4, num_null_experts=1,
-                                                   top_k=2)).double()
+                                                   top_k=2, strategy=strategy)).double()
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
