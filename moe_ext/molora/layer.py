@@ -148,9 +148,9 @@ class MoLoRALinear(nn.Module):
             return self.base(x)
         delta = self._molora_output(x, flat=True).delta  # (T, O)
         if _base_adds_in_place(self.base, x, delta):
-            return _add_base_in_place(self.base, x, delta).view(*x.shape[:-1], -1)
+            return _add_base_in_place(self.base, x, delta).view(*x.shape[:-1], delta.shape[-1])
         y = self.base(x)
-        return y + delta.view(y.shape).to(y.dtype)
+        return y + delta.reshape(y.shape).to(y.dtype)
 
     def molora_output(self, x: torch.Tensor):
         """The experts' delta (..., O) and this call's routing; records `last_routing`."""

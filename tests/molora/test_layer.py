@@ -122,6 +122,7 @@ def test_base_added_in_place_matches_separate_add(make_base, strategy, monkeypat
     y2, grads2 = out_and_grads()
     handle.remove()
     assert calls == [1] and hook_calls == [1]  # the hooked base ran as a module
+    assert layer(torch.zeros(2, 0, 16, dtype=torch.float64)).shape == (2, 0, 8)  # no tokens
     torch.testing.assert_close(y, y2)
     for g, g2 in zip(grads, grads2):
         torch.testing.assert_close(g, g2)
