@@ -34,13 +34,15 @@ def _lora_dense_backward_fake(grad_y, x, lora_A, lora_B, weights, experts, h_all
                               num_null_experts):
     checks.lora_dense_backward_args(grad_y, x, lora_A, lora_B, weights, experts, h_all, scaling,
                                     num_null_experts)
-    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(lora_A),
-            torch.empty_like(lora_B))
+    # contiguous, as the kernels return them (empty_like would keep an input's strides)
+    return (x.new_empty(x.shape), weights.new_empty(weights.shape),
+            lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape))
 
 
 def _setup(ctx, inputs, output):
     x, lora_A, lora_B, weights, experts, scaling, num_null_experts = inputs
     ctx.save_for_backward(x, lora_A, lora_B, weights, experts, output[1])
+    ctx.mark_non_differentiable(output[1])  # h_all: saved for the backward, not a result
     ctx.scaling, ctx.num_null = scaling, num_null_experts
 
 

@@ -348,3 +348,23 @@ def test_lora_backward_op_has_no_derivative():
     args[0].requires_grad_(True)
     with pytest.raises(RuntimeError, match="has no derivative"):
         torch.ops.moe_ext.lora_backward(*args)[0].sum().backward()
+
+
+@pytest.mark.parametrize("op", ["lora", "lora_dense"])
+def test_saved_activation_is_not_differentiable_and_fake_grads_are_contiguous(device, op):
+    """h (h_all) is an output only for the backward: it carries no gradient. The backward's
+    fake kernel gives contiguous gradients for a non-contiguous x, as the kernels do."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, L, A, B = make_inputs(12, 8, 6, 3, 4, 0, torch.float32, device, grad=True)
+    r = ops.route(L.detach(), 2)
+    forward = getattr(torch.ops.moe_ext, f"{op}_forward")
+    outs = forward(x, A, B, r.weights, r.experts, 0.5, 0)
+    assert outs[0].requires_grad and not outs[1].requires_grad
+    saved = (outs[2], outs[3], outs[1]) if op == "lora" else outs[1:2]  # order, offsets, h
+    x_t = x.detach().t().contiguous().t()  # (T, D) with transposed strides
+    args = (outs[0].detach(), x_t, A.detach(), B.detach(), r.weights, r.experts, *saved, 0.5, 0)
+    backward = getattr(torch.ops.moe_ext, f"{op}_backward")
+    assert all(g.is_contiguous() for g in backward(*args))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fakes = backward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert all(g.is_contiguous() for g in fakes)
