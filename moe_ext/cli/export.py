@@ -28,9 +28,15 @@ def cmd_export(args) -> int:
             if path:
                 check_exists(path, option)
         reward_only = [o for o, given in (("--adapter", args.adapter), ("--base", args.base),
-                                          ("--no-cache", args.no_cache)) if given]
+                                          ("--no-cache", args.no_cache),
+                                          ("--logits", args.logits is not None),
+                                          ("--length", args.length is not None)) if given]
         if args.reward_model and reward_only:
             return fail(f"{', '.join(reward_only)}: not for --reward-model exports")
+        if args.no_cache and args.logits is not None:
+            return fail("--logits: not with --no-cache (its graph gives the logits of every position)")
+        if not args.no_cache and args.length is not None:
+            return fail("--length: only for --no-cache exports (the generation graph takes any length)")
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         if args.reward_model:
             model = load_reward_model(args.reward_model)
@@ -43,12 +49,12 @@ def cmd_export(args) -> int:
         elif args.no_cache:
             adapter, artefact = resolve_adapter(args.adapter)
             model = load_molora(load_base(resolve_base(adapter, artefact, args.base)), adapter)
-            ids = torch.randint(0, model.config.vocab_size, (2, args.length))
+            ids = torch.randint(0, model.config.vocab_size, (2, args.length or 8))
             to_onnx(model, args.output, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                     dtype=args.dtype)
         else:
             result = export_adapter(args.adapter, args.output, base=args.base, dtype=args.dtype,
-                                    logits=args.logits)
+                                    logits=args.logits or "last")
     except (OSError, ValueError) as err:
         return fail(str(err))
     if args.json:
@@ -142,12 +148,12 @@ def register(sub) -> None:
                     help="reward model: take a user_weights input (B, E) in place of the router")
     ex.add_argument("--output", required=True, help="the .onnx file to write")
     ex.add_argument("--dtype", choices=["float32", "float16"], default=None)
-    ex.add_argument("--logits", choices=["last", "all"], default="last",
-                    help="logits of the last position only (generation; default) or of all")
+    ex.add_argument("--logits", choices=["last", "all"], default=None,
+                    help="generation graph: logits of the last position only (default) or of all")
     ex.add_argument("--no-cache", action="store_true",
                     help="a plain graph without KV cache: input_ids, attention_mask -> logits")
-    ex.add_argument("--length", type=positive_int, default=8,
-                    help="example sequence length for tracing (--no-cache)")
+    ex.add_argument("--length", type=positive_int, default=None,
+                    help="--no-cache: example sequence length for tracing (default 8)")
     add_json(ex, "the output path")
     ex.set_defaults(func=cmd_export)
 
