@@ -87,18 +87,8 @@ def describe(model, pop):
     if isinstance(model, reward.SparseMoERewardModel):
         out["routing"] = routing_stats(model, p)
         if model.num_users:  # as trained: each pair routed with its labeller's bias
-            out["routing_per_user"] = routing_stats_users(model, p, head.user)
+            out["routing_per_user"] = routing_stats(model, p, head.user)
     return out
-
-
-@torch.no_grad()
-def routing_stats_users(model, prompt_emb, users):
-    gates, probs = model.gates(prompt_emb, users)
-    chosen = (gates > 0).float().mean(0)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
-    return {"load": gates.mean(0).tolist(), "chosen_share": chosen.tolist(),
-            "routing_entropy": entropy.item(),
-            "dead_experts": [e for e in range(model.num_experts) if chosen[e] == 0]}
 
 
 def run_seed(seed, args, log):

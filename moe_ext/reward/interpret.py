@@ -21,11 +21,14 @@ _WORD = re.compile(r"[a-z][a-z'-]+")
 
 
 @torch.no_grad()
-def routing_stats(model: SparseMoERewardModel, prompt_emb: torch.Tensor) -> dict:
+def routing_stats(model: SparseMoERewardModel, prompt_emb: torch.Tensor,
+                  user_ids: Optional[torch.Tensor] = None) -> dict:
     """load: each expert's share of the gate mass (E,); chosen_share: share of prompts that
     route to it (top-K); routing_entropy: mean entropy of the router's probabilities (nats;
-    max_entropy = log E); dead_experts: experts no prompt routes to."""
-    gates, probs = model.gates(prompt_emb)
+    max_entropy = log E); dead_experts: experts no prompt routes to. prompt_emb (B, d);
+    user_ids (B,) routes each prompt with its user's bias (per-user routing models; without
+    them such a model routes like the mean of its users, see SparseMoERewardModel.gates)."""
+    gates, probs = model.gates(prompt_emb, user_ids)
     chosen = (gates > 0).float().mean(0)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
     return {"load": gates.mean(0).tolist(), "chosen_share": chosen.tolist(),

@@ -115,6 +115,8 @@ def test_per_user_routing_and_straight_through_gradient(pop):
     population, _ = model.gates(p[:5])  # no user: the mean over the training users
     each = torch.stack([model.gates(p[:5], torch.full((5,), u))[0] for u in range(model.num_users)])
     torch.testing.assert_close(population, each.mean(0))
+    stats = interpret.routing_stats(model, p[:5], users[:5])  # routed with each prompt's user
+    torch.testing.assert_close(torch.tensor(stats["load"]), manual.mean(0))
     for straight, has_grad in ((False, False), (True, True)):
         model.zero_grad()
         loss, _ = reward.moe_loss(model, p[:64], c[:64], r[:64],
