@@ -187,7 +187,7 @@ class PMoLRun:
                                                  state_dict=base_state_dict(self.model))
                 self.tokenizer.save_pretrained(tmp)
 
-            move_changed_files(base_dir, write_base)
+            move_changed_files(base_dir, write_base, remove_others=True)
             self.model.config.name_or_path = base_dir
         adapter = os.path.join(directory, "adapter")
         move_changed_files(adapter, self.tokenizer.save_pretrained)

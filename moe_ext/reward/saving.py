@@ -70,10 +70,12 @@ def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[
     in_place = ()
     if full:  # files whose bytes did not change are left alone (a frozen backbone)
         written = move_changed_files(os.path.join(directory, BACKBONE_DIR), lambda tmp: (
-            model.backbone.save_pretrained(tmp, state_dict=base_state_dict(model.backbone))))
+            model.backbone.save_pretrained(tmp, state_dict=base_state_dict(model.backbone))),
+            remove_others=True)
         in_place = tuple(f"{BACKBONE_DIR}/{n}" for n in written if n.endswith(".safetensors"))
     if model.tokenizer is not None:
-        move_changed_files(os.path.join(directory, TOKENIZER_DIR), model.tokenizer.save_pretrained)
+        move_changed_files(os.path.join(directory, TOKENIZER_DIR), model.tokenizer.save_pretrained,
+                           remove_others=True)
     molora = getattr(model.backbone, "molora_config", None) if layers else None
     _commit(directory, state, {
         "class": "BackboneRewardModel", "config": model.config.to_dict(),

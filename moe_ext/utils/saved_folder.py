@@ -185,10 +185,14 @@ def recorded_sha256(meta: dict, name: str) -> Optional[str]:
     return sums.get(name) if isinstance(sums, dict) else None
 
 
-def move_changed_files(directory: str, write: Callable[[str], object]) -> list[str]:
+def move_changed_files(directory: str, write: Callable[[str], object],
+                       remove_others: bool = False) -> list[str]:
     """Calls write(tmp_folder) (e.g. tokenizer.save_pretrained) on a temporary folder beside
     `directory`, then renames each file into `directory` whose bytes differ from the one
-    there (each rename atomic). Returns the written files' names, relative."""
+    there (each rename atomic). With `remove_others` (a folder that `write` owns whole) the
+    files that this write did not produce are removed after, so an earlier save's files
+    cannot outlive it (a model.safetensors beside new shards would load first). Returns the
+    written files' names, relative."""
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=temporary_name("")[:-1] + "-",
@@ -205,6 +209,12 @@ def move_changed_files(directory: str, write: Callable[[str], object]) -> list[s
             fsync_path(src)
             os.replace(src, dst)
         os.makedirs(directory, exist_ok=True)
+        if remove_others:
+            keep = set(names)
+            for root, _, files in os.walk(directory):
+                for f in files:
+                    if os.path.relpath(os.path.join(root, f), directory) not in keep:
+                        os.remove(os.path.join(root, f))
         fsync_path(directory)
     finally:
         remove_path(tmp)

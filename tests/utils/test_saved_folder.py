@@ -92,6 +92,10 @@ def test_move_changed_files_rewrites_only_changed_files(tmp_path):
     assert os.stat(target / "a").st_ino == inode  # same bytes: not replaced
     assert (target / "b").read_text() == "3"
     assert sorted(os.listdir(tmp_path)) == ["tok"]
+    move_changed_files(str(target), write({"b": "3", "c": "4"}))  # a is an earlier save's
+    assert sorted(os.listdir(target)) == ["a", "b", "c"]
+    move_changed_files(str(target), write({"b": "3", "c": "4"}), remove_others=True)
+    assert sorted(os.listdir(target)) == ["b", "c"]
 
 
 def test_read_jsonl_refuses_a_huge_line_naming_it(tmp_path):
