@@ -220,6 +220,40 @@ inline void check_lora_dense_backward_args(const at::Tensor& grad_y, const at::T
   check_same_device(h_all, x, "h_all", "x");
 }
 
+// lora_dense_expand: h_all (T, E*R) and lora_B (E, O, R) of one dtype, routing (T, K).
+inline void check_lora_dense_expand_args(const at::Tensor& h_all, const at::Tensor& B,
+                                         const at::Tensor& weights, const at::Tensor& experts,
+                                         double scaling, int64_t num_null_experts) {
+  check_dim(h_all, 2, "h_all");
+  check_dim(B, 3, "lora_B");
+  check_float(h_all, "h_all");
+  TORCH_CHECK(B.scalar_type() == h_all.scalar_type(), "lora_B dtype ", B.scalar_type(),
+              " must equal h_all dtype ", h_all.scalar_type());
+  check_same_device(B, h_all, "lora_B", "h_all");
+  const int64_t E = B.size(0), R = B.size(2);
+  TORCH_CHECK_VALUE(E >= 1 && R >= 1, "lora_B needs E >= 1 and R >= 1, got shape ", B.sizes());
+  // E * R from lora_B without forming the product (an empty lora_B may have any E and R)
+  TORCH_CHECK_VALUE(h_all.size(1) % R == 0 && h_all.size(1) / R == E,
+                    "h_all must have E*R columns (E=", E, ", R=", R, " from lora_B), got shape ",
+                    h_all.sizes());
+  check_routing(weights, experts, h_all.size(0), h_all, "h_all");
+  check_scaling(scaling);
+  check_num_null_experts(num_null_experts, E);
+}
+
+inline void check_lora_dense_expand_backward_args(const at::Tensor& grad_y,
+                                                  const at::Tensor& h_all, const at::Tensor& B,
+                                                  const at::Tensor& weights,
+                                                  const at::Tensor& experts, double scaling,
+                                                  int64_t num_null_experts) {
+  check_lora_dense_expand_args(h_all, B, weights, experts, scaling, num_null_experts);
+  const int64_t T = h_all.size(0), O = B.size(1);
+  TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == T && grad_y.size(1) == O,
+                    "grad_y must have shape (", T, ", ", O, "), got ", grad_y.sizes());
+  check_float(grad_y, "grad_y");
+  check_same_device(grad_y, h_all, "grad_y", "h_all");
+}
+
 // Host data check of lora_backward's pair alignment (the CPU kernels always, the CUDA ones
 // with MOE_EXT_DEBUG=1 on a host copy): ids in [0, M), offsets (E + 2,) from 0 to P never
 // decreasing, order a permutation of [0, P) whose bin b holds exactly the pairs of expert b

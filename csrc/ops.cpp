@@ -33,6 +33,14 @@ TORCH_LIBRARY(moe_ext, m) {
   m.def("lora_dense_backward(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, "
         "Tensor weights, Tensor experts, Tensor h_all, float scaling, int num_null_experts) "
         "-> (Tensor grad_x, Tensor grad_weights, Tensor grad_A, Tensor grad_B)");
+  // The dense-gated expand alone, from a given h_all (T, E*R): y (T, O) = gate(h_all) B_all^T.
+  // MoLoRALinear gets h_all and the router logits from one GEMM over x, [A_all; Wr] x^T, and
+  // routes in between; autograd's GEMM gives dx and [dA_all; dWr] from grad_h_all.
+  m.def("lora_dense_expand(Tensor h_all, Tensor lora_B, Tensor weights, Tensor experts, "
+        "float scaling, int num_null_experts) -> Tensor y");
+  m.def("lora_dense_expand_backward(Tensor grad_y, Tensor h_all, Tensor lora_B, Tensor weights, "
+        "Tensor experts, float scaling, int num_null_experts) "
+        "-> (Tensor grad_h_all, Tensor grad_weights, Tensor grad_B)");
 }
 
 // Build facts for `moe-ext info`, as JSON. The macros come from setup.py.

@@ -121,6 +121,8 @@ cudaError_t launch_weight_grad(DType dtype, const void* coef, const void* pair_s
 constexpr int64_t kDenseFusedMaxWidth = 256;
 bool dense_fused_supported(DType dtype, int64_t T, int64_t D, int64_t O, int64_t E, int64_t R,
                            int64_t K);
+// The same without D: what lora_dense_expand's kernels (below) take.
+bool dense_expand_supported(DType dtype, int64_t T, int64_t O, int64_t E, int64_t R, int64_t K);
 // Dynamic shared memory the fused kernels of width E*R need (forward and backward, the
 // largest): the host uses the cuBLAS path on a device whose opt-in limit is smaller
 // (sm_86 / sm_89 allow 99 KB per block, sm_80 / sm_90 163 / 227 KB).
@@ -148,6 +150,16 @@ struct DenseBackwardArgs {
 };
 cudaError_t launch_lora_dense_fused_backward(DType dtype, const DenseBackwardArgs& args,
                                              cudaStream_t stream);
+// lora_dense_expand on the same kernels, from a given h_all (T, E*R): the fused forward
+// without its shrink, y = gate(h_all) B_all^T; and the fused backward without dx and dA
+// (args.x, A, dx, dA are ignored, `partial` is (splits, E*R, O)), writing dh = s * gate *
+// d_gated (the op's grad_h_all), dw, dB and the gated scratch.
+cudaError_t launch_lora_dense_expand_forward(DType dtype, const void* h_all, const void* B,
+                                             const void* w, const int64_t* experts, int64_t T,
+                                             int64_t O, int64_t E, int64_t R, int64_t K,
+                                             double scaling, void* y, cudaStream_t stream);
+cudaError_t launch_lora_dense_expand_backward(DType dtype, const DenseBackwardArgs& args,
+                                              cudaStream_t stream);
 // Generic path, around cuBLAS GEMMs: out[t, e*R + r] = gate(t, e) * in[t, e*R + r] over
 // (T, E*R) in `dtype` (the mask in forward, and its gradient to h_all in backward).
 cudaError_t launch_dense_gate(DType dtype, const void* in, const void* w, const int64_t* experts,

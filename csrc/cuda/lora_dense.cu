@@ -137,7 +137,9 @@ __device__ __forceinline__ void load_gates(float* gate_s, const float* w, const 
 
 // x (T, D), A_all (E*R, D) = lora_A, B (E, O, R), w / experts (T, K); y (T, O), h_all (T, E*R).
 // kER >= E*R, a power of two in [16, 256]; R, D, O multiples of 8, D >= 8.
-template <typename scalar_t, int kER>
+// kShrink: h_all = x A_all^T is computed here and written out; without it (lora_dense_expand)
+// h_all is an input, x and A are unused, and the kernel is the expand alone.
+template <typename scalar_t, int kER, bool kShrink>
 __global__ void __launch_bounds__(kThreads)
 fused_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ A,
                      const scalar_t* __restrict__ B, const float* __restrict__ w,
@@ -180,23 +182,36 @@ fused_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
     cp_async_commit();
   };
   float acc[kNT1][4] = {};
-  const int steps = (D + kBK - 1) / kBK;
-  issue_shrink(0, 0);
-  pipelined(
-      steps, [&](int next) { issue_shrink(next % 2, next * kBK); },
-      [&](int stage, int s) {
-        const scalar_t* xt = xs + stage * kBM * S::kXLd;
-        const scalar_t* at = as + (stage * kER + wc * (kER / 2)) * S::kXLd;
-        for (int kk = 0; kk < kBK; kk += 16) {
-          uint32_t a[4];
-          ldmatrix<4>(a, xt + (16 * wr + lane % 16) * S::kXLd + kk + 8 * (lane / 16));
-          for (int j = 0; j < kNT1; ++j) {
-            uint32_t b[2];
-            ldmatrix<2>(b, at + (8 * j + lane % 8) * S::kXLd + kk + 8 * (lane / 8 % 2));
-            mma_m16n8k16<scalar_t>(acc[j], a, b, acc[j]);
+  if constexpr (kShrink) {
+    const int steps = (D + kBK - 1) / kBK;
+    issue_shrink(0, 0);
+    pipelined(
+        steps, [&](int next) { issue_shrink(next % 2, next * kBK); },
+        [&](int stage, int s) {
+          const scalar_t* xt = xs + stage * kBM * S::kXLd;
+          const scalar_t* at = as + (stage * kER + wc * (kER / 2)) * S::kXLd;
+          for (int kk = 0; kk < kBK; kk += 16) {
+            uint32_t a[4];
+            ldmatrix<4>(a, xt + (16 * wr + lane % 16) * S::kXLd + kk + 8 * (lane / 16));
+            for (int j = 0; j < kNT1; ++j) {
+              uint32_t b[2];
+              ldmatrix<2>(b, at + (8 * j + lane % 8) * S::kXLd + kk + 8 * (lane / 8 % 2));
+              mma_m16n8k16<scalar_t>(acc[j], a, b, acc[j]);
+            }
           }
+        });
+  } else {  // h_all given: the accumulators' elements from it (0 past T or E*R)
+    for (int half = 0; half < 2; ++half) {
+      const int t = t0 + 16 * wr + g + 8 * half;
+      for (int j = 0; j < kNT1; ++j) {
+        const int c = wc * (kER / 2) + 8 * j + 2 * q;
+        if (t < T && c < ER) {
+          acc[j][2 * half] = to_acc(h_all[static_cast<int64_t>(t) * ER + c]);
+          acc[j][2 * half + 1] = to_acc(h_all[static_cast<int64_t>(t) * ER + c + 1]);
         }
-      });
+      }
+    }
+  }
 
   // The expand's first B_all stage goes out now, under the gate epilogue below.
   auto issue_expand = [&](int stage, int o0) {
@@ -223,7 +238,7 @@ fused_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
       const float gv = c < ER ? gate[c / R] : 0.f;
       *reinterpret_cast<uint32_t*>(gated_s + row * S::kHLd + c) =
           pack_b16x2(from_acc<scalar_t>(gv * v0), from_acc<scalar_t>(gv * v1));
-      if (t < T && c < ER)
+      if (kShrink && t < T && c < ER)
         *reinterpret_cast<uint32_t*>(h_all + static_cast<int64_t>(t) * ER + c) =
             pack_b16x2(from_acc<scalar_t>(v0), from_acc<scalar_t>(v1));
     }
@@ -258,13 +273,13 @@ fused_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
       });
 }
 
-template <typename scalar_t, int kER>
+template <typename scalar_t, int kER, bool kShrink>
 cudaError_t launch_fused(const void* x, const void* A, const void* B, const float* w,
                          const int64_t* experts, int64_t T, int64_t D, int64_t O, int64_t E,
                          int64_t R, int64_t K, double scaling, void* y, void* h_all,
                          cudaStream_t stream) {
   constexpr size_t smem = FusedSmem<kER>::kBytes;
-  constexpr auto kernel = fused_forward_kernel<scalar_t, kER>;
+  constexpr auto kernel = fused_forward_kernel<scalar_t, kER, kShrink>;
   if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)))
     return err;
@@ -277,16 +292,18 @@ cudaError_t launch_fused(const void* x, const void* A, const void* B, const floa
   return cudaGetLastError();
 }
 
-template <typename scalar_t>
-cudaError_t launch_fused_width(int64_t ER, const void* x, const void* A, const void* B,
-                               const float* w, const int64_t* experts, int64_t T, int64_t D,
-                               int64_t O, int64_t E, int64_t R, int64_t K, double scaling,
-                               void* y, void* h_all, cudaStream_t stream) {
-  if (ER <= 16) return launch_fused<scalar_t, 16>(x, A, B, w, experts, T, D, O, E, R, K, scaling, y, h_all, stream);
-  if (ER <= 32) return launch_fused<scalar_t, 32>(x, A, B, w, experts, T, D, O, E, R, K, scaling, y, h_all, stream);
-  if (ER <= 64) return launch_fused<scalar_t, 64>(x, A, B, w, experts, T, D, O, E, R, K, scaling, y, h_all, stream);
-  if (ER <= 128) return launch_fused<scalar_t, 128>(x, A, B, w, experts, T, D, O, E, R, K, scaling, y, h_all, stream);
-  return launch_fused<scalar_t, 256>(x, A, B, w, experts, T, D, O, E, R, K, scaling, y, h_all, stream);
+template <typename scalar_t, bool kShrink>
+cudaError_t launch_fused_width(const void* x, const void* A, const void* B, const void* w,
+                               const int64_t* experts, int64_t T, int64_t D, int64_t O, int64_t E,
+                               int64_t R, int64_t K, double scaling, void* y, void* h_all,
+                               cudaStream_t stream) {
+  const float* wf = static_cast<const float*>(w);
+  const int64_t ER = E * R;
+  if (ER <= 16) return launch_fused<scalar_t, 16, kShrink>(x, A, B, wf, experts, T, D, O, E, R, K, scaling, y, h_all, stream);
+  if (ER <= 32) return launch_fused<scalar_t, 32, kShrink>(x, A, B, wf, experts, T, D, O, E, R, K, scaling, y, h_all, stream);
+  if (ER <= 64) return launch_fused<scalar_t, 64, kShrink>(x, A, B, wf, experts, T, D, O, E, R, K, scaling, y, h_all, stream);
+  if (ER <= 128) return launch_fused<scalar_t, 128, kShrink>(x, A, B, wf, experts, T, D, O, E, R, K, scaling, y, h_all, stream);
+  return launch_fused<scalar_t, 256, kShrink>(x, A, B, wf, experts, T, D, O, E, R, K, scaling, y, h_all, stream);
 }
 
 // ---- the backward on tensor cores, in two kernels and a fixed-order reduction
@@ -311,7 +328,9 @@ struct BackwardSmem {
 // registers dh = gate * d_gated and the partial dots <d_gated, h> per expert (dw), then
 // dx = dh A_all (tensor cores, D in stages of kBN). Also writes dh and gated = gate * h
 // (T, E*R) for kernel 2. dy (T, O), h_all (T, E*R) as lora_dense_forward returned it.
-template <typename scalar_t, int kER>
+// Without kDx (lora_dense_expand_backward) there is no dx, A and dx are unused, and dh_out
+// is the op's grad_h_all: s * gate * d_gated.
+template <typename scalar_t, int kER, bool kDx>
 __global__ void __launch_bounds__(kThreads, 1)  // one block per SM: without it sm_80 spills
 fused_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ A,
                       const scalar_t* __restrict__ B, const scalar_t* __restrict__ h_all,
@@ -383,7 +402,7 @@ fused_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restric
     cp_async_commit();
   };
   const int d_steps = (D + kBN - 1) / kBN;
-  issue_expand(0, 0);
+  if (kDx) issue_expand(0, 0);
 
   // Epilogue of d_gated: dh = gate * d_gated (to shared memory and to dh_out), gated = gate
   // * h (to gated_out), and per (row, expert) the dot <d_gated, h> of this warp's columns:
@@ -413,8 +432,10 @@ fused_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restric
         h1 = to_acc(h_all[static_cast<int64_t>(t) * ER + c + 1]);
       }
       const float gv = c < ER ? gate[e] : 0.f, d0 = acc[j][2 * half], d1 = acc[j][2 * half + 1];
-      const uint32_t dh2 = pack_b16x2(from_acc<scalar_t>(gv * d0), from_acc<scalar_t>(gv * d1));
-      *reinterpret_cast<uint32_t*>(dh_s + row * S::kNLd + c) = dh2;
+      const float dh_scale = kDx ? gv : scaling * gv;  // grad_h_all holds the scaling
+      const uint32_t dh2 =
+          pack_b16x2(from_acc<scalar_t>(dh_scale * d0), from_acc<scalar_t>(dh_scale * d1));
+      if (kDx) *reinterpret_cast<uint32_t*>(dh_s + row * S::kNLd + c) = dh2;
       if (in) {
         *reinterpret_cast<uint32_t*>(dh_out + static_cast<int64_t>(t) * ER + c) = dh2;
         *reinterpret_cast<uint32_t*>(gated_out + static_cast<int64_t>(t) * ER + c) =
@@ -439,6 +460,7 @@ fused_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restric
       dw[t * K + k] = is_lora(e, E) ? scaling * dot : 0.f;
     }
   }
+  if constexpr (!kDx) return;
 
   // dx = dh A_all: K dimension kER, D in stages of kBN.
   pipelined(
@@ -571,10 +593,12 @@ __global__ void weight_grad_reduce_kernel(const float* __restrict__ partial, int
   }
 }
 
-template <typename scalar_t, int kER>
+// kDx: lora_dense_backward; without it lora_dense_expand_backward (a.D = 0: kernel 2 and the
+// reduction give dB alone).
+template <typename scalar_t, int kER, bool kDx>
 cudaError_t launch_backward(const DenseBackwardArgs& a, cudaStream_t stream) {
   constexpr size_t smem1 = BackwardSmem<kER>::kBytes, smem2 = WeightGradShape<kER>::kBytes;
-  constexpr auto k1 = fused_backward_kernel<scalar_t, kER>;
+  constexpr auto k1 = fused_backward_kernel<scalar_t, kER, kDx>;
   constexpr auto k2 = weight_grad_kernel<scalar_t, kER>;
   if (cudaError_t err = cudaFuncSetAttribute(k1, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem1)))
@@ -604,24 +628,29 @@ cudaError_t launch_backward(const DenseBackwardArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kDx>
 cudaError_t launch_backward_width(const DenseBackwardArgs& a, cudaStream_t stream) {
   const int64_t ER = a.E * a.R;
-  if (ER <= 16) return launch_backward<scalar_t, 16>(a, stream);
-  if (ER <= 32) return launch_backward<scalar_t, 32>(a, stream);
-  if (ER <= 64) return launch_backward<scalar_t, 64>(a, stream);
-  if (ER <= 128) return launch_backward<scalar_t, 128>(a, stream);
-  return launch_backward<scalar_t, 256>(a, stream);
+  if (ER <= 16) return launch_backward<scalar_t, 16, kDx>(a, stream);
+  if (ER <= 32) return launch_backward<scalar_t, 32, kDx>(a, stream);
+  if (ER <= 64) return launch_backward<scalar_t, 64, kDx>(a, stream);
+  if (ER <= 128) return launch_backward<scalar_t, 128, kDx>(a, stream);
+  return launch_backward<scalar_t, 256, kDx>(a, stream);
 }
 
 }  // namespace
 
+bool dense_expand_supported(DType dtype, int64_t T, int64_t O, int64_t E, int64_t R, int64_t K) {
+  const bool b16 = dtype == DType::kFloat16 || dtype == DType::kBFloat16;
+  return b16 && T >= 1 && E <= kDenseFusedMaxWidth && R <= kDenseFusedMaxWidth &&
+         E * R <= kDenseFusedMaxWidth && R % 8 == 0 && O >= 8 && O % 8 == 0 && T < (int64_t(1) << 31) &&
+         O < (int64_t(1) << 31) && K < (int64_t(1) << 31);
+}
+
 bool dense_fused_supported(DType dtype, int64_t T, int64_t D, int64_t O, int64_t E, int64_t R,
                            int64_t K) {
-  const bool b16 = dtype == DType::kFloat16 || dtype == DType::kBFloat16;
-  return b16 && T >= 1 && E * R <= kDenseFusedMaxWidth && R % 8 == 0 && D >= 8 && D % 8 == 0 &&
-         O >= 8 && O % 8 == 0 && T < (int64_t(1) << 31) && D < (int64_t(1) << 31) &&
-         O < (int64_t(1) << 31) && K < (int64_t(1) << 31);
+  return dense_expand_supported(dtype, T, O, E, R, K) && D >= 8 && D % 8 == 0 &&
+         D < (int64_t(1) << 31);
 }
 
 namespace {
@@ -646,12 +675,22 @@ cudaError_t launch_lora_dense_fused_forward(DType dtype, const void* x, const vo
                                             int64_t T, int64_t D, int64_t O, int64_t E, int64_t R,
                                             int64_t K, double scaling, void* y, void* h_all,
                                             cudaStream_t stream) {
-  const float* wf = static_cast<const float*>(w);
-  if (dtype == DType::kBFloat16)
-    return launch_fused_width<__nv_bfloat16>(E * R, x, A, B, wf, experts, T, D, O, E, R, K,
-                                             scaling, y, h_all, stream);
-  return launch_fused_width<__half>(E * R, x, A, B, wf, experts, T, D, O, E, R, K, scaling, y,
-                                    h_all, stream);
+  constexpr auto bf16 = launch_fused_width<__nv_bfloat16, true>;
+  constexpr auto fp16 = launch_fused_width<__half, true>;
+  return (dtype == DType::kBFloat16 ? bf16 : fp16)(x, A, B, w, experts, T, D, O, E, R, K, scaling,
+                                                   y, h_all, stream);
+}
+
+cudaError_t launch_lora_dense_expand_forward(DType dtype, const void* h_all, const void* B,
+                                             const void* w, const int64_t* experts, int64_t T,
+                                             int64_t O, int64_t E, int64_t R, int64_t K,
+                                             double scaling, void* y, cudaStream_t stream) {
+  constexpr auto bf16 = launch_fused_width<__nv_bfloat16, false>;
+  constexpr auto fp16 = launch_fused_width<__half, false>;
+  // the kernel only reads h_all without kShrink; D = 8 keeps its unused shrink bounds valid
+  return (dtype == DType::kBFloat16 ? bf16 : fp16)(nullptr, nullptr, B, w, experts, T, 8, O, E,
+                                                   R, K, scaling, y, const_cast<void*>(h_all),
+                                                   stream);
 }
 
 int dense_backward_splits(int64_t T) {
@@ -660,8 +699,18 @@ int dense_backward_splits(int64_t T) {
 
 cudaError_t launch_lora_dense_fused_backward(DType dtype, const DenseBackwardArgs& args,
                                              cudaStream_t stream) {
-  if (dtype == DType::kBFloat16) return launch_backward_width<__nv_bfloat16>(args, stream);
-  return launch_backward_width<__half>(args, stream);
+  if (dtype == DType::kBFloat16) return launch_backward_width<__nv_bfloat16, true>(args, stream);
+  return launch_backward_width<__half, true>(args, stream);
+}
+
+cudaError_t launch_lora_dense_expand_backward(DType dtype, const DenseBackwardArgs& args,
+                                              cudaStream_t stream) {
+  DenseBackwardArgs a = args;  // no x, A, dx, dA: kernel 2 and the reduction see D = 0
+  a.x = a.A = nullptr;
+  a.dx = a.dA = nullptr;
+  a.D = 0;
+  if (dtype == DType::kBFloat16) return launch_backward_width<__nv_bfloat16, false>(a, stream);
+  return launch_backward_width<__half, false>(a, stream);
 }
 
 cudaError_t launch_dense_gate(DType dtype, const void* in, const void* w, const int64_t* experts,

@@ -113,6 +113,44 @@ def molora_with_routing(x: torch.Tensor, router_logits: torch.Tensor, lora_A: to
     return MoLoRAOutput(delta, routing.probs, routing.experts, routing.counts)
 
 
+def dense_shrink_with_router(x: torch.Tensor, lora_A: torch.Tensor,
+                             router_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's shrink and the router logits in one GEMM, so x is read once:
+    [h_all | logits] = x [A_all; Wr]^T.
+
+    x (T, D), lora_A (E, R, D), router_weight (M, D) = Wr of a bias-free router, in x's
+    dtype. Returns h_all (T, E*R) and logits (T, M), views of one (T, E*R + M) product
+    (differentiable: autograd's GEMM then gives dx = [dh_all | dlogits] [A_all; Wr] in one
+    pass too). `molora_from_shrink` finishes the dense-gated strategy from them."""
+    E, R, D = lora_A.shape
+    if router_weight.dim() != 2 or router_weight.shape[1] != D:
+        raise ValueError(f"router_weight must have shape (M, {D}), got {tuple(router_weight.shape)}")
+    if x.dim() != 2 or x.shape[1] != D:
+        raise ValueError(f"x must have shape (T, {D}), got {tuple(x.shape)}")
+    weight = torch.cat([lora_A.reshape(E * R, D), router_weight.to(lora_A.dtype)])
+    h_all, logits = (x @ weight.T).split([E * R, router_weight.shape[0]], dim=-1)
+    return h_all, logits
+
+
+def molora_from_shrink(h_all: torch.Tensor, router_logits: torch.Tensor, lora_B: torch.Tensor,
+                       top_k: int, scaling: float, num_null_experts: int = 0,
+                       normalize_weights: bool = True, *, temperature: float = 1.0,
+                       logit_bias: Optional[torch.Tensor] = None) -> MoLoRAOutput:
+    """The dense-gated strategy from a given shrink h_all (T, E*R) = x A_all^T: routes
+    `router_logits` (T, E + N) and returns the delta (T, O) = s * gate(h_all) B_all^T with
+    the routing, as `molora_with_routing` does."""
+    E = lora_B.shape[0] if lora_B.dim() == 3 else -1
+    M = E + num_null_experts
+    if router_logits.dim() != 2 or tuple(router_logits.shape) != (h_all.shape[0], M):
+        raise ValueError(f"router_logits must have shape {(h_all.shape[0], M)} (h_all's tokens, "
+                         f"E + num_null_experts), got {tuple(router_logits.shape)}")
+    routing = ops.route(router_logits, top_k, temperature, logit_bias, normalize_weights)
+    weights = routing.weights.to(ops.acc_dtype(h_all.dtype))
+    delta = ops.lora_dense_expand(h_all, lora_B, weights, routing.experts, scaling,
+                                  num_null_experts)
+    return MoLoRAOutput(delta, routing.probs, routing.experts, routing.counts)
+
+
 def molora(x: torch.Tensor, router_logits: torch.Tensor, lora_A: torch.Tensor,
            lora_B: torch.Tensor, top_k: int, scaling: float, num_null_experts: int = 0,
            normalize_weights: bool = True, *, temperature: float = 1.0,

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .config import MoLoRAConfig
-from .functional import molora_with_routing
+from .functional import (choose_strategy, dense_shrink_with_router, molora_from_shrink,
+                         molora_with_routing)
 
 
 class LastRouting(NamedTuple):
@@ -87,8 +88,7 @@ def _base_adds_in_place(base: nn.Module, x: torch.Tensor, delta: torch.Tensor) -
     return ((type(base) is nn.Linear or is_conv1d(base)) and not _has_hooks(base)
             and type(W) in (nn.Parameter, torch.Tensor) and W.dtype == x.dtype == delta.dtype
             and W.device == x.device and delta.is_contiguous() and delta._base is None
-            and not torch.is_autocast_enabled(x.device.type)
-            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+            and not torch.is_autocast_enabled(x.device.type) and not _traced())
 
 
 def _add_base_in_place(base: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -101,6 +101,13 @@ def _add_base_in_place(base: nn.Module, x: torch.Tensor, delta: torch.Tensor) ->
     if base.bias is not None:
         delta.add_(base.bias)
     return delta
+
+
+def _traced() -> bool:
+    """Inside torch.jit tracing, torch.export or an ONNX export: the exported graphs keep the
+    plain ops (the ONNX translation table knows them)."""
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_exporting())
 
 
 class MoLoRALinear(nn.Module):
@@ -165,22 +172,47 @@ class MoLoRALinear(nn.Module):
             x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
         elif x.dtype != A.dtype:
             x = x.to(A.dtype)
-        logits = self.router(x)
+        strategy = c.strategy
+        if strategy == "auto":
+            strategy = choose_strategy(c.num_experts, c.top_k, c.r, x.device)
+        h_all = None
+        if strategy == "dense" and self._router_fuses(x):
+            h_all, logits = dense_shrink_with_router(x.reshape(-1, x.shape[-1]), A, self.router.weight)
+            logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
+        else:
+            logits = self.router(x)
         override = _OVERRIDE.get()
         route_logits, bias = logits, self.logit_bias
         if override is not None and override.row_bias is not None:
             route_logits, bias = _add_row_bias(logits, override.row_bias), None
-        xd = self.dropout(x)
-        if flat:  # the routing keeps x's batch rows (row_bias above); the kernels see (T, D)
-            xd, route_logits = xd.reshape(-1, xd.shape[-1]), route_logits.reshape(-1, logits.shape[-1])
-        out = molora_with_routing(
-            xd, route_logits, A, B, c.top_k, c.scaling, c.num_null_experts,
-            c.normalize_weights, temperature=c.router_temperature, logit_bias=bias,
-            strategy=c.strategy)
+        route_kw = dict(temperature=c.router_temperature, logit_bias=bias)
+        if h_all is not None:  # the routing keeps x's batch rows (row_bias above)
+            out = molora_from_shrink(h_all, route_logits.reshape(-1, logits.shape[-1]), B, c.top_k,
+                                     c.scaling, c.num_null_experts, c.normalize_weights, **route_kw)
+            if not flat:
+                out = out._replace(delta=out.delta.reshape(*x.shape[:-1], B.shape[1]))
+        else:
+            xd = self.dropout(x)
+            if flat:  # the routing keeps x's batch rows (row_bias above); the kernels see (T, D)
+                xd = xd.reshape(-1, xd.shape[-1])
+                route_logits = route_logits.reshape(-1, logits.shape[-1])
+            out = molora_with_routing(xd, route_logits, A, B, c.top_k, c.scaling,
+                                      c.num_null_experts, c.normalize_weights, strategy=strategy,
+                                      **route_kw)
         if override is None or override.record:
             self.last_routing = LastRouting(out.probs, out.experts, out.counts,
                                             logits.reshape(-1, logits.shape[-1]))
         return out
+
+    def _router_fuses(self, x: torch.Tensor) -> bool:
+        """Whether the dense strategy may take the router logits from its shrink GEMM (x read
+        once): a plain bias-free nn.Linear router without hooks, of the experts' dtype (or
+        autocast), no active dropout (the router sees x, the experts dropout(x)), not traced."""
+        r = self.router
+        return (type(r) is nn.Linear and r.bias is None and not _has_hooks(r)
+                and (r.weight.dtype == self.lora_A.dtype or torch.is_autocast_enabled(x.device.type))
+                and (isinstance(self.dropout, nn.Identity) or not self.dropout.training)
+                and not _traced())
 
     def extra_repr(self) -> str:
         c = self.config

@@ -147,3 +147,26 @@ def lora_dense_backward_args(grad_y, x, lora_A, lora_B, weights, experts, h_all,
     value(h_all.shape == (T, E * R),
           f"h_all must have shape ({T}, {E * R}) (T, E*R), got {tuple(h_all.shape)}")
     dtype(h_all, FLOATS, "h_all")
+
+
+def lora_dense_expand_args(h_all, lora_B, weights, experts, s, N) -> None:
+    same_device(h_all=h_all, lora_B=lora_B, weights=weights, experts=experts)
+    dim(h_all, 2, "h_all")
+    dim(lora_B, 3, "lora_B")
+    dtype(h_all, FLOATS, "h_all")
+    dtype(lora_B, (h_all.dtype,), "lora_B")
+    E, _, R = lora_B.shape
+    value(E >= 1 and R >= 1, f"lora_B needs E >= 1 and R >= 1, got shape {tuple(lora_B.shape)}")
+    value(h_all.shape[1] == E * R,
+          f"h_all must have E*R columns (E={E}, R={R} from lora_B), got shape {tuple(h_all.shape)}")
+    routing(weights, experts, h_all.shape[0], h_all, "h_all")
+    scaling(s)
+    num_null_experts(N, E)
+
+
+def lora_dense_expand_backward_args(grad_y, h_all, lora_B, weights, experts, s, N) -> None:
+    lora_dense_expand_args(h_all, lora_B, weights, experts, s, N)
+    same_device(h_all=h_all, grad_y=grad_y)
+    T, O = h_all.shape[0], lora_B.shape[1]
+    value(grad_y.shape == (T, O), f"grad_y must have shape ({T}, {O}), got {tuple(grad_y.shape)}")
+    dtype(grad_y, FLOATS, "grad_y")

@@ -120,6 +120,30 @@ def lora_dense_backward(grad_y, x, lora_A, lora_B, weights, experts, h_all, scal
                          num_null_experts)
 
 
+def lora_dense_expand(h_all, lora_B, weights, experts, scaling, num_null_experts):
+    """y (T, O) = s * gate(h_all) B_all^T in h_all's dtype (the GEMM in acc)."""
+    E, O, R = lora_B.shape
+    acc = acc_dtype(h_all.dtype)
+    gates = scaling * reference.gates(weights, experts, E, num_null_experts)  # (T, E)
+    gated = (h_all.to(acc).view(-1, E, R) * gates[:, :, None]).reshape(-1, E * R)
+    return (gated @ lora_B.permute(0, 2, 1).reshape(E * R, O).to(acc)).to(h_all.dtype)
+
+
+def lora_dense_expand_backward(grad_y, h_all, lora_B, weights, experts, scaling,
+                               num_null_experts):
+    """(grad_h_all, grad_weights, grad_B), differentiable (create_graph=True uses it)."""
+    E, O, R = lora_B.shape
+    acc = acc_dtype(h_all.dtype)
+    gates = scaling * reference.gates(weights, experts, E, num_null_experts)  # (T, E)
+    h = h_all.to(acc).view(-1, E, R)
+    dy = grad_y.to(h_all.dtype).to(acc)
+    dz = (dy @ lora_B.permute(0, 2, 1).reshape(E * R, O).to(acc).T).view(-1, E, R)  # d(gated)
+    dh = (dz * gates[:, :, None]).reshape(-1, E * R)
+    dw = _chosen(scaling * (dz * h).sum(-1), experts, E)
+    dB = (dy.T @ (h * gates[:, :, None]).reshape(-1, E * R)).view(O, E, R).permute(1, 0, 2)
+    return dh.to(h_all.dtype), dw.to(weights.dtype), dB.to(lora_B.dtype).contiguous()
+
+
 def _checked(fn, check):
     """fn behind the argument checks of the fake kernels (checks.py)."""
     def op(*args):
@@ -137,6 +161,9 @@ OPS = {
     "lora_backward": _checked(lora_backward, checks.lora_backward_args),
     "lora_dense_forward": _checked(lora_dense_forward, checks.lora_forward_args),
     "lora_dense_backward": _checked(lora_dense_backward, checks.lora_dense_backward_args),
+    "lora_dense_expand": _checked(lora_dense_expand, checks.lora_dense_expand_args),
+    "lora_dense_expand_backward": _checked(lora_dense_expand_backward,
+                                           checks.lora_dense_expand_backward_args),
 }
 
 

@@ -80,6 +80,19 @@ def lora_dense(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     return lora_delta(x, lora_A, lora_B, weights, experts, scaling), h_all.to(x.dtype)
 
 
+def lora_dense_expand(h_all: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor,
+                      experts: torch.Tensor, scaling: float) -> torch.Tensor:
+    """lora_dense_expand's y (T, O) = s * sum_k weights[t,k] * B_e h_all[t, e*R:(e+1)*R]
+    (e = experts[t,k]; e >= E adds nothing), expert by expert, in the weights' dtype."""
+    E, _, R = lora_B.shape
+    acc = weights.dtype
+    y = h_all.new_zeros((h_all.shape[0], lora_B.shape[1]), dtype=acc)
+    for e in range(E):
+        gate = (weights * (experts == e)).sum(1)  # (T,)
+        y = y + scaling * gate[:, None] * (h_all[:, e * R:(e + 1) * R].to(acc) @ lora_B[e].to(acc).T)
+    return y.to(h_all.dtype)
+
+
 def molora(x, router_logits, lora_A, lora_B, top_k, scaling, num_null_experts=0,
            normalize_weights=True, temperature=1.0, logit_bias=None) -> torch.Tensor:
     """The whole MoLoRA delta: x (..., D), router_logits (..., E + N) -> (..., O)."""

@@ -126,3 +126,99 @@ def test_base_added_in_place_matches_separate_add(make_base, strategy, monkeypat
     torch.testing.assert_close(y, y2)
     for g, g2 in zip(grads, grads2):
         torch.testing.assert_close(g, g2)
+
+
+def _graph_nodes(out):
+    seen, nodes, todo = set(), set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            nodes.add(type(node).__name__)
+            todo += [n for n, _ in node.next_functions]
+    return nodes
+
+
+@pytest.mark.parametrize("num_null", [0, 2])
+def test_dense_router_logits_come_from_the_shrink_gemm(num_null, monkeypatch):
+    """Dense strategy: the router logits and every expert's shrink are one GEMM over x
+    (x read once), then lora_dense_expand; outputs, routing and every gradient (x, lora_A,
+    lora_B, router, base) equal the unfused layer's (a hooked router runs as a module)."""
+    from moe_ext.molora import functional
+    import moe_ext.molora.layer as layer_module
+    calls = []
+    shrink = functional.dense_shrink_with_router
+    monkeypatch.setattr(layer_module, "dense_shrink_with_router",
+                        lambda *a: calls.append(1) or shrink(*a))
+    torch.manual_seed(0)
+    cfg = MoLoRAConfig(r=4, num_experts=4, num_null_experts=num_null, top_k=2, strategy="dense")
+    layer = MoLoRALinear(nn.Linear(16, 8), cfg).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    params = [x] + list(layer.parameters())
+    g = torch.randn(3, 7, 8, dtype=torch.float64)
+
+    def run():
+        y = layer(x)
+        return y, layer.last_routing, torch.autograd.grad((y * g).sum(), params)
+
+    y, routing, grads = run()
+    assert calls == [1] and "SplitWithSizesBackward0" in _graph_nodes(y)
+    routed = []
+    handle = layer.router.register_forward_hook(lambda m, i, o: routed.append(1))
+    y2, routing2, grads2 = run()
+    handle.remove()
+    assert calls == [1] and routed == [1]  # the hooked router ran as a module, unfused
+    torch.testing.assert_close(y, y2)
+    assert torch.equal(routing.experts, routing2.experts)
+    torch.testing.assert_close(routing.logits, routing2.logits)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b)
+    want = layer.base(x) + reference.molora(x, layer.router(x), layer.lora_A, layer.lora_B, 2,
+                                            cfg.scaling, num_null)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(layer.molora_output(x).delta, want - layer.base(x))
+    assert calls == [1, 1] and layer.molora_output(x).delta.shape == (3, 7, 8)
+    assert layer(torch.zeros(2, 0, 16, dtype=torch.float64)).shape == (2, 0, 8)  # no tokens
+
+
+def test_router_fusion_only_where_it_is_exact():
+    """Unfused: sparse strategy, dropout while training (the router sees x, the experts
+    dropout(x)), a router with a bias or hooks, a router of another dtype."""
+    def layer(**kw):
+        cfg = dict(r=2, num_experts=3, top_k=2, strategy="dense") | kw
+        return MoLoRALinear(nn.Linear(6, 5), MoLoRAConfig(**cfg))
+    x = torch.randn(4, 6)
+    assert layer()._router_fuses(x)
+    dropped = layer(lora_dropout=0.1)
+    assert not dropped._router_fuses(x) and dropped.eval()._router_fuses(x)
+    biased = layer()
+    biased.router = nn.Linear(6, 3)
+    assert not biased._router_fuses(x)
+    other = layer()
+    other.router.double()
+    assert not other._router_fuses(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert other._router_fuses(x)
+        y = other(x)  # the experts and the router run in the autocast dtype
+    assert y.shape == (4, 5) and other.last_routing.logits.dtype == torch.bfloat16
+
+
+def test_router_fusion_with_row_bias_override():
+    """routing_override's per-row bias is added to the fused GEMM's logits, per batch row."""
+    from moe_ext.molora.layer import routing_override
+    torch.manual_seed(1)
+    layer = MoLoRALinear(nn.Linear(8, 8), MoLoRAConfig(r=2, num_experts=3, top_k=1,
+                                                       strategy="dense"))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 8)
+    bias = torch.tensor([[100.0, 0, 0], [0, 0, 100.0]])
+    with routing_override(bias):
+        y = layer(x)
+    assert (layer.last_routing.experts.view(2, 5) == torch.tensor([[0], [2]])).all()
+    hooked = layer.router.register_forward_hook(lambda m, i, o: None)
+    with routing_override(bias):
+        torch.testing.assert_close(layer(x), y)
+    hooked.remove()

@@ -38,6 +38,9 @@ NAMES = {
                            "num_null_experts"),
     "lora_dense_backward": ("grad_y", "x", "lora_A", "lora_B", "weights", "experts", "h_all",
                             "scaling", "num_null_experts"),
+    "lora_dense_expand": ("h_all", "lora_B", "weights", "experts", "scaling", "num_null_experts"),
+    "lora_dense_expand_backward": ("grad_y", "h_all", "lora_B", "weights", "experts", "scaling",
+                                   "num_null_experts"),
 }
 RANK = {"valid": 0, "either": 1, "invalid": 2}
 
@@ -311,15 +314,20 @@ def _bad_offsets(case, rng):
 
 def lora_dense_case(rng) -> Case:
     T, O, E, N, dtype, s, x, A, B, w, e = _lora_inputs(rng)
-    if rng.random() < 0.4:
-        case = Case("lora_dense_forward", [x, A, B, w, e, s, N])
-        value = [lambda: set_bad_id(case, 4, rng, E + N), lambda: set_scaling(case, 5, rng),
-                 lambda: set_num_null(case, 6, rng)]
-        return _finish(case, rng, value)
     h_all = (x.double() @ A.double().flatten(0, 1).T).to(dtype)  # (T, E*R)
-    case = Case("lora_dense_backward", [_data(rng, T, O, dtype=dtype), x, A, B, w, e, h_all, s, N])
-    value = [lambda: set_bad_id(case, 5, rng, E + N), lambda: set_scaling(case, 7, rng),
-             lambda: set_num_null(case, 8, rng)]
+    which = rng.random()
+    if which < 0.3:
+        case = Case("lora_dense_forward", [x, A, B, w, e, s, N])
+    elif which < 0.6:
+        case = Case("lora_dense_backward", [_data(rng, T, O, dtype=dtype), x, A, B, w, e, h_all, s, N])
+    elif which < 0.8:
+        case = Case("lora_dense_expand", [h_all, B, w, e, s, N])
+    else:
+        case = Case("lora_dense_expand_backward", [_data(rng, T, O, dtype=dtype), h_all, B, w, e, s, N])
+    at = case.names.index
+    value = [lambda: set_bad_id(case, at("experts"), rng, E + N),
+             lambda: set_scaling(case, at("scaling"), rng),
+             lambda: set_num_null(case, at("num_null_experts"), rng)]
     return _finish(case, rng, value)
 
 

@@ -104,10 +104,37 @@ def ref_lora_dense_backward(gy, x, A, B, w, experts, h_all, scaling, N):
     return ref_lora_backward(gy, x, A, B, w, experts, order, offsets, h, scaling, N)
 
 
+def _expand_inputs(h_all, B, w, experts, N):
+    """The expand's inputs as its kernels read them: h_all in float64, shapes checked."""
+    E, R = B.shape[0], B.shape[2]
+    _check_ids(experts, E, N)
+    if h_all.shape != (experts.shape[0], E * R) or w.shape != experts.shape:
+        raise ValueError("reference: shapes")
+    return _f64(h_all), _f64(B), _f64(w)
+
+
+def ref_lora_dense_expand(h_all, B, w, experts, scaling, N):
+    h, B, w = _expand_inputs(h_all, B, w, experts, N)
+    return (reference.lora_dense_expand(h, B, w, experts, scaling),)
+
+
+def ref_lora_dense_expand_backward(gy, h_all, B, w, experts, scaling, N):
+    """The gradients of <grad_y, y> by autograd through the float64 reference."""
+    h, B, w = (t.requires_grad_(True) for t in _expand_inputs(h_all, B, w, experts, N))
+    if gy.shape != (h.shape[0], B.shape[1]):
+        raise ValueError("reference: shapes")
+    y = reference.lora_dense_expand(h, B, w, experts, scaling)
+    dh, dB, dw = torch.autograd.grad(y, (h, B, w), _f64(gy.to(h_all.dtype)), allow_unused=True)
+    zeros = lambda g, t: torch.zeros_like(t) if g is None else g  # noqa: E731  (T = 0)
+    return zeros(dh, h), zeros(dw, w), zeros(dB, B)
+
+
 REFERENCES = {"route": ref_route, "route_backward": ref_route_backward, "align": ref_align,
               "lora_forward": ref_lora_forward, "lora_backward": ref_lora_backward,
               "lora_dense_forward": ref_lora_dense_forward,
-              "lora_dense_backward": ref_lora_dense_backward}
+              "lora_dense_backward": ref_lora_dense_backward,
+              "lora_dense_expand": ref_lora_dense_expand,
+              "lora_dense_expand_backward": ref_lora_dense_expand_backward}
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 

@@ -54,6 +54,11 @@ def test_lora_ops_match_kernels(dtype, K, N):
     for g, k in zip(fallback.OPS["lora_dense_backward"](dy, x, A, B, w, r.experts, h_all, 0.9, N),
                     C.lora_dense_backward(dy, x, A, B, w, r.experts, h_all, 0.9, N)):
         torch.testing.assert_close(g, k, **tol)
+    torch.testing.assert_close(fallback.OPS["lora_dense_expand"](h_all, B, w, r.experts, 0.9, N),
+                               C.lora_dense_expand(h_all, B, w, r.experts, 0.9, N), **tol)
+    for g, k in zip(fallback.OPS["lora_dense_expand_backward"](dy, h_all, B, w, r.experts, 0.9, N),
+                    C.lora_dense_expand_backward(dy, h_all, B, w, r.experts, 0.9, N)):
+        torch.testing.assert_close(g, k, **tol)
 
 
 def test_fallbacks_registered_for_cuda_only_where_no_kernel():
