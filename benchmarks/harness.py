@@ -59,11 +59,14 @@ def fwd_and_fwd_bwd(fn, wrt: tuple) -> list[tuple[str, object]]:
     return [("fwd", fwd), ("fwd+bwd", fwd_bwd)]
 
 
-def bench_args(description: str, tokens: int = 8192, features: int = 4096):
-    """The command-line options every GPU-suite script shares."""
+def bench_args(description: str, tokens: int = 8192, features: int = 4096, options=None):
+    """The command-line options every GPU-suite script shares; `options(parser)` adds a
+    script's own."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
+    if options is not None:
+        options(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="default: bfloat16 on CUDA, float32 on the CPU")

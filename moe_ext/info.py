@@ -12,7 +12,8 @@ from .ops.fallback import REGISTERED
 from .version import __version__
 
 OP_NAMES = ["route", "route_backward", "align", "lora_forward", "lora_backward",
-            "lora_dense_forward", "lora_dense_backward"]
+            "lora_dense_forward", "lora_dense_backward", "lora_dense_expand",
+            "lora_dense_expand_backward"]
 
 
 def _has_kernel(op: str, key: str) -> bool:

@@ -211,6 +211,7 @@ fused_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
         }
       }
     }
+    __syncthreads();  // gate_s is complete (with the shrink, its pipeline's barriers order it)
   }
 
   // The expand's first B_all stage goes out now, under the gate epilogue below.

@@ -72,6 +72,11 @@ MUTANTS = [
            "csrc/cuda/lora_dense.cu",
            "    __syncthreads();  // every thread's copies of this stage have landed\n", "",
            "tsan", ["lora_dense/fused bf16 T70"], ["ThreadSanitizer: data race"]),
+    Mutant("lora_dense expand: barrier before the gate epilogue reads the block's gates removed",
+           "csrc/cuda/lora_dense.cu",
+           "    __syncthreads();  // gate_s is complete (with the shrink, its pipeline's barriers "
+           "order it)\n", "",
+           "tsan", ["lora_dense/fused bf16 T70"], ["ThreadSanitizer: data race"]),
 ]
 
 

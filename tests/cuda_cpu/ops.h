@@ -220,4 +220,40 @@ inline DenseBackward lora_dense_fused_backward(DType t, const LoraShape& s, cons
   return g;
 }
 
+struct DenseExpandBackward {
+  Buffer dh_all, dw, dB;
+};
+
+// lora_dense_expand_cuda's fused path: y (T, O) from h_all (T, E R) in `t`.
+inline Buffer lora_dense_expand_forward(DType t, const LoraShape& s, const Buffer& h_all,
+                                        const Buffer& B, const Buffer& w, const Buffer& experts) {
+  check(moe_ext::cuda::dense_expand_supported(t, s.T, s.O, s.E, s.R, s.K),
+        "the dense expand kernel does not take this shape / dtype");
+  Buffer y(s.T * s.O * dtype_size(t), false);
+  check_cuda(moe_ext::cuda::launch_lora_dense_expand_forward(
+                 t, h_all.get(), B.get(), w.get(), static_cast<const int64_t*>(experts.get()),
+                 s.T, s.O, s.E, s.R, s.K, s.scaling, y.get(), nullptr),
+             "launch_lora_dense_expand_forward");
+  return y;
+}
+
+// lora_dense_expand_backward_cuda's fused path: dy (T, O), h_all (T, E R) in `t`.
+inline DenseExpandBackward lora_dense_expand_backward(DType t, const LoraShape& s,
+                                                      const Buffer& dy, const Buffer& h_all,
+                                                      const Buffer& B, const Buffer& w,
+                                                      const Buffer& experts) {
+  const size_t el = dtype_size(t);
+  const int64_t ER = s.E * s.R, splits = moe_ext::cuda::dense_backward_splits(s.T);
+  DenseExpandBackward g{Buffer(s.T * ER * el, false), Buffer(s.T * s.K * 4, false),
+                        Buffer(s.E * s.O * s.R * el, false)};
+  Buffer gated(s.T * ER * el, false), partial(splits * ER * s.O * 4, false);
+  const moe_ext::cuda::DenseBackwardArgs args{
+      dy.get(), nullptr, nullptr, B.get(), h_all.get(), w.get(),
+      static_cast<const int64_t*>(experts.get()), s.T, 0, s.O, s.E, s.R, s.K, s.scaling,
+      nullptr, g.dw.get(), nullptr, g.dB.get(), g.dh_all.get(), gated.get(), partial.get()};
+  check_cuda(moe_ext::cuda::launch_lora_dense_expand_backward(t, args, nullptr),
+             "launch_lora_dense_expand_backward");
+  return g;
+}
+
 }  // namespace cuda_cpu

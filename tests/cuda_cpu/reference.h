@@ -126,6 +126,27 @@ struct LoraGrads {
   Vec dx, dw, dA, dB;
 };
 
+// lora_dense_expand from a given h_all (T, E R): y (T, O) = s sum_k w_k B_{e_k} h_{e_k}, and
+// the gradient of <gy, y> to h_all: dh_all[t, e R + r] = s sum_{k: e_k = e} w_k (B_e^T gy_t)_r.
+inline void dense_expand(const Lora& s, const Vec& h_all, const Vec& B, const Vec& w,
+                         const Ids& experts, const Vec& gy, Vec& y, Vec& dh_all) {
+  y.assign(s.T * s.O, 0.0);
+  dh_all.assign(s.T * s.E * s.R, 0.0);
+  for (int64_t p = 0; p < s.T * s.K; ++p) {
+    const int64_t t = p / s.K, e = experts[p];
+    if (!is_lora(e, s.E)) continue;
+    const double* h = &h_all[(t * s.E + e) * s.R];
+    for (int64_t o = 0; o < s.O; ++o) {
+      double acc = 0, g = s.scaling * w[p] * gy[t * s.O + o];
+      for (int64_t r = 0; r < s.R; ++r) {
+        acc += B[(e * s.O + o) * s.R + r] * h[r];
+        dh_all[(t * s.E + e) * s.R + r] += g * B[(e * s.O + o) * s.R + r];
+      }
+      y[t * s.O + o] += s.scaling * w[p] * acc;
+    }
+  }
+}
+
 inline LoraGrads lora_backward(const Lora& s, const Vec& gy, const Vec& x, const Vec& A,
                                const Vec& B, const Vec& w, const Ids& experts, const Vec& h) {
   const int64_t P = s.T * s.K;

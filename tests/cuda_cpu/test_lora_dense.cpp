@@ -3,7 +3,8 @@
 //   - the fused tensor-core forward and backward (bf16 / fp16): y, h_all, dx, dw, dA, dB at
 //     edge shapes (T not a multiple of the 64-token block, E*R from 8 to 256, the widest, D
 //     and O past several pipeline stages, K = 1 and K > 1, null experts, repeated ids, two
-//     token splits of the weight gradient);
+//     token splits of the weight gradient), and on the same cases the lora_dense_expand
+//     variants of both kernels (no shrink, no dx / dA) from the forward's h_all;
 //   - the generic path's gate kernels (every dtype), the cases of tests/ops/test_lora_dense.py
 //     that the model can run (the cuBLAS GEMMs around them it cannot).
 #include <cmath>
@@ -25,9 +26,8 @@ void check_fused(DType t, const LoraShape& s, Edit edit = nullptr) {
   const auto x = rounded(randn(s.T * s.D, 12), t);
   const auto A = rounded(randn(s.E * s.R * s.D, 13, 1.0 / std::sqrt(double(s.D))), t);
   const auto B = rounded(randn(s.E * s.O * s.R, 14, 1.0 / std::sqrt(double(s.R))), t);
-  const DenseForward f = lora_dense_fused_forward(t, s, to_device(x, t), to_device(A, t),
-                                                  to_device(B, t), to_device(w, acc_of(t)),
-                                                  ints_to_device(experts));
+  const Buffer Bd = to_device(B, t), wd = to_device(w, acc_of(t)), ids = ints_to_device(experts);
+  const DenseForward f = lora_dense_fused_forward(t, s, to_device(x, t), to_device(A, t), Bd, wd, ids);
   const ref::Lora rs{s.T, s.D, s.O, s.E, s.R, s.K, s.scaling};
   std::vector<double> y, h;
   ref::lora_forward(rs, x, A, B, w, experts, y, h);
@@ -39,9 +39,9 @@ void check_fused(DType t, const LoraShape& s, Edit edit = nullptr) {
   // Backward from the kernel's own h_all (the op's contract), against the per-pair
   // reference fed the same h: h[p] = h_all[t, e R : (e + 1) R] for LoRA pairs.
   const auto dy = rounded(randn(s.T * s.O, 15), t);
-  const DenseBackward g = lora_dense_fused_backward(
-      t, s, to_device(dy, t), to_device(x, t), to_device(A, t), to_device(B, t), f.h_all,
-      to_device(w, acc_of(t)), ints_to_device(experts));
+  const Buffer dyd = to_device(dy, t);
+  const DenseBackward g =
+      lora_dense_fused_backward(t, s, dyd, to_device(x, t), to_device(A, t), Bd, f.h_all, wd, ids);
   std::vector<double> hp(s.T * s.K * s.R, 0.0);
   for (int64_t p = 0; p < s.T * s.K; ++p)
     if (ref::is_lora(experts[p], s.E))
@@ -53,6 +53,17 @@ void check_fused(DType t, const LoraShape& s, Edit edit = nullptr) {
   expect_close("dw", to_host(g.dw, acc_of(t), s.T * s.K), want.dw, tolerance(t));
   expect_close("dA", to_host(g.dA, t, s.E * s.R * s.D), want.dA, 2 * tolerance(t));
   expect_close("dB", to_host(g.dB, t, s.E * s.O * s.R), want.dB, 2 * tolerance(t));
+
+  // lora_dense_expand's kernels from the same h_all (MoLoRALinear's router fusion): y again,
+  // and grad_h_all (rounded once, with the scaling), dw and dB as above.
+  std::vector<double> y_expand, dh_all;
+  ref::dense_expand(rs, h_all, B, w, experts, dy, y_expand, dh_all);
+  const Buffer ye = lora_dense_expand_forward(t, s, f.h_all, Bd, wd, ids);
+  expect_close("expand y", to_host(ye, t, s.T * s.O), y_expand, 2 * tolerance(t));
+  const DenseExpandBackward ge = lora_dense_expand_backward(t, s, dyd, f.h_all, Bd, wd, ids);
+  expect_close("expand grad_h_all", to_host(ge.dh_all, t, s.T * s.E * s.R), dh_all, tolerance(t));
+  expect_close("expand dw", to_host(ge.dw, acc_of(t), s.T * s.K), want.dw, tolerance(t));
+  expect_close("expand dB", to_host(ge.dB, t, s.E * s.O * s.R), want.dB, 2 * tolerance(t));
 }
 
 std::string name(DType t, const LoraShape& s, const char* why) {
@@ -112,6 +123,11 @@ CUDA_CPU_CASE("lora_dense/fused refuses what it cannot take", "", [] {
   check(!dense_fused_supported(DType::kBFloat16, 8, 8, 12, 2, 8, 2), "O % 8");
   check(!dense_fused_supported(DType::kBFloat16, 0, 8, 8, 2, 8, 2), "T = 0");
   check(!dense_fused_supported(DType::kBFloat16, 8, 8, 0, 2, 8, 2), "O = 0");
+  using moe_ext::cuda::dense_expand_supported;  // the expand alone: the same without D
+  check(dense_expand_supported(DType::kBFloat16, 8, 8, 2, 8, 2), "expand");
+  check(!dense_expand_supported(DType::kFloat32, 8, 8, 2, 8, 2), "expand float32");
+  check(!dense_expand_supported(DType::kBFloat16, 8, 8, 40, 8, 2), "expand E*R > 256");
+  check(!dense_expand_supported(DType::kBFloat16, 8, 8, 2, int64_t(1) << 62, 2), "huge R");
   // width 256 needs more than the 99 KB per block of sm_86 / sm_89 (the host then takes the
   // cuBLAS path), width 128 fits there
   check(moe_ext::cuda::dense_fused_shared_bytes(256) > 101376, "width 256 over 99 KB");
