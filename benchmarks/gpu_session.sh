@@ -47,7 +47,9 @@ for what in "$@"; do
       stage bench
       for script in bench_route bench_align bench_lora bench_lora_dense bench_layer; do
         $PY benchmarks/$script.py --out "$RES" 2>&1 | tail -40
-      done ;;
+      done
+      # the dense strategy's router logits from the shrink GEMM against their own pass
+      $PY benchmarks/bench_layer.py --strategy dense --experts 8 16 --out "$RES" 2>&1 | tail -40 ;;
     *) echo "unknown stage $what (build, tests, sanitize, bench)"; exit 2 ;;
   esac
 done
