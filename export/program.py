@@ -1,16 +1,18 @@
 """The steps every exporter shares: casting to the export dtype, and running
 torch.onnx.export(dynamo=True) with moe_ext's op translations, then writing the ONNX file
-with its metadata atomically."""
+with its metadata atomically (weights over EXTERNAL_DATA_BYTES in an external data file)."""
 from __future__ import annotations
 
 import copy
+import glob
 import os
+import secrets
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from moe_ext.utils.io import atomic_write
+from moe_ext.utils.io import atomic_write, fsync_path
 
 from .onnx_ops import translation_table
 from .tracing import tracing_context
@@ -55,5 +57,38 @@ def export_graph(graph: nn.Module, model: nn.Module, tensors: list, names, outpu
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    write_onnx(proto, path)
     return path
+
+
+# A serialised ONNX protobuf cannot exceed 2 GiB: models larger than this keep their
+# tensors in an external data file beside the .onnx (onnxruntime reads it from there).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def write_onnx(proto, path: str) -> None:
+    """Writes `proto` to `path` atomically. Up to EXTERNAL_DATA_BYTES: one file.
+    Beyond: the weights go first to a new `<name>.<random>.data` beside it, then the .onnx
+    that names it replaces the old one in one rename. Either way the data files of earlier
+    saves of `path` are removed last: a crash at any point leaves a .onnx whose data is whole."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
+
+    folder, name = os.path.split(os.path.abspath(path))
+    data_name = None
+    if proto.ByteSize() > EXTERNAL_DATA_BYTES:  # weights and folded constants alike
+        data_name = f"{name}.{secrets.token_hex(6)}.data"
+        convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=data_name,
+                                       size_threshold=1024, convert_attribute=True)
+    try:
+        if data_name is not None:
+            write_external_data_tensors(proto, folder)  # and clears the tensors' raw_data
+            fsync_path(os.path.join(folder, data_name))
+        atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    except BaseException:
+        if data_name is not None and os.path.exists(os.path.join(folder, data_name)):
+            os.remove(os.path.join(folder, data_name))
+        raise
+    for old in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + ".*.data")):
+        if os.path.basename(old) != data_name:  # earlier saves' data (or a crashed save's)
+            os.remove(old)

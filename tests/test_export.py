@@ -203,3 +203,31 @@ def test_backbone_reward_model_parity_routed_and_personalised(tmp_path):
     got = personal(input_ids=s["input_ids"], attention_mask=s["attention_mask"], user_weights=w)
     assert rel_err(got["rewards"], want_user) <= 1e-4
     assert personal.metadata["moe_ext.kind"] == "backbone_reward_model"
+
+
+def test_large_weights_go_to_an_external_data_file(tmp_path, monkeypatch):
+    """Over EXTERNAL_DATA_BYTES (1 GiB; here 0) the weights go to `<name>.<random>.data`
+    beside the .onnx (a protobuf cannot pass 2 GiB); onnxruntime loads it with the same
+    results; a later save replaces the data file and removes the earlier one, and a small
+    save after a large one leaves no data file."""
+    from moe_ext.export import program
+    model = llama_with_molora(num_experts=3, top_k=1)
+    ids = torch.randint(0, 40, (2, 5))
+    path = str(tmp_path / "lm.onnx")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    monkeypatch.setattr(program, "EXTERNAL_DATA_BYTES", 0)
+    to_onnx(model, path, {"input_ids": ids})
+    first = sorted(p.name for p in tmp_path.iterdir())
+    assert len(first) == 2 and first[0] == "lm.onnx" and first[1].startswith("lm.onnx.")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert (tmp_path / first[1]).stat().st_size >= 0.5 * weights  # the weights are in it
+    assert rel_err(OrtModel(path)(input_ids=ids)["logits"], want) <= 1e-4
+    to_onnx(model, path, {"input_ids": ids})
+    second = sorted(p.name for p in tmp_path.iterdir())
+    assert len(second) == 2 and second[1] != first[1]  # the earlier data file is gone
+    assert rel_err(OrtModel(path)(input_ids=ids)["logits"], want) <= 1e-4
+    monkeypatch.setattr(program, "EXTERNAL_DATA_BYTES", 1 << 30)
+    to_onnx(model, path, {"input_ids": ids})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.onnx"]
+    assert rel_err(OrtModel(path)(input_ids=ids)["logits"], want) <= 1e-4
