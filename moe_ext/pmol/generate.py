@@ -1,9 +1,14 @@
 """Generation from a PMoL (or any MoLoRA) causal LM with PyTorch: the prompt rendered with
 the tokenizer's chat template (moe_ext.data.encode_prompt), greedy by default or sampled,
 optionally steered by a logit bias per expert group (set_group_bias) for this call only;
-one prompt (`generate`) or many at once, left-padded (`generate_batch`)."""
+one prompt (`generate`) or many at once, left-padded (`generate_batch`).
+
+Only GenerationOptions' flags apply: the model's own generation_config (a base model's
+repetition_penalty, num_beams, min_new_tokens, ...) is set aside for the call, so the text
+is what the exported graph's loop (moe_ext.export.OrtCausalLM.generate) gives."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -56,6 +61,23 @@ def generate(model: nn.Module, tokenizer, prompt: Text, options: Optional[Genera
     return generate_batch(model, tokenizer, [prompt], options, steer)[0]
 
 
+@contextlib.contextmanager
+def _only_given_flags(model: nn.Module):
+    """transformers fills every flag a call leaves unset from model.generation_config; a
+    blank GenerationConfig there for the call leaves only the flags given."""
+    saved = getattr(model, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def generate_batch(model: nn.Module, tokenizer, prompts: Sequence[Text],
                    options: Optional[GenerationOptions] = None,
@@ -79,8 +101,9 @@ def generate_batch(model: nn.Module, tokenizer, prompts: Sequence[Text],
         for i in range(0, len(prompts), batch_size):
             ids, mask = encode_prompts_left_padded(tokenizer, list(prompts[i:i + batch_size]),
                                                    options.chat_template)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 **options.generate_kwargs(tokenizer))
+            with _only_given_flags(model):
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     **options.generate_kwargs(tokenizer))
             texts += [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1]:],
                                                                 skip_special_tokens=True)]
     finally:

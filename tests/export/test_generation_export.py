@@ -195,3 +195,27 @@ def test_step_api_bad_input_names_the_input(graphs):
     with pytest.raises(ValueError, match="'attention_mask' must be int64, got float32"):
         raw(input_ids=ids, attention_mask=ids.astype(np.float32), position_ids=ids,
             **{n: np.zeros((1, 2, 0, 8), np.float32) for n in lm.past_names})
+
+
+def test_pmol_generate_applies_only_its_flags_like_the_graph(graphs, tokenizer):
+    """A base model's generation_config (here a strong repetition penalty and no repeated
+    tokens) is not applied by pmol.generate: only GenerationOptions' flags are, as in the
+    graph's loop, so both give the same text (transformers' own generate would differ)."""
+    from moe_ext import pmol
+    from moe_ext.cli.generate import generate_onnx
+
+    model, lm = graphs("llama")
+    options = pmol.GenerationOptions(max_new_tokens=12, chat_template=False)
+    config = model.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size = 20.0, 1
+    try:
+        text = pmol.generate(model, tokenizer, PROMPTS[1], options)
+        assert model.generation_config is config  # put back after the call
+        assert text == generate_onnx(lm.path, tokenizer, PROMPTS[1], options, {})
+        ids = tokenizer(PROMPTS[1], return_tensors="pt")
+        with torch.no_grad():  # transformers applies the model's config: another text
+            inherited = model.generate(**ids, **options.generate_kwargs(tokenizer))
+        assert tokenizer.decode(inherited[0, ids["input_ids"].shape[1]:],
+                                skip_special_tokens=True).strip() != text
+    finally:
+        config.repetition_penalty, config.no_repeat_ngram_size = 1.0, 0
