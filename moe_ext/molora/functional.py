@@ -123,13 +123,20 @@ def dense_shrink_with_router(x: torch.Tensor, lora_A: torch.Tensor,
     (differentiable: autograd's GEMM then gives dx = [dh_all | dlogits] [A_all; Wr] in one
     pass too). `molora_from_shrink` finishes the dense-gated strategy from them."""
     E, R, D = lora_A.shape
-    if router_weight.dim() != 2 or router_weight.shape[1] != D:
-        raise ValueError(f"router_weight must have shape (M, {D}), got {tuple(router_weight.shape)}")
     if x.dim() != 2 or x.shape[1] != D:
         raise ValueError(f"x must have shape (T, {D}), got {tuple(x.shape)}")
-    weight = torch.cat([lora_A.reshape(E * R, D), router_weight.to(lora_A.dtype)])
-    h_all, logits = (x @ weight.T).split([E * R, router_weight.shape[0]], dim=-1)
+    h_all, logits = (x @ shrink_router_weight(lora_A, router_weight).T).split(
+        [E * R, router_weight.shape[0]], dim=-1)
     return h_all, logits
+
+
+def shrink_router_weight(lora_A: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """[A_all; Wr] (E*R + M, D): lora_A (E, R, D) viewed as A_all (E*R, D) above the router's
+    weight (M, D), in lora_A's dtype; x times its transpose is [h_all | logits]."""
+    E, R, D = lora_A.shape
+    if router_weight.dim() != 2 or router_weight.shape[1] != D:
+        raise ValueError(f"router_weight must have shape (M, {D}), got {tuple(router_weight.shape)}")
+    return torch.cat([lora_A.reshape(E * R, D), router_weight.to(lora_A.dtype)])
 
 
 def molora_from_shrink(h_all: torch.Tensor, router_logits: torch.Tensor, lora_B: torch.Tensor,

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .config import MoLoRAConfig
-from .functional import (choose_strategy, dense_shrink_with_router, molora_from_shrink,
-                         molora_with_routing)
+from .functional import (choose_strategy, molora_from_shrink, molora_with_routing,
+                         shrink_router_weight)
+from .shared_x import add_base_in_place, project
 
 
 class LastRouting(NamedTuple):
@@ -92,15 +93,13 @@ def _base_adds_in_place(base: nn.Module, x: torch.Tensor, delta: torch.Tensor) -
 
 
 def _add_base_in_place(base: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """delta (T, O) += x (..., D) W^T (+ bias), in place: the GEMM reads delta in its
+    """delta (T, O) += x (T, D) W^T (+ bias), in place: the GEMM reads delta in its
     epilogue (beta = 1 in cuBLAS / MKL) instead of a separate pass that reads base(x) and
     delta and writes their sum, and the sum is rounded once. delta must not be a view
-    (autograd would wrap the in-place op in CopySlices: two more passes in backward)."""
+    (autograd would wrap the in-place op in CopySlices: two more passes in backward).
+    x may be the router GEMM's x_base (shared_x): then one dx for both GEMMs."""
     W_t = base.weight.t() if isinstance(base, nn.Linear) else base.weight  # (D, O)
-    delta.addmm_(x.reshape(-1, x.shape[-1]), W_t)
-    if base.bias is not None:
-        delta.add_(base.bias)
-    return delta
+    return add_base_in_place(delta, x, W_t, base.bias)
 
 
 def _traced() -> bool:
@@ -153,20 +152,24 @@ class MoLoRALinear(nn.Module):
         """x (..., D) -> (..., O)."""
         if not self.adapters_enabled:
             return self.base(x)
-        delta = self._molora_output(x, flat=True).delta  # (T, O)
+        out, x_base = self._run(x, flat=True)
+        delta = out.delta  # (T, O)
         if _base_adds_in_place(self.base, x, delta):
-            return _add_base_in_place(self.base, x, delta).view(*x.shape[:-1], delta.shape[-1])
+            x2 = x_base if x_base is not None else x.reshape(-1, x.shape[-1])
+            return _add_base_in_place(self.base, x2, delta).view(*x.shape[:-1], delta.shape[-1])
         y = self.base(x)
         return y + delta.reshape(y.shape).to(y.dtype)
 
     def molora_output(self, x: torch.Tensor):
         """The experts' delta (..., O) and this call's routing; records `last_routing`."""
-        return self._molora_output(x, flat=False)
+        return self._run(x, flat=False)[0]
 
-    def _molora_output(self, x: torch.Tensor, flat: bool):
-        """molora_output; with `flat` the delta is (T, O), the kernel's own tensor."""
+    def _run(self, x: torch.Tensor, flat: bool):
+        """(molora_output, x_base); with `flat` the delta is (T, O), the kernel's own tensor.
+        x_base: x as (T, D) for the base GEMM, sharing the router GEMM's dx (shared_x), or
+        None when the router runs as a module."""
         c = self.config
-        A, B = self.lora_A, self.lora_B
+        A, B, M = self.lora_A, self.lora_B, c.num_experts + c.num_null_experts
         if torch.is_autocast_enabled(x.device.type):  # run the experts in the autocast dtype
             dtype = torch.get_autocast_dtype(x.device.type)
             x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
@@ -175,10 +178,17 @@ class MoLoRALinear(nn.Module):
         strategy = c.strategy
         if strategy == "auto":
             strategy = choose_strategy(c.num_experts, c.top_k, c.r, x.device)
-        h_all = None
-        if strategy == "dense" and self._router_fuses(x):
-            h_all, logits = dense_shrink_with_router(x.reshape(-1, x.shape[-1]), A, self.router.weight)
-            logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
+        x_base = h_all = None
+        fuse = strategy == "dense" and self._router_fuses(x)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if fuse or (self._router_is_plain(x) and not autocast):
+            # the router's GEMM (dense: with every expert's shrink) as one projection of x
+            weight = shrink_router_weight(A, self.router.weight) if fuse else self.router.weight
+            x2 = x.reshape(-1, x.shape[-1])
+            logits, x_base = (x2 @ weight.T, None) if autocast else project(x2, weight)
+            if fuse:  # [h_all | logits]
+                h_all, logits = logits.split([weight.shape[0] - M, M], dim=-1)
+            logits = logits.reshape(*x.shape[:-1], M)
         else:
             logits = self.router(x)
         override = _OVERRIDE.get()
@@ -202,17 +212,22 @@ class MoLoRALinear(nn.Module):
         if override is None or override.record:
             self.last_routing = LastRouting(out.probs, out.experts, out.counts,
                                             logits.reshape(-1, logits.shape[-1]))
-        return out
+        return out, x_base
 
-    def _router_fuses(self, x: torch.Tensor) -> bool:
-        """Whether the dense strategy may take the router logits from its shrink GEMM (x read
-        once): a plain bias-free nn.Linear router without hooks, of the experts' dtype (or
-        autocast), no active dropout (the router sees x, the experts dropout(x)), not traced."""
+    def _router_is_plain(self, x: torch.Tensor) -> bool:
+        """Whether the router's logits may come from a GEMM of our own: a plain bias-free
+        nn.Linear without hooks, of the experts' dtype (or autocast), not traced."""
         r = self.router
         return (type(r) is nn.Linear and r.bias is None and not _has_hooks(r)
                 and (r.weight.dtype == self.lora_A.dtype or torch.is_autocast_enabled(x.device.type))
-                and (isinstance(self.dropout, nn.Identity) or not self.dropout.training)
                 and not _traced())
+
+    def _router_fuses(self, x: torch.Tensor) -> bool:
+        """Whether the dense strategy may take the router logits from its shrink GEMM (x read
+        once): a plain router and no active dropout (the router sees x, the experts
+        dropout(x))."""
+        return self._router_is_plain(x) and (isinstance(self.dropout, nn.Identity)
+                                             or not self.dropout.training)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -114,7 +114,10 @@ def test_base_added_in_place_matches_separate_add(make_base, strategy, monkeypat
             seen.add(id(node))
             nodes.add(type(node).__name__)
             todo += [n for n, _ in node.next_functions]
-    assert "CopySlices" not in nodes and any(n.startswith("AddmmBackward") for n in nodes)
+    assert "CopySlices" not in nodes and "_AddBaseInPlaceBackward" in nodes
+    # one dx for the router's and the base's GEMMs (shared_x); the sparse experts add theirs,
+    # the dense ones are in the router's GEMM: 2 or 1 gradients to add up for x, not 3
+    assert _edges_into(y, x) == (2 if strategy == "sparse" else 1)
     want = layer.base(x) + layer.molora_output(x).delta
     torch.testing.assert_close(y, want)
     hook_calls = []
@@ -126,6 +129,20 @@ def test_base_added_in_place_matches_separate_add(make_base, strategy, monkeypat
     torch.testing.assert_close(y, y2)
     for g, g2 in zip(grads, grads2):
         torch.testing.assert_close(g, g2)
+
+
+def _edges_into(out, leaf):
+    """How many gradients autograd adds up for `leaf` (edges into its AccumulateGrad)."""
+    seen, todo, edges = set(), [out.grad_fn], 0
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for n, _ in node.next_functions:
+            edges += getattr(n, "variable", None) is leaf
+            todo.append(n)
+    return edges
 
 
 def _graph_nodes(out):
@@ -144,12 +161,10 @@ def test_dense_router_logits_come_from_the_shrink_gemm(num_null, monkeypatch):
     """Dense strategy: the router logits and every expert's shrink are one GEMM over x
     (x read once), then lora_dense_expand; outputs, routing and every gradient (x, lora_A,
     lora_B, router, base) equal the unfused layer's (a hooked router runs as a module)."""
-    from moe_ext.molora import functional
     import moe_ext.molora.layer as layer_module
     calls = []
-    shrink = functional.dense_shrink_with_router
-    monkeypatch.setattr(layer_module, "dense_shrink_with_router",
-                        lambda *a: calls.append(1) or shrink(*a))
+    weight = layer_module.shrink_router_weight
+    monkeypatch.setattr(layer_module, "shrink_router_weight", lambda *a: calls.append(1) or weight(*a))
     torch.manual_seed(0)
     cfg = MoLoRAConfig(r=4, num_experts=4, num_null_experts=num_null, top_k=2, strategy="dense")
     layer = MoLoRALinear(nn.Linear(16, 8), cfg).double()
@@ -164,7 +179,8 @@ def test_dense_router_logits_come_from_the_shrink_gemm(num_null, monkeypatch):
         return y, layer.last_routing, torch.autograd.grad((y * g).sum(), params)
 
     y, routing, grads = run()
-    assert calls == [1] and "SplitWithSizesBackward0" in _graph_nodes(y)
+    assert calls == [1] and {"SplitWithSizesBackward0", "_ProjectBackward"} <= _graph_nodes(y)
+    assert _edges_into(y, x) == 1  # one GEMM gives dx for the base, the router and the experts
     routed = []
     handle = layer.router.register_forward_hook(lambda m, i, o: routed.append(1))
     y2, routing2, grads2 = run()
