@@ -146,8 +146,9 @@ def molora_from_shrink(h_all: torch.Tensor, router_logits: torch.Tensor, lora_B:
     """The dense-gated strategy from a given shrink h_all (T, E*R) = x A_all^T: routes
     `router_logits` (T, E + N) and returns the delta (T, O) = s * gate(h_all) B_all^T with
     the routing, as `molora_with_routing` does."""
-    E = lora_B.shape[0] if lora_B.dim() == 3 else -1
-    M = E + num_null_experts
+    if not isinstance(lora_B, torch.Tensor) or lora_B.dim() != 3:
+        raise ValueError(f"lora_B must have shape (E, O, R), got {getattr(lora_B, 'shape', lora_B)}")
+    M = lora_B.shape[0] + num_null_experts
     if router_logits.dim() != 2 or tuple(router_logits.shape) != (h_all.shape[0], M):
         raise ValueError(f"router_logits must have shape {(h_all.shape[0], M)} (h_all's tokens, "
                          f"E + num_null_experts), got {tuple(router_logits.shape)}")

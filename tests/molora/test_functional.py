@@ -71,3 +71,29 @@ def test_bad_inputs_name_the_argument():
     bad[1, 1] = float("nan")
     with pytest.raises(ValueError, match="router_logits"):
         functional.molora(**{**base, "router_logits": bad})
+
+
+def test_dense_strategy_split_at_the_shrink():
+    """dense_shrink_with_router + molora_from_shrink (one GEMM over x for the shrink and the
+    router logits) equal molora with the router's logits, gradients included."""
+    x, _, A, B = make_inputs(19, 10, 7, 4, 3, 2, torch.float64, grad=True)
+    Wr = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    h_all, logits = functional.dense_shrink_with_router(x, A, Wr)
+    assert h_all.shape == (19, 12) and logits.shape == (19, 6)
+    got = functional.molora_from_shrink(h_all, logits, B, 2, 0.5, 2, temperature=0.7)
+    want = functional.molora_with_routing(x, x @ Wr.T, A, B, 2, 0.5, 2, temperature=0.7,
+                                          strategy="dense")
+    torch.testing.assert_close(got.delta, want.delta)
+    assert torch.equal(got.experts, want.experts)
+    g = torch.randn(19, 7, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got.delta * g).sum(), (x, A, B, Wr)),
+                    torch.autograd.grad((want.delta * g).sum(), (x, A, B, Wr))):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="router_weight"):
+        functional.dense_shrink_with_router(x, A, Wr[:, :4])
+    with pytest.raises(ValueError, match="x must"):
+        functional.dense_shrink_with_router(x[:, :4], A, Wr)
+    with pytest.raises(ValueError, match="router_logits"):
+        functional.molora_from_shrink(h_all, logits[:, :5], B, 2, 0.5, 2)
+    with pytest.raises(ValueError, match="lora_B"):
+        functional.molora_from_shrink(h_all, logits, B[0], 2, 0.5, 2)
