@@ -76,6 +76,27 @@ def test_layer_rejects_bad_arguments():
         MoLoRALinear(nn.Linear(3, 3), {"r": 2})
 
 
+def _graph(out):
+    """Every autograd node behind `out`, once."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            yield node
+            todo += [n for n, _ in node.next_functions]
+
+
+def _graph_nodes(out):
+    return {type(node).__name__ for node in _graph(out)}
+
+
+def _edges_into(out, leaf):
+    """How many gradients autograd adds up for `leaf` (edges into its AccumulateGrad)."""
+    return sum(getattr(n, "variable", None) is leaf for node in _graph(out)
+               for n, _ in node.next_functions)
+
+
 def _conv1d(D, O):
     from transformers.pytorch_utils import Conv1D
     return Conv1D(O, D)
@@ -107,13 +128,7 @@ def test_base_added_in_place_matches_separate_add(make_base, strategy, monkeypat
 
     y, grads = out_and_grads()
     assert calls == [1]
-    seen, nodes, todo = set(), set(), [y.grad_fn]  # in place on the kernel's tensor: no CopySlices
-    while todo:
-        node = todo.pop()
-        if node is not None and id(node) not in seen:
-            seen.add(id(node))
-            nodes.add(type(node).__name__)
-            todo += [n for n, _ in node.next_functions]
+    nodes = _graph_nodes(y)  # in place on the kernel's tensor: no CopySlices
     assert "CopySlices" not in nodes and "_AddBaseInPlaceBackward" in nodes
     # one dx for the router's and the base's GEMMs (shared_x); the sparse experts add theirs,
     # the dense ones are in the router's GEMM: 2 or 1 gradients to add up for x, not 3
@@ -129,31 +144,6 @@ def test_base_added_in_place_matches_separate_add(make_base, strategy, monkeypat
     torch.testing.assert_close(y, y2)
     for g, g2 in zip(grads, grads2):
         torch.testing.assert_close(g, g2)
-
-
-def _edges_into(out, leaf):
-    """How many gradients autograd adds up for `leaf` (edges into its AccumulateGrad)."""
-    seen, todo, edges = set(), [out.grad_fn], 0
-    while todo:
-        node = todo.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        for n, _ in node.next_functions:
-            edges += getattr(n, "variable", None) is leaf
-            todo.append(n)
-    return edges
-
-
-def _graph_nodes(out):
-    seen, nodes, todo = set(), set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and id(node) not in seen:
-            seen.add(id(node))
-            nodes.add(type(node).__name__)
-            todo += [n for n, _ in node.next_functions]
-    return nodes
 
 
 @pytest.mark.parametrize("num_null", [0, 2])
