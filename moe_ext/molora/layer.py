@@ -179,9 +179,10 @@ class MoLoRALinear(nn.Module):
         if strategy == "auto":
             strategy = choose_strategy(c.num_experts, c.top_k, c.r, x.device)
         x_base = h_all = None
-        fuse = strategy == "dense" and self._router_fuses(x)
+        plain = self._router_is_plain(x)
+        fuse = plain and strategy == "dense" and self._dropout_inactive()
         autocast = torch.is_autocast_enabled(x.device.type)
-        if fuse or (self._router_is_plain(x) and not autocast):
+        if fuse or (plain and not autocast):
             # the router's GEMM (dense: with every expert's shrink) as one projection of x
             weight = shrink_router_weight(A, self.router.weight) if fuse else self.router.weight
             x2 = x.reshape(-1, x.shape[-1])
@@ -226,8 +227,10 @@ class MoLoRALinear(nn.Module):
         """Whether the dense strategy may take the router logits from its shrink GEMM (x read
         once): a plain router and no active dropout (the router sees x, the experts
         dropout(x))."""
-        return self._router_is_plain(x) and (isinstance(self.dropout, nn.Identity)
-                                             or not self.dropout.training)
+        return self._router_is_plain(x) and self._dropout_inactive()
+
+    def _dropout_inactive(self) -> bool:
+        return isinstance(self.dropout, nn.Identity) or not self.dropout.training
 
     def extra_repr(self) -> str:
         c = self.config
