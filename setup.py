@@ -1,5 +1,10 @@
-"""Builds moe_ext._C: the C++ CPU kernels always, the CUDA kernels in csrc/cuda/ when nvcc
-and a CUDA build of torch are present (MOE_EXT_CUDA=0|1 forces the choice).
+"""Builds the extension on PyTorch's LibTorch stable ABI, so one build loads on every
+torch >= 2.10 and every CPython >= 3.10 (abi3):
+  moe_ext._C       the op schemas and the C++ CPU kernels, always;
+  moe_ext._C_cuda  the CUDA host code and kernels of csrc/cuda/, when nvcc and a CUDA build
+                   of torch are present (MOE_EXT_CUDA=0|1 forces the choice).
+CUDA archs: SASS for sm_80 and sm_90a plus compute_80 PTX (newer GPUs JIT it), unless
+MOE_EXT_CUDA_ARCHS (e.g. "80;90a;100;120+PTX") or TORCH_CUDA_ARCH_LIST names others.
 MOE_EXT_NO_EXT=1 installs the Python package only (the Makefile's editable install, which
 is followed by an in-place incremental build of the extension). MOE_EXT_SANITIZE=1 builds the
 CPU kernels only, with AddressSanitizer and UndefinedBehaviorSanitizer (`make test-asan`)."""
@@ -51,38 +56,56 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+# The stable ABI of torch 2.10, and nothing else of torch's C++ (non-stable headers are a
+# compile error); Py_LIMITED_API comes with py_limited_api=True.
+STABLE_ABI = [("TORCH_TARGET_VERSION", "0x020a000000000000"), ("TORCH_STABLE_ONLY", None)]
+DEFAULT_ARCHS = "80;90a;80+PTX"  # SASS sm_80, sm_90a; compute_80 PTX for newer GPUs
+
+
+def cuda_arch_flags() -> tuple[list[str], str]:
+    """nvcc -gencode flags and the arch list they build. An arch "NN" is SASS for sm_NN,
+    "NN+PTX" adds compute_NN PTX as well."""
+    archs = os.environ.get("MOE_EXT_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    archs = (archs or DEFAULT_ARCHS).replace(" ", ";").replace(".", "")
+    flags = []
+    for arch in filter(None, archs.split(";")):
+        number = arch.removesuffix("+PTX")
+        if not number.rstrip("af").isdigit():
+            raise ValueError(f"MOE_EXT_CUDA_ARCHS: {arch!r} is not an arch such as 80, 90a or 100+PTX")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return sorted(set(flags), key=flags.index), archs
+
+
+def extensions():
     import torch
 
-    macros = [("MOE_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O3", "-fopenmp", "-Wno-psabi"]  # psabi: internal 32-byte vector helpers
-    if not want_cuda():
-        if SANITIZE:  # -O1: fast enough to run the op tests, quicker to build
-            cxx = ["-O1", "-fopenmp", "-Wno-psabi"] + SANITIZER_FLAGS
-        return cpp_extension.CppExtension(
-            "moe_ext._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"] + (SANITIZER_FLAGS if SANITIZE else []),
-        )
-    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
-    # sm_80 (A100) and sm_90a (H100/H200, Hopper-only instructions) unless the user asks
-    # for their own list through TORCH_CUDA_ARCH_LIST.
-    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-    archs = arch_list or "sm_80;sm_90a"
-    if not arch_list:
-        nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
-    macros += [("MOE_EXT_WITH_CUDA", "1"), ("MOE_EXT_CUDA_ARCHS", f'"{archs}"')]
-    return cpp_extension.CUDAExtension(
-        "moe_ext._C",
-        sources,
-        define_macros=macros,
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        extra_link_args=["-fopenmp"],
+    macros = STABLE_ABI + [("MOE_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx = ["-O3", "-fopenmp-simd", "-Wno-psabi"]  # omp simd pragmas only; psabi: 32-byte vectors
+    if SANITIZE:  # -O1: fast enough to run the op tests, quicker to build
+        cxx = ["-O1", "-fopenmp-simd", "-Wno-psabi"] + SANITIZER_FLAGS
+    cpu = cpp_extension.CppExtension(
+        "moe_ext._C", sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
+        define_macros=macros, extra_compile_args={"cxx": cxx}, py_limited_api=True,
+        extra_link_args=SANITIZER_FLAGS if SANITIZE else [],
     )
+    if not want_cuda():
+        return [cpu]
+    gencode, archs = cuda_arch_flags()
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
+    cuda = cpp_extension.CUDAExtension(
+        "moe_ext._C_cuda",
+        sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
+        define_macros=macros + [("USE_CUDA", None), ("MOE_EXT_CUDA_ARCHS", f'"{archs}"')],
+        extra_compile_args={"cxx": ["-O3", "-Wno-psabi"], "nvcc": nvcc},
+        py_limited_api=True,
+    )
+    return [cpu, cuda]
 
 
 setup(
-    ext_modules=[] if os.environ.get("MOE_EXT_NO_EXT") == "1" else [extension()],
+    ext_modules=[] if os.environ.get("MOE_EXT_NO_EXT") == "1" else extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},  # the abi3 wheel tag
 )

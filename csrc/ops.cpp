@@ -4,12 +4,15 @@
 // Notation (docs/architecture.md#notation): T tokens, D in features, O out features, E LoRA experts,
 // N null experts, M = E + N router outputs, K experts per token, R LoRA rank,
 // P = T * K (token, k) pairs.
+// Python's limited API (Py_LIMITED_API, set by setup.py) keeps the module abi3: one build
+// for every CPython >= 3.10.
 #include <Python.h>
-#include <torch/library.h>
 
 #include <string>
 
-TORCH_LIBRARY(moe_ext, m) {
+#include "stable.h"
+
+STABLE_TORCH_LIBRARY(moe_ext, m) {
   // probs (T, M), weights (T, K), experts (T, K) int64, counts (M,) int64.
   m.def("route(Tensor router_logits, Tensor? logit_bias, int top_k, float temperature, "
         "bool normalize_weights) -> (Tensor probs, Tensor weights, Tensor experts, Tensor counts)");
@@ -43,27 +46,23 @@ TORCH_LIBRARY(moe_ext, m) {
         "-> (Tensor grad_h_all, Tensor grad_weights, Tensor grad_B)");
 }
 
-// Build facts for `moe-ext info`, as JSON. The macros come from setup.py.
-#ifndef MOE_EXT_CUDA_ARCHS
-#define MOE_EXT_CUDA_ARCHS ""
-#endif
+// Build facts for `moe-ext info`, as JSON. The macros come from setup.py; the CUDA
+// library (_C_cuda) reports its own archs.
 #ifndef MOE_EXT_TORCH_VERSION
 #define MOE_EXT_TORCH_VERSION "unknown"
 #endif
 static PyObject* build_info(PyObject*, PyObject*) {
-#ifdef MOE_EXT_WITH_CUDA
-  const char* with_cuda = "true";
-#else
-  const char* with_cuda = "false";
-#endif
-  std::string json = std::string("{\"with_cuda\": ") + with_cuda + ", \"cuda_archs\": \"" +
-                     MOE_EXT_CUDA_ARCHS + "\", \"torch_version\": \"" MOE_EXT_TORCH_VERSION
-                     "\", \"compiler\": \"gcc/clang " __VERSION__ "\"}";
+  const std::string json =
+      std::string("{\"torch_version\": \"" MOE_EXT_TORCH_VERSION "\", \"stable_abi_target\": \"") +
+      std::to_string(TORCH_TARGET_VERSION >> 56) + "." +
+      std::to_string((TORCH_TARGET_VERSION >> 48) & 0xff) +
+      "\", \"compiler\": \"gcc/clang " __VERSION__ "\"}";
   return PyUnicode_FromString(json.c_str());
 }
 
 static PyMethodDef methods[] = {
-    {"build_info", build_info, METH_NOARGS, "Build facts (JSON): CUDA, archs, torch, compiler."},
+    {"build_info", build_info, METH_NOARGS,
+     "Build facts (JSON): the torch built against, the stable ABI targeted, the compiler."},
     {nullptr, nullptr, 0, nullptr}};
 
 // `import moe_ext._C` loads this library, which runs the registrations above.

@@ -10,16 +10,11 @@
 //
 // The weight gradients run expert-major over the pairs sorted by `align`, each
 // (expert, column block) owned by one task: deterministic too.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "../checks.h"
+#include "align.h"
 #include "simd.h"
 #include "vec.h"
 
@@ -35,12 +30,12 @@ constexpr int64_t kColumnBlock = 256;  // weight gradients: an (R x kColumnBlock
 // last chunk zero-padded. A chunk's R rows then sit 1 KiB apart (fp32) instead of D or O
 // elements apart: power-of-two row strides map every row to the same L1 sets and evict
 // the chunk while it is being reused.
-at::Tensor pack_panels(const at::Tensor& rows /* (E, R, n) */, at::ScalarType acc) {
+Tensor pack_panels(const Tensor& rows /* (E, R, n) */, ScalarType acc) {
   const int64_t E = rows.size(0), R = rows.size(1), n = rows.size(2);
   const int64_t chunks = (n + kFeatureChunk - 1) / kFeatureChunk;
-  at::Tensor padded = at::zeros({E, R, chunks * kFeatureChunk}, rows.options().dtype(acc));
-  padded.narrow(2, 0, n).copy_(rows);
-  return padded.view({E, R, chunks, kFeatureChunk}).permute({0, 2, 1, 3}).contiguous();
+  Tensor padded = aten::zeros({E, R, chunks * kFeatureChunk}, acc, rows.device());
+  aten::copy_(aten::narrow(padded, 2, 0, n), rows);
+  return aten::contiguous(aten::permute(aten::view(padded, {E, R, chunks, kFeatureChunk}), {0, 2, 1, 3}));
 }
 
 // Rows of chunk c of expert e in a panel tensor of n columns.
@@ -286,91 +281,95 @@ MOE_EXT_SIMD_CLONES void outer_sum_expert(const int64_t* order, int64_t begin, i
 
 // lora_backward's alignment of the pairs (ops.pair_alignment): the align op over E + 1
 // bins with every null expert in bin E. The ids are checked already.
-std::tuple<at::Tensor, at::Tensor> pair_alignment(const at::Tensor& experts, int64_t E) {
-  static const auto align = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("moe_ext::align", "")
-                                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
-  return align.call(experts.clamp_max(E), E + 1);
+std::tuple<Tensor, Tensor> pair_alignment(const Tensor& experts, int64_t E) {
+  const int64_t P = experts.numel();
+  const int64_t* ids = experts.const_data_ptr<int64_t>();
+  std::vector<int64_t> bins(P);
+  for (int64_t p = 0; p < P; ++p) bins[p] = std::min(ids[p], E);
+  return align_sorted(bins.data(), P, E + 1, experts.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_forward_cpu(
-    const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
-    const at::Tensor& w_in, const at::Tensor& experts_in, double scaling,
-    int64_t num_null_experts) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> lora_forward_cpu(
+    const Tensor& x_in, const Tensor& A_in, const Tensor& B_in, const Tensor& w_in,
+    const Tensor& experts_in, double scaling, int64_t num_null_experts) {
   check_lora_forward_args(x_in, A_in, B_in, w_in, experts_in, scaling, num_null_experts);
-  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), w = w_in.contiguous(),
-                   experts = experts_in.contiguous();
+  const Tensor x = aten::contiguous(x_in), A = aten::contiguous(A_in), w = aten::contiguous(w_in),
+               experts = aten::contiguous(experts_in);
   const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), O = B_in.size(1),
                 K = experts.size(1);
-  const int64_t bad = first_bad_expert_id(experts.data_ptr<int64_t>(), T * K, E + num_null_experts);
-  TORCH_CHECK_VALUE(bad < 0, "experts holds id ", bad < 0 ? 0 : experts.data_ptr<int64_t>()[bad],
-                    " outside [0, ", E + num_null_experts, ") (E=", E,
-                    " LoRA experts + num_null_experts=", num_null_experts, ")");
-  const auto acc = acc_type_of(x.scalar_type());
-  const at::Tensor Ap = pack_panels(A, acc), Bp = pack_panels(B_in.transpose(1, 2), acc);
-  at::Tensor y = at::empty({T, O}, x.options());
-  at::Tensor h = at::empty({T * K, R}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_forward_cpu", [&] {
+  check_expert_ids(experts, E, num_null_experts);
+  const ScalarType acc = acc_type_of(x.scalar_type());
+  const Tensor Ap = pack_panels(A, acc), Bp = pack_panels(aten::transpose(B_in, 1, 2), acc);
+  Tensor y = aten::empty({T, O}, x.scalar_type(), x.device());
+  Tensor h = aten::empty({T * K, R}, acc, x.device());
+  dispatch_floating(x.scalar_type(), "lora_forward_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    const LoraArgs<scalar_t> args{x.data_ptr<scalar_t>(), Ap.data_ptr<acc_t>(),
-                                  Bp.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
-                                  experts.data_ptr<int64_t>(), T, D, O, E, R, K,
-                                  static_cast<acc_t>(scaling)};
+    const LoraArgs<scalar_t> args{static_cast<const scalar_t*>(x.const_data_ptr()),
+                                  Ap.const_data_ptr<acc_t>(), Bp.const_data_ptr<acc_t>(),
+                                  w.const_data_ptr<acc_t>(), experts.const_data_ptr<int64_t>(),
+                                  T, D, O, E, R, K, static_cast<acc_t>(scaling)};
+    scalar_t* yp = static_cast<scalar_t*>(y.mutable_data_ptr());
+    acc_t* hp = h.mutable_data_ptr<acc_t>();
     // Tasks are whole token blocks so that a block's contents (and so every bit of the
     // result) do not depend on the thread count.
-    at::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
+    torch::stable::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
       BlockScratch<acc_t> scratch;
       for (int64_t b = b0; b < b1; ++b)
-        lora_forward_block<scalar_t>(args, b * kTokenBlock, std::min(T, (b + 1) * kTokenBlock),
-                                     y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), scratch);
+        lora_forward_block<scalar_t>(args, b * kTokenBlock, std::min(T, (b + 1) * kTokenBlock), yp,
+                                     hp, scratch);
     });
   });
   auto [order, offsets] = pair_alignment(experts, E);
   return {y, h, order, offsets};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& A_in,
-    const at::Tensor& B_in, const at::Tensor& w_in, const at::Tensor& experts_in,
-    const at::Tensor& order_in, const at::Tensor& offsets_in, const at::Tensor& h_in,
-    double scaling, int64_t num_null_experts) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
+    const Tensor& grad_y_in, const Tensor& x_in, const Tensor& A_in, const Tensor& B_in,
+    const Tensor& w_in, const Tensor& experts_in, const Tensor& order_in,
+    const Tensor& offsets_in, const Tensor& h_in, double scaling, int64_t num_null_experts) {
   check_lora_backward_args(grad_y_in, x_in, A_in, B_in, w_in, experts_in, order_in, offsets_in,
                            h_in, scaling, num_null_experts);
   const int64_t T = x_in.size(0), D = x_in.size(1), E = A_in.size(0), R = A_in.size(1),
                 O = B_in.size(1), K = experts_in.size(1);
-  const auto acc = acc_type_of(x_in.scalar_type());
-  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), w = w_in.contiguous(),
-                   experts = experts_in.contiguous(), order = order_in.contiguous(),
-                   offsets = offsets_in.contiguous(), h = h_in.to(acc).contiguous(),
-                   dy = grad_y_in.to(x.scalar_type()).contiguous();
-  check_pair_alignment(experts.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-                       offsets.data_ptr<int64_t>(), T * K, E, E + num_null_experts);
-  const at::Tensor Ap = pack_panels(A, acc), Bp = pack_panels(B_in.transpose(1, 2), acc);
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dw = at::empty({T, K}, w.options());
-  at::Tensor dh = at::empty({T * K, R}, w.options());
-  at::Tensor dA = at::empty_like(A);
-  at::Tensor dB = at::empty({E, O, R}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_backward_cpu", [&] {
+  const ScalarType acc = acc_type_of(x_in.scalar_type());
+  const Tensor x = aten::contiguous(x_in), A = aten::contiguous(A_in), w = aten::contiguous(w_in),
+               experts = aten::contiguous(experts_in), order = aten::contiguous(order_in),
+               offsets = aten::contiguous(offsets_in), h = aten::contiguous(aten::to(h_in, acc)),
+               dy = aten::contiguous(aten::to(grad_y_in, x.scalar_type()));
+  check_pair_alignment(experts.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+                       offsets.const_data_ptr<int64_t>(), T * K, E, E + num_null_experts);
+  const Tensor Ap = pack_panels(A, acc), Bp = pack_panels(aten::transpose(B_in, 1, 2), acc);
+  Tensor dx = aten::empty_like(x);
+  Tensor dw = aten::empty({T, K}, acc, x.device());
+  Tensor dh = aten::empty({T * K, R}, acc, x.device());
+  Tensor dA = aten::empty_like(A);
+  Tensor dB = aten::empty({E, O, R}, x.scalar_type(), x.device());
+  dispatch_floating(x.scalar_type(), "lora_backward_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    const LoraArgs<scalar_t> args{x.data_ptr<scalar_t>(), Ap.data_ptr<acc_t>(),
-                                  Bp.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
-                                  experts.data_ptr<int64_t>(), T, D, O, E, R, K,
+    const scalar_t* xp = static_cast<const scalar_t*>(x.const_data_ptr());
+    const scalar_t* dyp = static_cast<const scalar_t*>(dy.const_data_ptr());
+    const acc_t *hp = h.const_data_ptr<acc_t>(), *wp = w.const_data_ptr<acc_t>();
+    acc_t *dwp = dw.mutable_data_ptr<acc_t>(), *dhp = dh.mutable_data_ptr<acc_t>();
+    scalar_t* dxp = static_cast<scalar_t*>(dx.mutable_data_ptr());
+    scalar_t* dAp = static_cast<scalar_t*>(dA.mutable_data_ptr());
+    scalar_t* dBp = static_cast<scalar_t*>(dB.mutable_data_ptr());
+    const LoraArgs<scalar_t> args{xp, Ap.const_data_ptr<acc_t>(), Bp.const_data_ptr<acc_t>(), wp,
+                                  experts.const_data_ptr<int64_t>(), T, D, O, E, R, K,
                                   static_cast<acc_t>(scaling)};
-    at::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
+    torch::stable::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
       BlockScratch<acc_t> scratch;
       for (int64_t b = b0; b < b1; ++b)
-        lora_backward_block<scalar_t>(args, dy.data_ptr<scalar_t>(), h.data_ptr<acc_t>(),
-                                      b * kTokenBlock, std::min(T, (b + 1) * kTokenBlock),
-                                      dx.data_ptr<scalar_t>(), dw.data_ptr<acc_t>(),
-                                      dh.data_ptr<acc_t>(), scratch);
+        lora_backward_block<scalar_t>(args, dyp, hp, b * kTokenBlock,
+                                      std::min(T, (b + 1) * kTokenBlock), dxp, dwp, dhp, scratch);
     });
     // Weight gradients: tasks are (expert, column block) for dA, then the same for dB.
-    const int64_t* ord = order.data_ptr<int64_t>();
-    const int64_t* off = offsets.data_ptr<int64_t>();
+    const int64_t* ord = order.const_data_ptr<int64_t>();
+    const int64_t* off = offsets.const_data_ptr<int64_t>();
     const int64_t blocks_a = (D + kColumnBlock - 1) / kColumnBlock;
     const int64_t blocks_b = (O + kColumnBlock - 1) / kColumnBlock;
-    at::parallel_for(0, E * (blocks_a + blocks_b), 1, [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, E * (blocks_a + blocks_b), 1, [&](int64_t i0, int64_t i1) {
       std::vector<acc_t> tile(R * kColumnBlock);
       for (int64_t i = i0; i < i1; ++i) {
         const bool is_a = i < E * blocks_a;
@@ -379,16 +378,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
         const int64_t e = j / blocks, c0 = (j % blocks) * kColumnBlock;
         const int64_t c1 = std::min(width, c0 + kColumnBlock), n = c1 - c0;
         if (is_a) {
-          outer_sum_expert<scalar_t>(ord, off[e], off[e + 1], K, dh.data_ptr<acc_t>(), nullptr,
-                                     acc_t(1), x.data_ptr<scalar_t>(), D, R, c0, c1, tile.data());
-          scalar_t* out = dA.data_ptr<scalar_t>() + e * R * D;
+          outer_sum_expert<scalar_t>(ord, off[e], off[e + 1], K, dhp, nullptr, acc_t(1), xp, D, R,
+                                     c0, c1, tile.data());
+          scalar_t* out = dAp + e * R * D;
           for (int64_t r = 0; r < R; ++r)
             for (int64_t c = 0; c < n; ++c) out[r * D + c0 + c] = static_cast<scalar_t>(tile[r * n + c]);
         } else {
-          outer_sum_expert<scalar_t>(ord, off[e], off[e + 1], K, h.data_ptr<acc_t>(),
-                                     w.data_ptr<acc_t>(), static_cast<acc_t>(scaling),
-                                     dy.data_ptr<scalar_t>(), O, R, c0, c1, tile.data());
-          scalar_t* out = dB.data_ptr<scalar_t>() + e * O * R;
+          outer_sum_expert<scalar_t>(ord, off[e], off[e + 1], K, hp, wp, static_cast<acc_t>(scaling),
+                                     dyp, O, R, c0, c1, tile.data());
+          scalar_t* out = dBp + e * O * R;
           for (int64_t c = 0; c < n; ++c)
             for (int64_t r = 0; r < R; ++r) out[(c0 + c) * R + r] = static_cast<scalar_t>(tile[r * n + c]);
         }
@@ -402,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
 }  // namespace cpu
 }  // namespace moe_ext
 
-TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
-  m.impl("lora_forward", &moe_ext::cpu::lora_forward_cpu);
-  m.impl("lora_backward", &moe_ext::cpu::lora_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
+  m.impl("lora_forward", TORCH_BOX(&moe_ext::cpu::lora_forward_cpu));
+  m.impl("lora_backward", TORCH_BOX(&moe_ext::cpu::lora_backward_cpu));
 }

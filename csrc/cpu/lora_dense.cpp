@@ -12,11 +12,6 @@
 // of it in the accumulation dtype (float32 for bf16 / fp16: a gated h rounded to fp16
 // could overflow where y does not); outputs are rounded once to x's dtype.
 // Notation: docs/architecture.md#notation.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <vector>
 
 #include "../checks.h"
@@ -26,17 +21,9 @@ namespace moe_ext {
 namespace cpu {
 namespace {
 
-void check_ids(const at::Tensor& experts, int64_t E, int64_t num_null_experts) {
-  const int64_t* ids = experts.data_ptr<int64_t>();
-  const int64_t bad = first_bad_expert_id(ids, experts.numel(), E + num_null_experts);
-  TORCH_CHECK_VALUE(bad < 0, "experts holds id ", bad < 0 ? 0 : ids[bad], " outside [0, ",
-                    E + num_null_experts, ") (E=", E, " LoRA experts + num_null_experts=",
-                    num_null_experts, ")");
-}
-
 // B_all (O, E*R): B_all[o, e*R + r] = lora_B[e, o, r] (a copy of the weights, O*E*R values).
-at::Tensor b_all(const at::Tensor& B) {
-  return B.permute({1, 0, 2}).reshape({B.size(1), B.size(0) * B.size(2)});
+Tensor b_all(const Tensor& B) {
+  return aten::reshape(aten::permute(B, {1, 0, 2}), {B.size(1), B.size(0) * B.size(2)});
 }
 
 // Calls f(e, gate) once per distinct LoRA expert e chosen by token t, gate = the sum of the
@@ -61,17 +48,17 @@ inline void for_each_gate(const int64_t* ids, const acc_t* w, int64_t K, int64_t
 }
 
 // y (T, O) = s * gate(h) B_all^T, all in acc (h: h_all in acc, contiguous).
-at::Tensor expand(const at::Tensor& h, const at::Tensor& B, const at::Tensor& w,
-                  const at::Tensor& ex, int64_t E, int64_t R, double scaling) {
+Tensor expand(const Tensor& h, const Tensor& B, const Tensor& w, const Tensor& ex, int64_t E,
+              int64_t R, double scaling) {
   const int64_t T = h.size(0), K = ex.size(1);
-  at::Tensor gated = at::zeros_like(h);
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "lora_dense_expand_cpu", [&] {
-    using acc_t = scalar_t;
-    const acc_t *hp = h.data_ptr<acc_t>(), *wp = w.data_ptr<acc_t>();
-    const int64_t* ep = ex.data_ptr<int64_t>();
-    acc_t* gp = gated.data_ptr<acc_t>();
+  Tensor gated = aten::zeros_like(h);
+  dispatch_floating(h.scalar_type(), "lora_dense_expand_cpu", [&](auto tag) {
+    using acc_t = decltype(tag);
+    const acc_t *hp = h.const_data_ptr<acc_t>(), *wp = w.const_data_ptr<acc_t>();
+    const int64_t* ep = ex.const_data_ptr<int64_t>();
+    acc_t* gp = gated.mutable_data_ptr<acc_t>();
     const acc_t s = static_cast<acc_t>(scaling);
-    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    torch::stable::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> sum(E, 0);
       std::vector<int64_t> chosen;
       for (int64_t t = t0; t < t1; ++t)
@@ -80,31 +67,32 @@ at::Tensor expand(const at::Tensor& h, const at::Tensor& B, const at::Tensor& w,
           for (int64_t r = 0; r < R; ++r) gp[base + r] = s * g * hp[base + r];
         });
     });
-  });
-  return at::mm(gated, b_all(B).to(h.scalar_type()).t());
+  }, /*low_precision=*/false);
+  return aten::mm(gated, aten::t2(aten::to(b_all(B), h.scalar_type())));
 }
 
 // The expand's gradients, all in acc (dy, h contiguous in acc): dh = d(gated) * gate (T, E*R),
 // dw (T, K) and dB (E, O, R).
 struct ExpandGrads {
-  at::Tensor dh, dw, dB;
+  Tensor dh, dw, dB;
 };
 
-ExpandGrads expand_backward(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& B,
-                            const at::Tensor& w, const at::Tensor& ex, int64_t E, int64_t R,
-                            double scaling) {
-  const at::ScalarType acc = h.scalar_type();
+ExpandGrads expand_backward(const Tensor& dy, const Tensor& h, const Tensor& B, const Tensor& w,
+                            const Tensor& ex, int64_t E, int64_t R, double scaling) {
+  const ScalarType acc = h.scalar_type();
   const int64_t T = h.size(0), O = B.size(1), K = ex.size(1);
-  const at::Tensor d_gated = at::mm(dy, b_all(B).to(acc)).contiguous();  // (T, E*R)
-  at::Tensor gated = at::zeros_like(h), dh = at::zeros_like(h);
-  at::Tensor dw = at::empty_like(w);
-  AT_DISPATCH_FLOATING_TYPES(acc, "lora_dense_expand_backward_cpu", [&] {
-    using acc_t = scalar_t;
-    const acc_t *hp = h.data_ptr<acc_t>(), *dgp = d_gated.data_ptr<acc_t>(), *wp = w.data_ptr<acc_t>();
-    const int64_t* ep = ex.data_ptr<int64_t>();
-    acc_t *gp = gated.data_ptr<acc_t>(), *dhp = dh.data_ptr<acc_t>(), *dwp = dw.data_ptr<acc_t>();
+  const Tensor d_gated = aten::contiguous(aten::mm(dy, aten::to(b_all(B), acc)));  // (T, E*R)
+  Tensor gated = aten::zeros_like(h), dh = aten::zeros_like(h);
+  Tensor dw = aten::empty_like(w);
+  dispatch_floating(acc, "lora_dense_expand_backward_cpu", [&](auto tag) {
+    using acc_t = decltype(tag);
+    const acc_t *hp = h.const_data_ptr<acc_t>(), *dgp = d_gated.const_data_ptr<acc_t>(),
+                *wp = w.const_data_ptr<acc_t>();
+    const int64_t* ep = ex.const_data_ptr<int64_t>();
+    acc_t *gp = gated.mutable_data_ptr<acc_t>(), *dhp = dh.mutable_data_ptr<acc_t>(),
+          *dwp = dw.mutable_data_ptr<acc_t>();
     const acc_t s = static_cast<acc_t>(scaling);
-    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    torch::stable::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> sum(E, 0), dot(E, 0);
       std::vector<int64_t> chosen;
       for (int64_t t = t0; t < t1; ++t) {
@@ -126,81 +114,77 @@ ExpandGrads expand_backward(const at::Tensor& dy, const at::Tensor& h, const at:
         }
       }
     });
-  });
-  const at::Tensor dB = at::mm(dy.t(), gated).view({O, E, R}).permute({1, 0, 2});  // (E, O, R)
+  }, /*low_precision=*/false);
+  const Tensor dB = aten::permute(aten::view(aten::mm(aten::t2(dy), gated), {O, E, R}), {1, 0, 2});  // (E, O, R)
   return {dh, dw, dB};
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_dense_forward_cpu(const at::Tensor& x_in,
-                                                          const at::Tensor& A_in,
-                                                          const at::Tensor& B_in,
-                                                          const at::Tensor& w_in,
-                                                          const at::Tensor& experts_in,
-                                                          double scaling, int64_t num_null_experts) {
+std::tuple<Tensor, Tensor> lora_dense_forward_cpu(const Tensor& x_in, const Tensor& A_in,
+                                                  const Tensor& B_in, const Tensor& w_in,
+                                                  const Tensor& experts_in, double scaling,
+                                                  int64_t num_null_experts) {
   check_lora_forward_args(x_in, A_in, B_in, w_in, experts_in, scaling, num_null_experts);
-  const at::ScalarType dt = x_in.scalar_type(), acc = acc_type_of(dt);
-  const at::Tensor w = w_in.contiguous(), ex = experts_in.contiguous();
+  const ScalarType dt = x_in.scalar_type(), acc = acc_type_of(dt);
+  const Tensor w = aten::contiguous(w_in), ex = aten::contiguous(experts_in);
   const int64_t D = x_in.size(1), E = A_in.size(0), R = A_in.size(1);
-  check_ids(ex, E, num_null_experts);
+  check_expert_ids(ex, E, num_null_experts);
   // GEMMs and gate in the accumulation dtype (no-ops for fp32 / fp64): a bf16 / fp16 gated h
   // could overflow where y does not.
-  const at::Tensor h_all = at::mm(x_in.to(acc), A_in.reshape({E * R, D}).to(acc).t());  // (T, E*R)
-  const at::Tensor y = expand(h_all, B_in, w, ex, E, R, scaling);                        // (T, O)
-  return {y.to(dt), h_all.to(dt)};
+  const Tensor h_all = aten::mm(aten::to(x_in, acc), aten::t2(aten::to(aten::reshape(A_in, {E * R, D}), acc)));  // (T, E*R)
+  const Tensor y = expand(h_all, B_in, w, ex, E, R, scaling);                        // (T, O)
+  return {aten::to(y, dt), aten::to(h_all, dt)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_dense_backward_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& A_in,
-    const at::Tensor& B_in, const at::Tensor& w_in, const at::Tensor& experts_in,
-    const at::Tensor& h_all_in, double scaling, int64_t num_null_experts) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> lora_dense_backward_cpu(
+    const Tensor& grad_y_in, const Tensor& x_in, const Tensor& A_in, const Tensor& B_in,
+    const Tensor& w_in, const Tensor& experts_in, const Tensor& h_all_in, double scaling,
+    int64_t num_null_experts) {
   check_lora_dense_backward_args(grad_y_in, x_in, A_in, B_in, w_in, experts_in, h_all_in, scaling,
                                  num_null_experts);
-  const at::ScalarType dt = x_in.scalar_type(), acc = acc_type_of(dt);
+  const ScalarType dt = x_in.scalar_type(), acc = acc_type_of(dt);
   // Everything in the accumulation dtype (as the forward); h_all rounded to x's dtype first,
   // as the op's contract reads it in x's dtype.
-  const at::Tensor x = x_in.to(acc), w = w_in.contiguous(), ex = experts_in.contiguous(),
-                   dy = grad_y_in.to(dt).to(acc), h = h_all_in.to(dt).to(acc).contiguous();
+  const Tensor x = aten::to(x_in, acc), w = aten::contiguous(w_in), ex = aten::contiguous(experts_in),
+               dy = aten::to(aten::to(grad_y_in, dt), acc), h = aten::contiguous(aten::to(aten::to(h_all_in, dt), acc));
   const int64_t D = x.size(1), E = A_in.size(0), R = A_in.size(1);
-  check_ids(ex, E, num_null_experts);
+  check_expert_ids(ex, E, num_null_experts);
   const ExpandGrads g = expand_backward(dy, h, B_in, w, ex, E, R, scaling);
-  const at::Tensor dx = at::mm(g.dh, A_in.reshape({E * R, D}).to(acc));  // (T, D)
-  const at::Tensor dA = at::mm(g.dh.t(), x).view({E, R, D});             // (E, R, D)
-  return {dx.to(dt), g.dw, dA.to(dt), g.dB.to(dt).contiguous()};
+  const Tensor dx = aten::mm(g.dh, aten::to(aten::reshape(A_in, {E * R, D}), acc));  // (T, D)
+  const Tensor dA = aten::view(aten::mm(aten::t2(g.dh), x), {E, R, D});              // (E, R, D)
+  return {aten::to(dx, dt), g.dw, aten::to(dA, dt), aten::contiguous(aten::to(g.dB, dt))};
 }
 
-at::Tensor lora_dense_expand_cpu(const at::Tensor& h_all_in, const at::Tensor& B_in,
-                                 const at::Tensor& w_in, const at::Tensor& experts_in,
-                                 double scaling, int64_t num_null_experts) {
+Tensor lora_dense_expand_cpu(const Tensor& h_all_in, const Tensor& B_in, const Tensor& w_in,
+                             const Tensor& experts_in, double scaling, int64_t num_null_experts) {
   check_lora_dense_expand_args(h_all_in, B_in, w_in, experts_in, scaling, num_null_experts);
-  const at::ScalarType dt = h_all_in.scalar_type(), acc = acc_type_of(dt);
-  const at::Tensor w = w_in.contiguous(), ex = experts_in.contiguous();
+  const ScalarType dt = h_all_in.scalar_type(), acc = acc_type_of(dt);
+  const Tensor w = aten::contiguous(w_in), ex = aten::contiguous(experts_in);
   const int64_t E = B_in.size(0), R = B_in.size(2);
-  check_ids(ex, E, num_null_experts);
-  return expand(h_all_in.to(acc).contiguous(), B_in, w, ex, E, R, scaling).to(dt);
+  check_expert_ids(ex, E, num_null_experts);
+  return aten::to(expand(aten::contiguous(aten::to(h_all_in, acc)), B_in, w, ex, E, R, scaling), dt);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_dense_expand_backward_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& h_all_in, const at::Tensor& B_in,
-    const at::Tensor& w_in, const at::Tensor& experts_in, double scaling,
-    int64_t num_null_experts) {
+std::tuple<Tensor, Tensor, Tensor> lora_dense_expand_backward_cpu(
+    const Tensor& grad_y_in, const Tensor& h_all_in, const Tensor& B_in, const Tensor& w_in,
+    const Tensor& experts_in, double scaling, int64_t num_null_experts) {
   check_lora_dense_expand_backward_args(grad_y_in, h_all_in, B_in, w_in, experts_in, scaling,
                                         num_null_experts);
-  const at::ScalarType dt = h_all_in.scalar_type(), acc = acc_type_of(dt);
-  const at::Tensor w = w_in.contiguous(), ex = experts_in.contiguous(),
-                   dy = grad_y_in.to(dt).to(acc), h = h_all_in.to(acc).contiguous();
+  const ScalarType dt = h_all_in.scalar_type(), acc = acc_type_of(dt);
+  const Tensor w = aten::contiguous(w_in), ex = aten::contiguous(experts_in),
+               dy = aten::to(aten::to(grad_y_in, dt), acc), h = aten::contiguous(aten::to(h_all_in, acc));
   const int64_t E = B_in.size(0), R = B_in.size(2);
-  check_ids(ex, E, num_null_experts);
+  check_expert_ids(ex, E, num_null_experts);
   const ExpandGrads g = expand_backward(dy, h, B_in, w, ex, E, R, scaling);
-  return {g.dh.to(dt), g.dw, g.dB.to(dt).contiguous()};
+  return {aten::to(g.dh, dt), g.dw, aten::contiguous(aten::to(g.dB, dt))};
 }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace moe_ext
 
-TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
-  m.impl("lora_dense_forward", &moe_ext::cpu::lora_dense_forward_cpu);
-  m.impl("lora_dense_backward", &moe_ext::cpu::lora_dense_backward_cpu);
-  m.impl("lora_dense_expand", &moe_ext::cpu::lora_dense_expand_cpu);
-  m.impl("lora_dense_expand_backward", &moe_ext::cpu::lora_dense_expand_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
+  m.impl("lora_dense_forward", TORCH_BOX(&moe_ext::cpu::lora_dense_forward_cpu));
+  m.impl("lora_dense_backward", TORCH_BOX(&moe_ext::cpu::lora_dense_backward_cpu));
+  m.impl("lora_dense_expand", TORCH_BOX(&moe_ext::cpu::lora_dense_expand_cpu));
+  m.impl("lora_dense_expand_backward", TORCH_BOX(&moe_ext::cpu::lora_dense_expand_backward_cpu));
 }

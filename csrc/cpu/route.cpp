@@ -1,10 +1,5 @@
 // CPU kernels for routing: softmax(+bias, /temperature) -> top-K -> renormalise -> counts,
 // and its backward to the logits.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -71,51 +66,61 @@ bool route_row(const scalar_t* logits, const acc_t* bias, int64_t M, int64_t K, 
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
-    const at::Tensor& router_logits, const c10::optional<at::Tensor>& logit_bias, int64_t top_k,
-    double temperature, bool normalize_weights) {
+// Every value of a float tensor finite (any float dtype, read as double).
+bool all_finite(const Tensor& t) {
+  const Tensor d = aten::contiguous(aten::to(t, kDouble));
+  const double* p = d.const_data_ptr<double>();
+  for (int64_t i = 0; i < d.numel(); ++i)
+    if (!std::isfinite(p[i])) return false;
+  return true;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> route_cpu(const Tensor& router_logits,
+                                                     const std::optional<Tensor>& logit_bias,
+                                                     int64_t top_k, double temperature,
+                                                     bool normalize_weights) {
   check_route_args(router_logits, logit_bias, top_k, temperature);
   const int64_t T = router_logits.size(0), M = router_logits.size(1);
-  const auto acc = acc_type_of(router_logits.scalar_type());
-  at::Tensor bias;
+  const ScalarType acc = acc_type_of(router_logits.scalar_type());
+  std::optional<Tensor> bias;
   if (logit_bias.has_value() && logit_bias->defined()) {
-    TORCH_CHECK_VALUE(at::isfinite(*logit_bias).all().item<bool>(),
-                      "logit_bias contains non-finite values (NaN or Inf)");
-    bias = logit_bias->to(acc).contiguous();
-    TORCH_CHECK_VALUE(at::isfinite(bias).all().item<bool>(), "logit_bias holds values too large for ",
-                      acc, ", the routing dtype of ", router_logits.scalar_type(), " logits");
+    MOE_CHECK_VALUE(all_finite(*logit_bias), "logit_bias contains non-finite values (NaN or Inf)");
+    bias = aten::contiguous(aten::to(*logit_bias, acc));
+    MOE_CHECK_VALUE(all_finite(*bias), "logit_bias holds values too large for ", acc,
+                    ", the routing dtype of ", router_logits.scalar_type(), " logits");
   }
-  const at::Tensor logits = router_logits.contiguous();
-  auto fopts = logits.options().dtype(acc);
-  at::Tensor probs = at::empty({T, M}, fopts);
-  at::Tensor weights = at::empty({T, top_k}, fopts);
-  at::Tensor experts = at::empty({T, top_k}, logits.options().dtype(at::kLong));
-  std::atomic<bool> all_finite{true};
+  const Tensor logits = aten::contiguous(router_logits);
+  const Device device = logits.device();
+  Tensor probs = aten::empty({T, M}, acc, device);
+  Tensor weights = aten::empty({T, top_k}, acc, device);
+  Tensor experts = aten::empty({T, top_k}, kLong, device);
+  std::atomic<bool> finite{true};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "route_cpu", [&] {
+  dispatch_floating(logits.scalar_type(), "route_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* L = logits.data_ptr<scalar_t>();
-    const acc_t* b = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
-    acc_t* p = probs.data_ptr<acc_t>();
-    acc_t* w = weights.data_ptr<acc_t>();
-    int64_t* e = experts.data_ptr<int64_t>();
+    const scalar_t* L = static_cast<const scalar_t*>(logits.const_data_ptr());
+    const acc_t* b = bias ? bias->const_data_ptr<acc_t>() : nullptr;
+    acc_t* p = probs.mutable_data_ptr<acc_t>();
+    acc_t* w = weights.mutable_data_ptr<acc_t>();
+    int64_t* e = experts.mutable_data_ptr<int64_t>();
     const acc_t inv_tau = acc_t(1.0 / temperature);
-    at::parallel_for(0, T, kTokenGrain, [&](int64_t t0, int64_t t1) {
+    torch::stable::parallel_for(0, T, kTokenGrain, [&](int64_t t0, int64_t t1) {
       std::vector<int64_t> index_buffer;
       for (int64_t t = t0; t < t1; ++t) {
         if (!route_row<scalar_t, acc_t>(L + t * M, b, M, top_k, inv_tau, normalize_weights,
                                          p + t * M, w + t * top_k, e + t * top_k, index_buffer)) {
-          all_finite = false;
+          finite = false;
           return;
         }
       }
     });
   });
-  TORCH_CHECK_VALUE(all_finite.load(), "router_logits contains non-finite values (NaN or Inf)");
+  MOE_CHECK_VALUE(finite.load(), "router_logits contains non-finite values (NaN or Inf)");
 
-  at::Tensor counts = at::zeros({M}, logits.options().dtype(at::kLong));
-  int64_t* c = counts.data_ptr<int64_t>();
-  const int64_t* e = experts.data_ptr<int64_t>();
+  Tensor counts = aten::zeros({M}, kLong, device);
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  const int64_t* e = experts.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < T * top_k; ++i) ++c[e[i]];
   return {probs, weights, experts, counts};
 }
@@ -153,30 +158,31 @@ void route_backward_rows(const acc_t* grad_probs, const acc_t* grad_w, const acc
   }
 }
 
-at::Tensor route_backward_cpu(const c10::optional<at::Tensor>& grad_probs,
-                              const at::Tensor& grad_weights, const at::Tensor& probs,
-                              const at::Tensor& weights, const at::Tensor& experts,
-                              double temperature, bool normalize_weights) {
+Tensor route_backward_cpu(const std::optional<Tensor>& grad_probs, const Tensor& grad_weights,
+                          const Tensor& probs, const Tensor& weights, const Tensor& experts,
+                          double temperature, bool normalize_weights) {
   check_route_backward_args(grad_probs, grad_weights, probs, weights, experts, temperature);
   const int64_t T = probs.size(0), M = probs.size(1), K = experts.size(1);
-  const auto acc = probs.scalar_type();
-  at::Tensor gp;
-  if (grad_probs.has_value() && grad_probs->defined()) gp = grad_probs->to(acc).contiguous();
-  const at::Tensor p = probs.contiguous(), w = weights.to(acc).contiguous(),
-                   gw = grad_weights.to(acc).contiguous(), e = experts.contiguous();
-  const int64_t bad = first_bad_expert_id(e.data_ptr<int64_t>(), e.numel(), M);
-  TORCH_CHECK_VALUE(bad < 0, "experts holds id ", bad < 0 ? 0 : e.data_ptr<int64_t>()[bad],
-                    " outside [0, ", M, ")");
-  at::Tensor out = at::empty({T, M}, p.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "route_backward_cpu", [&] {
-    const scalar_t* gpp = gp.defined() ? gp.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, T, kTokenGrain, [&](int64_t t0, int64_t t1) {
-      route_backward_rows<scalar_t>(gpp, gw.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(),
-                                    w.data_ptr<scalar_t>(), e.data_ptr<int64_t>(), t0, t1, M, K,
-                                    scalar_t(1.0 / temperature), normalize_weights,
-                                    out.data_ptr<scalar_t>());
+  const ScalarType acc = probs.scalar_type();
+  std::optional<Tensor> gp;
+  if (grad_probs.has_value() && grad_probs->defined()) gp = aten::contiguous(aten::to(*grad_probs, acc));
+  const Tensor p = aten::contiguous(probs), w = aten::contiguous(aten::to(weights, acc)),
+               gw = aten::contiguous(aten::to(grad_weights, acc)), e = aten::contiguous(experts);
+  const int64_t* ids = e.const_data_ptr<int64_t>();
+  const int64_t bad = first_bad_expert_id(ids, e.numel(), M);
+  MOE_CHECK_VALUE(bad < 0, "experts holds id ", bad < 0 ? 0 : ids[bad], " outside [0, ", M, ")");
+  Tensor out = aten::empty({T, M}, acc, p.device());
+  dispatch_floating(acc, "route_backward_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gpp = gp ? gp->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t *gwp = gw.const_data_ptr<scalar_t>(), *pp = p.const_data_ptr<scalar_t>(),
+                   *wp = w.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, T, kTokenGrain, [&](int64_t t0, int64_t t1) {
+      route_backward_rows<scalar_t>(gpp, gwp, pp, wp, ids, t0, t1, M, K,
+                                    scalar_t(1.0 / temperature), normalize_weights, op);
     });
-  });
+  }, /*low_precision=*/false);
   return out;
 }
 
@@ -184,7 +190,7 @@ at::Tensor route_backward_cpu(const c10::optional<at::Tensor>& grad_probs,
 }  // namespace cpu
 }  // namespace moe_ext
 
-TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
-  m.impl("route", &moe_ext::cpu::route_cpu);
-  m.impl("route_backward", &moe_ext::cpu::route_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
+  m.impl("route", TORCH_BOX(&moe_ext::cpu::route_cpu));
+  m.impl("route_backward", TORCH_BOX(&moe_ext::cpu::route_backward_cpu));
 }

@@ -48,8 +48,13 @@ def temperature(tau: float, acc: torch.dtype) -> None:
           f"got {tau}")
 
 
-def scaling(s: float) -> None:
-    value(math.isfinite(s), f"scaling must be a finite number, got {s}")
+def scaling(s: float, dtype: torch.dtype) -> None:
+    """Finite in the accumulation dtype, where the kernels multiply by it (1e39 is inf in
+    float32, and inf * 0 would turn zero inputs into NaN)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    value(math.isfinite(s) and abs(s) <= torch.finfo(acc).max,
+          f"scaling must be a finite number in {acc} (the accumulation dtype of {dtype} inputs), "
+          f"got {s}")
 
 
 def num_null_experts(N: int, E: int) -> None:
@@ -119,7 +124,7 @@ def lora_forward_args(x, lora_A, lora_B, weights, experts, s, N) -> None:
           f"lora_B shape {tuple(lora_B.shape)} does not match lora_A (E={E}, R={R})")
     value(E >= 1 and R >= 1, f"lora_A needs E >= 1 and R >= 1, got shape {tuple(lora_A.shape)}")
     routing(weights, experts, x.shape[0], x, "x")
-    scaling(s)
+    scaling(s, x.dtype)
     num_null_experts(N, E)
 
 
@@ -160,7 +165,7 @@ def lora_dense_expand_args(h_all, lora_B, weights, experts, s, N) -> None:
     value(h_all.shape[1] == E * R,
           f"h_all must have E*R columns (E={E}, R={R} from lora_B), got shape {tuple(h_all.shape)}")
     routing(weights, experts, h_all.shape[0], h_all, "h_all")
-    scaling(s)
+    scaling(s, h_all.dtype)
     num_null_experts(N, E)
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import warnings
 
 import torch
 
 
 def _load_extension_override() -> None:
     """MOE_EXT_EXTENSION=path/to/_C.so loads that build of moe_ext._C instead of the in-tree
-    one: `make test-asan` runs the op tests on the sanitizer build this way."""
+    one (and no CUDA kernels): `make test-asan` runs the op tests on the sanitizer build this
+    way."""
     path = os.environ.get("MOE_EXT_EXTENSION")
     if not path or "moe_ext._C" in sys.modules:
         return
@@ -26,8 +28,26 @@ def _load_extension_override() -> None:
     spec.loader.exec_module(module)
 
 
+def _load_cuda_kernels():
+    """moe_ext._C_cuda (the CUDA kernels) where this torch has CUDA and the build made it;
+    None otherwise. It links torch's CUDA libraries, so a CPU-only torch never loads it."""
+    if torch.version.cuda is None or os.environ.get("MOE_EXT_EXTENSION"):
+        return None
+    if importlib.util.find_spec("moe_ext._C_cuda") is None:
+        return None
+    try:
+        return importlib.import_module("moe_ext._C_cuda")
+    except ImportError as error:  # e.g. built for another CUDA major than this torch's
+        warnings.warn(f"moe_ext: the CUDA kernels did not load ({error}); CUDA tensors use the "
+                      f"PyTorch fallbacks (moe_ext.ops.fallback). Rebuild moe_ext against this "
+                      f"torch's CUDA {torch.version.cuda}.", RuntimeWarning, stacklevel=2)
+        return None
+
+
 _load_extension_override()
 from .. import _C  # noqa: E402,F401  (loading the library registers the ops' schemas and kernels)
+
+_C_cuda = _load_cuda_kernels()  # registers the CUDA kernels of the schemas above
 
 lib = torch.ops.moe_ext
 

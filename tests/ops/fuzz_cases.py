@@ -160,9 +160,11 @@ def set_bad_id(case, slot, rng, num_ids=None):
 
 
 def set_scaling(case, slot, rng):
-    value = rng.choice([float("nan"), float("inf"), -float("inf"), 0.0, -3.0, 1e30])
+    # 1e39 is finite in float64 but not in float32, the accumulation dtype of fp32/bf16/fp16
+    value = rng.choice([float("nan"), float("inf"), -float("inf"), 0.0, -3.0, 1e30, -1e39])
     case.args[slot] = value
-    case.mutate(f"scaling={value}", "valid" if abs(value) < float("inf") else "invalid")
+    limit = torch.finfo(_acc(case.args[0].dtype)).max
+    case.mutate(f"scaling={value}", "valid" if abs(value) <= limit else "invalid")
 
 
 def set_temperature(case, slot, rng):

@@ -311,6 +311,26 @@ def test_scaling_and_num_null_experts_checked_before_use():
             ops.lora_sparse(x, A, B, r.weights, r.experts, s, N)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scaling_past_float32_is_an_error_below_float64(dtype):
+    """1e39 is finite in float64 but inf in float32, the kernels' accumulation dtype: it
+    would turn all-zero inputs into NaN (inf * 0), so it is refused, naming scaling; float64
+    inputs accumulate in float64 and take it."""
+    x, L, A, B = make_inputs(6, 5, 4, 3, 2)
+    r = ops.route(L, 2)
+    x, A, B = (t.zero_().to(dtype) for t in (x, A, B))
+    w = r.weights.float()
+    for call in (lambda: ops.lora_sparse(x, A, B, w, r.experts, 1e39),
+                 lambda: ops.lora_dense(x, A, B, w, r.experts, 1e39),
+                 lambda: torch.ops.moe_ext.lora_dense_expand(
+                     torch.zeros(6, B.shape[0] * B.shape[2], dtype=dtype), B, w, r.experts, -1e39, 0)):
+        with pytest.raises(ValueError, match="scaling must be a finite number in torch.float32|"
+                                             "scaling must be a finite number in float32"):
+            call()
+    y = ops.lora_sparse(x.double(), A.double(), B.double(), r.weights.double(), r.experts, 1e39)
+    assert torch.equal(y, torch.zeros_like(y))
+
+
 def test_meta_tensor_among_real_ones_is_an_error():
     x, L, A, B = make_inputs(6, 5, 4, 3, 2)
     r = ops.route(L, 2)
