@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Everything a GPU session has to do, in stages that each fit one device command:
-#   bash benchmarks/gpu_session.sh build tests sanitize bench
-# Builds against the machine's own torch (no package index there: the pure-Python test
-# dependencies come from .gpu-site, made here by `make gpu-site` and carried along), runs
-# the CUDA tests, compute-sanitizer memcheck + racecheck on the op tests, and the
-# benchmarks. Everything is written under $OUT (the device tool's folder) or
+# Everything a GPU session has to do, in stages that fit one device command (~10 minutes):
+#   bash benchmarks/gpu_session.sh install tests sanitize bench
+# Expected on an H100 (16 cores): install ~5 s (the abi3 wheel built here by `make dist`,
+# carried as dist/, loads on the machine's torch 2.11 as it is: no compile), tests ~2 min,
+# sanitize ~3 min (memcheck + racecheck on a small subset covering every kernel), bench ~4
+# min. `build` (~3 min) compiles against the machine's torch instead, when no wheel came.
+# No package index there: the pure-Python test dependencies come from .gpu-site, made here
+# by `make gpu-site` and carried along. The device call carries dist/ and .gpu-site. Everything is written under $OUT (the device tool's folder) or
 # benchmarks/results/gpu-session: machine facts, build log, pytest lines, sanitizer
 # summaries, benchmark CSV/markdown/plots.
 set -uo pipefail
@@ -22,6 +24,21 @@ stage() { echo "== $1 $(date -u +%H:%M:%S)" | tee -a "$RES/session.log"; }
 
 for what in "$@"; do
   case "$what" in
+    install)
+      stage install
+      { nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)";
+        git rev-parse HEAD 2>/dev/null; date -u; } > "$RES/machine.txt" 2>&1
+      # the wheel's libraries into the tree: the same as an in-place build, built here
+      rm -f moe_ext/_C*.so
+      $PY - dist/moe_ext-*-cp310-abi3-*.whl <<'PYEOF' || exit 1
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    for name in wheel.namelist():
+        if name.startswith("moe_ext/_C") and name.endswith(".so"):
+            wheel.extract(name, ".")
+            print("installed", name, "from", sys.argv[1])
+PYEOF
+      $PY -m moe_ext.cli info | tee "$RES/info.txt" ;;
     build)
       stage build
       { nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)";
@@ -50,6 +67,6 @@ for what in "$@"; do
       done
       # the dense strategy's router logits from the shrink GEMM against their own pass
       $PY benchmarks/bench_layer.py --strategy dense --experts 8 16 --out "$RES" 2>&1 | tail -40 ;;
-    *) echo "unknown stage $what (build, tests, sanitize, bench)"; exit 2 ;;
+    *) echo "unknown stage $what (install, build, tests, sanitize, bench)"; exit 2 ;;
   esac
 done

@@ -15,6 +15,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <optional>
@@ -102,23 +103,55 @@ void dispatch_floating(ScalarType t, const char* name, F&& f, bool low_precision
 }
 
 // ---- tensor helpers -------------------------------------------------------------------
-// aten ops called by name through the stable dispatcher entry point (torch_call_dispatcher,
-// in every torch >= 2.10), rather than torch::stable's C++ wrappers: those appeared over
-// several releases (permute only in 2.14's headers), and these build against any torch's
-// headers >= 2.10. Qualified calls (aten::view, ...) also keep argument-dependent lookup from
-// picking torch::stable's namesakes. Each costs about a microsecond of host time.
+// The few tensor operations the host code needs, in namespace aten so that qualified calls
+// (aten::view, ...) keep argument-dependent lookup off torch::stable's namesakes. Allocation,
+// views, copies and zeroing go straight to the AOTI C shim (aoti_torch_empty_strided,
+// aoti_torch__reinterpret_tensor, aoti_torch_copy_, aoti_torch_zero_): a fraction of a
+// microsecond each, where a boxed dispatcher call costs a few. The rest (mm, reshape of a
+// non-contiguous tensor, clamp, cummax, the host copy) calls aten by name through
+// torch_call_dispatcher, in every torch >= 2.10, rather than torch::stable's C++ wrappers,
+// which appeared over several releases (permute only in 2.14's headers): these build
+// against any torch's headers >= 2.10. Views and allocations are of contiguous layouts.
 
 namespace aten {
 namespace detail {
 using torch::stable::detail::from;
 
-// Runs aten::<name>.<overload> on the boxed arguments; returns output `out`.
+// Runs aten::<name>.<overload> on the boxed arguments; returns output 0.
 template <size_t N>
-Tensor call(const char* name, const char* overload, std::array<StableIValue, N> stack,
-            size_t out = 0) {
+Tensor call(const char* name, const char* overload, std::array<StableIValue, N> stack) {
   STABLE_TORCH_ERROR_CODE_CHECK(
       torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
-  return torch::stable::detail::to<Tensor>(stack[out]);
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+inline Sizes strides_of(const Tensor& t) {
+  const auto s = t.strides();
+  return Sizes(s.begin(), s.end());
+}
+
+inline Sizes sizes_of(const Tensor& t) {
+  const auto s = t.sizes();
+  return Sizes(s.begin(), s.end());
+}
+
+// Row-major strides of `sizes`.
+inline Sizes contiguous_strides(const Sizes& sizes) {
+  Sizes strides(sizes.size());
+  int64_t step = 1;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    strides[i] = step;
+    step *= std::max<int64_t>(sizes[i], 1);
+  }
+  return strides;
+}
+
+// A view of t's storage with the given sizes, strides and storage offset.
+inline Tensor restride(const Tensor& t, const Sizes& sizes, const Sizes& strides, int64_t offset) {
+  AtenTensorHandle out = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch__reinterpret_tensor(
+      t.get(), static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), offset, &out));
+  return Tensor(out);
 }
 }  // namespace detail
 
@@ -126,18 +159,22 @@ using detail::from;
 using IntList = torch::headeronly::IntHeaderOnlyArrayRef;
 constexpr std::nullopt_t none = std::nullopt;
 
+// A new contiguous tensor.
 inline Tensor empty(const Sizes& sizes, ScalarType dtype, const Device& device) {
-  return detail::call<6>("aten::empty", "memory_format",
-                         {from(IntList(sizes)), from(std::optional<ScalarType>(dtype)), from(none),
-                          from(std::optional<Device>(device)), from(none), from(none)});
+  const Sizes strides = detail::contiguous_strides(sizes);
+  const auto code = [](auto v) { return torch::stable::detail::to<int32_t>(from(v)); };
+  AtenTensorHandle out = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), code(dtype),
+      code(device.type()), device.has_index() ? device.index() : 0, &out));
+  return Tensor(out);
 }
 
 inline Tensor empty_like(const Tensor& t) {
-  return detail::call<6>("aten::empty_like", "",
-                         {from(t), from(none), from(none), from(none), from(none), from(none)});
+  return aten::empty(detail::sizes_of(t), t.scalar_type(), t.device());
 }
 
-inline void zero_(const Tensor& t) { detail::call<1>("aten::zero_", "", {from(t)}); }
+inline void zero_(const Tensor& t) { STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_zero_(t.get())); }
 
 inline Tensor zeros(const Sizes& sizes, ScalarType dtype, const Device& device) {
   Tensor t = aten::empty(sizes, dtype, device);
@@ -151,50 +188,78 @@ inline Tensor zeros_like(const Tensor& t) {
   return z;
 }
 
-// t itself when it already has the dtype (no copy).
-inline Tensor to(const Tensor& t, ScalarType dtype) {
-  return detail::call<8>("aten::to", "dtype_layout",
-                         {from(t), from(std::optional<ScalarType>(dtype)), from(none), from(none),
-                          from(none), from(false), from(false), from(none)});
+// dst[...] = src (broadcast and dtype conversion as Tensor.copy_).
+inline void copy_(const Tensor& dst, const Tensor& src) {
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_copy_(dst.get(), src.get(), /*non_blocking=*/0));
 }
 
-inline Tensor to_cpu(const Tensor& t) {
-  const Device cpu(torch::headeronly::DeviceType::CPU);
-  return detail::call<8>("aten::to", "dtype_layout",
-                         {from(t), from(none), from(none), from(std::optional<Device>(cpu)),
-                          from(none), from(false), from(false), from(none)});
-}
-
+// t itself when it is contiguous, else a contiguous copy.
 inline Tensor contiguous(const Tensor& t) {
-  return detail::call<2>("aten::contiguous", "",
-                         {from(t), from(torch::headeronly::MemoryFormat::Contiguous)});
+  if (t.is_contiguous()) return t;
+  Tensor out = aten::empty_like(t);
+  aten::copy_(out, t);
+  return out;
+}
+
+// t itself when it already has the dtype, else a contiguous converted copy.
+inline Tensor to(const Tensor& t, ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t;
+  Tensor out = aten::empty(detail::sizes_of(t), dtype, t.device());
+  aten::copy_(out, t);
+  return out;
+}
+
+// A host copy (the CUDA debug checks read it).
+inline Tensor to_cpu(const Tensor& t) {
+  Tensor out = aten::empty(detail::sizes_of(t), t.scalar_type(), Device(torch::headeronly::DeviceType::CPU));
+  aten::copy_(out, t);
+  return out;
 }
 
 inline Tensor permute(const Tensor& t, const Sizes& dims) {
-  return detail::call<2>("aten::permute", "", {from(t), from(IntList(dims))});
-}
-
-inline Tensor reshape(const Tensor& t, const Sizes& sizes) {
-  return detail::call<2>("aten::reshape", "", {from(t), from(IntList(sizes))});
-}
-
-inline Tensor view(const Tensor& t, const Sizes& sizes) {
-  return detail::call<2>("aten::view", "", {from(t), from(IntList(sizes))});
+  const Sizes sizes = detail::sizes_of(t), strides = detail::strides_of(t);
+  MOE_CHECK(dims.size() == sizes.size(), "permute: ", dims.size(), " dims for a ", sizes.size(),
+            "-D tensor");
+  Sizes new_sizes, new_strides;
+  for (int64_t d : dims) {
+    new_sizes.push_back(sizes.at(d));
+    new_strides.push_back(strides.at(d));
+  }
+  return detail::restride(t, new_sizes, new_strides, t.storage_offset());
 }
 
 inline Tensor transpose(const Tensor& t, int64_t a, int64_t b) {
-  return detail::call<3>("aten::transpose", "int", {from(t), from(a), from(b)});
+  Sizes dims(t.dim());
+  for (int64_t i = 0; i < t.dim(); ++i) dims[i] = i;
+  std::swap(dims.at(a), dims.at(b));
+  return aten::permute(t, dims);
 }
 
 // A 2-D tensor's transpose (a view).
 inline Tensor t2(const Tensor& t) { return aten::transpose(t, 0, 1); }
 
 inline Tensor narrow(const Tensor& t, int64_t dim, int64_t start, int64_t length) {
-  return detail::call<4>("aten::narrow", "", {from(t), from(dim), from(start), from(length)});
+  Sizes sizes = detail::sizes_of(t);
+  const Sizes strides = detail::strides_of(t);
+  MOE_CHECK(start >= 0 && length >= 0 && start + length <= sizes.at(dim), "narrow: [", start,
+            ", ", start + length, ") is outside dim ", dim, " of size ", sizes.at(dim));
+  sizes[dim] = length;
+  return detail::restride(t, sizes, strides, t.storage_offset() + start * strides[dim]);
 }
 
-inline void copy_(const Tensor& dst, const Tensor& src) {
-  detail::call<3>("aten::copy_", "", {from(dst), from(src), from(false)});
+// The same elements in a new shape: a view of a contiguous t, else a contiguous copy.
+inline Tensor reshape(const Tensor& t, const Sizes& sizes) {
+  int64_t n = 1;
+  for (int64_t s : sizes) n *= s;
+  MOE_CHECK(n == t.numel(), "reshape: ", t.numel(), " elements cannot take shape of ", n);
+  const Tensor c = aten::contiguous(t);
+  return detail::restride(c, sizes, detail::contiguous_strides(sizes), c.storage_offset());
+}
+
+// A view of a contiguous t in a new shape.
+inline Tensor view(const Tensor& t, const Sizes& sizes) {
+  MOE_CHECK(t.is_contiguous(), "view: the tensor must be contiguous");
+  return aten::reshape(t, sizes);
 }
 
 // Matrix product of 2-D tensors of one dtype (BLAS / cuBLAS).
