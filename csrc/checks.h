@@ -47,8 +47,8 @@ inline void check_num_null_experts(int64_t num_null_experts, int64_t E) {
   MOE_CHECK_VALUE(E >= 1 && E <= kMaxExperts, "the number of LoRA experts E must be in [1, ",
                     kMaxExperts, "], got ", E);
   MOE_CHECK_VALUE(num_null_experts >= 0 && num_null_experts <= kMaxExperts - E,
-                    "num_null_experts must be in [0, ", kMaxExperts - E, "] (E=", E,
-                    " LoRA experts + num_null_experts <= ", kMaxExperts, "), got ", num_null_experts);
+                  "num_null_experts must be in [0, ", kMaxExperts - E, "] (E=", E,
+                  " LoRA experts + num_null_experts <= ", kMaxExperts, "), got ", num_null_experts);
 }
 
 // Accumulation dtype: float64 for float64 inputs, float32 otherwise.

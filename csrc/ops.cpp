@@ -1,11 +1,10 @@
 // The one schema file of moe_ext: every op's signature lives here; kernels register
 // themselves per device in csrc/cpu/*.cpp and csrc/cuda/*.cpp.
 //
-// Notation (docs/architecture.md#notation): T tokens, D in features, O out features, E LoRA experts,
-// N null experts, M = E + N router outputs, K experts per token, R LoRA rank,
-// P = T * K (token, k) pairs.
-// Python's limited API (Py_LIMITED_API, set by setup.py) keeps the module abi3: one build
-// for every CPython >= 3.10.
+// Notation (docs/architecture.md#notation): T tokens, D in features, O out features, E LoRA
+// experts, N null experts, M = E + N router outputs, K experts per token, R LoRA rank, P = T * K
+// (token, k) pairs. Python's limited API (Py_LIMITED_API, set by setup.py) keeps the module abi3:
+// one build for every CPython >= 3.10.
 #include <Python.h>
 
 #include <string>
@@ -26,9 +25,11 @@ STABLE_TORCH_LIBRARY(moe_ext, m) {
   m.def("lora_forward(Tensor x, Tensor lora_A, Tensor lora_B, Tensor weights, Tensor experts, "
         "float scaling, int num_null_experts) -> (Tensor y, Tensor h, Tensor order, "
         "Tensor offsets)");
-  m.def("lora_backward(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor weights, "
-        "Tensor experts, Tensor order, Tensor offsets, Tensor h, float scaling, "
-        "int num_null_experts) -> (Tensor grad_x, Tensor grad_weights, Tensor grad_A, Tensor grad_B)");
+  m.def(
+      "lora_backward(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor weights, "
+      "Tensor experts, Tensor order, Tensor offsets, Tensor h, float scaling, "
+      "int num_null_experts) -> (Tensor grad_x, Tensor grad_weights, Tensor grad_A, Tensor "
+      "grad_B)");
   // Dense-gated strategy: y (T, O) = gate(x A_all^T) B_all^T with every expert's shrink
   // computed and the unchosen ones masked; h_all (T, E*R) = x A_all^T kept for backward.
   m.def("lora_dense_forward(Tensor x, Tensor lora_A, Tensor lora_B, Tensor weights, "

@@ -211,7 +211,8 @@ inline Tensor to(const Tensor& t, ScalarType dtype) {
 
 // A host copy (the CUDA debug checks read it).
 inline Tensor to_cpu(const Tensor& t) {
-  Tensor out = aten::empty(detail::sizes_of(t), t.scalar_type(), Device(torch::headeronly::DeviceType::CPU));
+  Tensor out =
+      aten::empty(detail::sizes_of(t), t.scalar_type(), Device(torch::headeronly::DeviceType::CPU));
   aten::copy_(out, t);
   return out;
 }
@@ -270,7 +271,8 @@ inline Tensor mm(const Tensor& a, const Tensor& b) {
 // min(max(t, lo), hi): aten::clamp with 0-d tensor bounds (no Scalar crosses the stable ABI
 // of torch 2.10).
 inline Tensor clamp(const Tensor& t, int64_t lo, int64_t hi) {
-  Tensor lo_t = aten::empty({}, t.scalar_type(), t.device()), hi_t = aten::empty({}, t.scalar_type(), t.device());
+  Tensor lo_t = aten::empty({}, t.scalar_type(), t.device()),
+         hi_t = aten::empty({}, t.scalar_type(), t.device());
   torch::stable::fill_(lo_t, double(lo));
   torch::stable::fill_(hi_t, double(hi));
   return detail::call<3>("aten::clamp", "Tensor", {from(t), from(std::optional<Tensor>(lo_t)),

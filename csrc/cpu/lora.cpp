@@ -35,7 +35,8 @@ Tensor pack_panels(const Tensor& rows /* (E, R, n) */, ScalarType acc) {
   const int64_t chunks = (n + kFeatureChunk - 1) / kFeatureChunk;
   Tensor padded = aten::zeros({E, R, chunks * kFeatureChunk}, acc, rows.device());
   aten::copy_(aten::narrow(padded, 2, 0, n), rows);
-  return aten::contiguous(aten::permute(aten::view(padded, {E, R, chunks, kFeatureChunk}), {0, 2, 1, 3}));
+  return aten::contiguous(
+      aten::permute(aten::view(padded, {E, R, chunks, kFeatureChunk}), {0, 2, 1, 3}));
 }
 
 // Rows of chunk c of expert e in a panel tensor of n columns.
@@ -313,12 +314,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_forward_cpu(
     acc_t* hp = h.mutable_data_ptr<acc_t>();
     // Tasks are whole token blocks so that a block's contents (and so every bit of the
     // result) do not depend on the thread count.
-    torch::stable::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
-      BlockScratch<acc_t> scratch;
-      for (int64_t b = b0; b < b1; ++b)
-        lora_forward_block<scalar_t>(args, b * kTokenBlock, std::min(T, (b + 1) * kTokenBlock), yp,
-                                     hp, scratch);
-    });
+    torch::stable::parallel_for(
+        0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
+          BlockScratch<acc_t> scratch;
+          for (int64_t b = b0; b < b1; ++b)
+            lora_forward_block<scalar_t>(args, b * kTokenBlock, std::min(T, (b + 1) * kTokenBlock),
+                                         yp, hp, scratch);
+        });
   });
   auto [order, offsets] = pair_alignment(experts, E);
   return {y, h, order, offsets};
@@ -358,12 +360,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
     const LoraArgs<scalar_t> args{xp, Ap.const_data_ptr<acc_t>(), Bp.const_data_ptr<acc_t>(), wp,
                                   experts.const_data_ptr<int64_t>(), T, D, O, E, R, K,
                                   static_cast<acc_t>(scaling)};
-    torch::stable::parallel_for(0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
-      BlockScratch<acc_t> scratch;
-      for (int64_t b = b0; b < b1; ++b)
-        lora_backward_block<scalar_t>(args, dyp, hp, b * kTokenBlock,
-                                      std::min(T, (b + 1) * kTokenBlock), dxp, dwp, dhp, scratch);
-    });
+    torch::stable::parallel_for(
+        0, (T + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
+          BlockScratch<acc_t> scratch;
+          for (int64_t b = b0; b < b1; ++b)
+            lora_backward_block<scalar_t>(args, dyp, hp, b * kTokenBlock,
+                                          std::min(T, (b + 1) * kTokenBlock), dxp, dwp, dhp,
+                                          scratch);
+        });
     // Weight gradients: tasks are (expert, column block) for dA, then the same for dB.
     const int64_t* ord = order.const_data_ptr<int64_t>();
     const int64_t* off = offsets.const_data_ptr<int64_t>();
@@ -382,13 +386,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_backward_cpu(
                                      c0, c1, tile.data());
           scalar_t* out = dAp + e * R * D;
           for (int64_t r = 0; r < R; ++r)
-            for (int64_t c = 0; c < n; ++c) out[r * D + c0 + c] = static_cast<scalar_t>(tile[r * n + c]);
+            for (int64_t c = 0; c < n; ++c)
+              out[r * D + c0 + c] = static_cast<scalar_t>(tile[r * n + c]);
         } else {
-          outer_sum_expert<scalar_t>(ord, off[e], off[e + 1], K, hp, wp, static_cast<acc_t>(scaling),
-                                     dyp, O, R, c0, c1, tile.data());
+          outer_sum_expert<scalar_t>(ord, off[e], off[e + 1], K, hp, wp,
+                                     static_cast<acc_t>(scaling), dyp, O, R, c0, c1, tile.data());
           scalar_t* out = dBp + e * O * R;
           for (int64_t c = 0; c < n; ++c)
-            for (int64_t r = 0; r < R; ++r) out[(c0 + c) * R + r] = static_cast<scalar_t>(tile[r * n + c]);
+            for (int64_t r = 0; r < R; ++r)
+              out[(c0 + c) * R + r] = static_cast<scalar_t>(tile[r * n + c]);
         }
       }
     });

@@ -115,7 +115,8 @@ ExpandGrads expand_backward(const Tensor& dy, const Tensor& h, const Tensor& B, 
       }
     });
   }, /*low_precision=*/false);
-  const Tensor dB = aten::permute(aten::view(aten::mm(aten::t2(dy), gated), {O, E, R}), {1, 0, 2});  // (E, O, R)
+  const Tensor dB =
+      aten::permute(aten::view(aten::mm(aten::t2(dy), gated), {O, E, R}), {1, 0, 2});  // (E, O, R)
   return {dh, dw, dB};
 }
 
@@ -130,7 +131,8 @@ std::tuple<Tensor, Tensor> lora_dense_forward_cpu(const Tensor& x_in, const Tens
   check_expert_ids(ex, E, num_null_experts);
   // GEMMs and gate in the accumulation dtype (no-ops for fp32 / fp64): a bf16 / fp16 gated h
   // could overflow where y does not.
-  const Tensor h_all = aten::mm(aten::to(x_in, acc), aten::t2(aten::to(aten::reshape(A_in, {E * R, D}), acc)));  // (T, E*R)
+  const Tensor h_all = aten::mm(
+      aten::to(x_in, acc), aten::t2(aten::to(aten::reshape(A_in, {E * R, D}), acc)));  // (T, E*R)
   const Tensor y = expand(h_all, B_in, w, ex, E, R, scaling);                        // (T, O)
   return {aten::to(y, dt), aten::to(h_all, dt)};
 }
@@ -144,8 +146,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_dense_backward_cpu(
   const ScalarType dt = x_in.scalar_type(), acc = acc_type_of(dt);
   // Everything in the accumulation dtype (as the forward); h_all rounded to x's dtype first,
   // as the op's contract reads it in x's dtype.
-  const Tensor x = aten::to(x_in, acc), w = aten::contiguous(w_in), ex = aten::contiguous(experts_in),
-               dy = aten::to(aten::to(grad_y_in, dt), acc), h = aten::contiguous(aten::to(aten::to(h_all_in, dt), acc));
+  const Tensor x = aten::to(x_in, acc), w = aten::contiguous(w_in),
+               ex = aten::contiguous(experts_in), dy = aten::to(aten::to(grad_y_in, dt), acc),
+               h = aten::contiguous(aten::to(aten::to(h_all_in, dt), acc));
   const int64_t D = x.size(1), E = A_in.size(0), R = A_in.size(1);
   check_expert_ids(ex, E, num_null_experts);
   const ExpandGrads g = expand_backward(dy, h, B_in, w, ex, E, R, scaling);
@@ -161,7 +164,8 @@ Tensor lora_dense_expand_cpu(const Tensor& h_all_in, const Tensor& B_in, const T
   const Tensor w = aten::contiguous(w_in), ex = aten::contiguous(experts_in);
   const int64_t E = B_in.size(0), R = B_in.size(2);
   check_expert_ids(ex, E, num_null_experts);
-  return aten::to(expand(aten::contiguous(aten::to(h_all_in, acc)), B_in, w, ex, E, R, scaling), dt);
+  return aten::to(expand(aten::contiguous(aten::to(h_all_in, acc)), B_in, w, ex, E, R, scaling),
+                  dt);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_dense_expand_backward_cpu(
@@ -171,7 +175,8 @@ std::tuple<Tensor, Tensor, Tensor> lora_dense_expand_backward_cpu(
                                         num_null_experts);
   const ScalarType dt = h_all_in.scalar_type(), acc = acc_type_of(dt);
   const Tensor w = aten::contiguous(w_in), ex = aten::contiguous(experts_in),
-               dy = aten::to(aten::to(grad_y_in, dt), acc), h = aten::contiguous(aten::to(h_all_in, acc));
+               dy = aten::to(aten::to(grad_y_in, dt), acc),
+               h = aten::contiguous(aten::to(h_all_in, acc));
   const int64_t E = B_in.size(0), R = B_in.size(2);
   check_expert_ids(ex, E, num_null_experts);
   const ExpandGrads g = expand_backward(dy, h, B_in, w, ex, E, R, scaling);

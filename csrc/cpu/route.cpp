@@ -165,7 +165,8 @@ Tensor route_backward_cpu(const std::optional<Tensor>& grad_probs, const Tensor&
   const int64_t T = probs.size(0), M = probs.size(1), K = experts.size(1);
   const ScalarType acc = probs.scalar_type();
   std::optional<Tensor> gp;
-  if (grad_probs.has_value() && grad_probs->defined()) gp = aten::contiguous(aten::to(*grad_probs, acc));
+  if (grad_probs.has_value() && grad_probs->defined())
+    gp = aten::contiguous(aten::to(*grad_probs, acc));
   const Tensor p = aten::contiguous(probs), w = aten::contiguous(aten::to(weights, acc)),
                gw = aten::contiguous(aten::to(grad_weights, acc)), e = aten::contiguous(experts);
   const int64_t* ids = e.const_data_ptr<int64_t>();

@@ -28,9 +28,9 @@ std::tuple<Tensor, Tensor> align_unchecked_ids(const Tensor& experts, int64_t nu
   Tensor order = aten::empty({P}, kLong, device);
   Tensor offsets = aten::empty({num_bins + 1}, kLong, device);
   Tensor scratch = aten::empty({align_scratch_ints(P, num_bins)}, kInt, device);
-  MOE_CUDA_CHECK(launch_align(ids.const_data_ptr<int64_t>(), P, num_bins,
-                              scratch.mutable_data_ptr<int32_t>(), order.mutable_data_ptr<int64_t>(),
-                              offsets.mutable_data_ptr<int64_t>(), current_stream()));
+  MOE_CUDA_CHECK(launch_align(
+      ids.const_data_ptr<int64_t>(), P, num_bins, scratch.mutable_data_ptr<int32_t>(),
+      order.mutable_data_ptr<int64_t>(), offsets.mutable_data_ptr<int64_t>(), current_stream()));
   return {order, offsets};
 }
 

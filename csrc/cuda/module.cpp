@@ -10,7 +10,9 @@
 #endif
 
 // The archs this library was built for, as setup.py names them ("80;90a;80+PTX").
-static PyObject* cuda_archs(PyObject*, PyObject*) { return PyUnicode_FromString(MOE_EXT_CUDA_ARCHS); }
+static PyObject* cuda_archs(PyObject*, PyObject*) {
+  return PyUnicode_FromString(MOE_EXT_CUDA_ARCHS);
+}
 
 static PyMethodDef methods[] = {
     {"cuda_archs", cuda_archs, METH_NOARGS, "The CUDA archs built: SASS, and +PTX where PTX."},

@@ -18,7 +18,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> route_cuda(const Tensor& router_logit
   const ScalarType acc = acc_type_of(router_logits.scalar_type());
   const Tensor logits = aten::contiguous(router_logits);
   std::optional<Tensor> bias;
-  if (logit_bias.has_value() && logit_bias->defined()) bias = aten::contiguous(aten::to(*logit_bias, acc));
+  if (logit_bias.has_value() && logit_bias->defined())
+    bias = aten::contiguous(aten::to(*logit_bias, acc));
   debug_check_finite(logits, "router_logits");
   if (bias) debug_check_finite(*bias, "logit_bias");
   const Device device = logits.device();
@@ -44,15 +45,16 @@ Tensor route_backward_cuda(const std::optional<Tensor>& grad_probs, const Tensor
   check_int32_range(K, "top_k");
   const ScalarType acc = probs.scalar_type();
   std::optional<Tensor> gp;
-  if (grad_probs.has_value() && grad_probs->defined()) gp = aten::contiguous(aten::to(*grad_probs, acc));
+  if (grad_probs.has_value() && grad_probs->defined())
+    gp = aten::contiguous(aten::to(*grad_probs, acc));
   const Tensor p = aten::contiguous(probs), w = aten::contiguous(aten::to(weights, acc)),
                gw = aten::contiguous(aten::to(grad_weights, acc)), e = aten::contiguous(experts);
   debug_check_ids(e, M, "experts");
   Tensor out = aten::empty({T, M}, acc, p.device());
-  MOE_CUDA_CHECK(launch_route_backward(dtype_of(acc), gp ? gp->const_data_ptr() : nullptr,
-                                       gw.const_data_ptr(), p.const_data_ptr(), w.const_data_ptr(),
-                                       e.const_data_ptr<int64_t>(), T, M, K, 1.0 / temperature,
-                                       normalize_weights, out.mutable_data_ptr(), current_stream()));
+  MOE_CUDA_CHECK(launch_route_backward(
+      dtype_of(acc), gp ? gp->const_data_ptr() : nullptr, gw.const_data_ptr(), p.const_data_ptr(),
+      w.const_data_ptr(), e.const_data_ptr<int64_t>(), T, M, K, 1.0 / temperature,
+      normalize_weights, out.mutable_data_ptr(), current_stream()));
   return out;
 }
 
