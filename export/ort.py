@@ -68,6 +68,7 @@ class OrtModel:
         self.path = path
         self.session = make_session(path, providers)
         self.providers = self.session.get_providers()
+        self.provider = self.providers[0]  # the provider that runs the graph
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         # inputs with a default value (e.g. group_bias): may be left out
         self.optional_inputs = {i.name: i for i in self.session.get_overridable_initializers()}
