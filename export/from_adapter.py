@@ -17,6 +17,7 @@ from moe_ext.molora import load_molora, read_adapter_meta
 from moe_ext.molora.saving import CONFIG_NAME
 
 from .causal_lm import export_causal_lm
+from .genai_config import MODEL_NAME, write_genai_config
 
 def resolve_adapter(path: str) -> tuple[str, Optional[str]]:
     """(adapter folder, PMoL artefact folder or None) for an adapter or artefact folder."""
@@ -68,8 +69,6 @@ def export_adapter(adapter: str, output: str, base: Optional[str] = None,
     it). `output`: a folder (the graph is FOLDER/model.onnx; created when missing) or a
     .onnx file in an existing folder (genai_config.json names it).
     Returns {"output" (the graph), "folder", "base", "adapter", "tokenizer" (folder or None)}."""
-    from .genai_config import MODEL_NAME, write_genai_config
-
     adapter, artefact = resolve_adapter(adapter)
     base = resolve_base(adapter, artefact, base)
     if output.endswith(".onnx"):

@@ -12,7 +12,7 @@ from typing import Optional
 
 from moe_ext.utils.io import write_json
 
-from .causal_lm import GROUP_BIAS
+from .causal_lm import GROUP_BIAS, export_causal_lm
 
 CONFIG_NAME = "genai_config.json"
 MODEL_NAME = "model.onnx"
@@ -103,8 +103,6 @@ def export_folder(model, folder: str, tokenizer=None, dtype: Optional[str] = Non
     (genai feeds only inputs without a default): feed zeros for no steering
     (generator.set_model_input("group_bias", np.zeros((1, G), np.float32))); GenaiCausalLM
     and OrtCausalLM do that themselves."""
-    from .causal_lm import export_causal_lm
-
     os.makedirs(folder, exist_ok=True)
     path = export_causal_lm(model, os.path.join(folder, MODEL_NAME), dtype=dtype, logits=logits,
                             optional_group_bias=False)

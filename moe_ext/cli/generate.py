@@ -11,6 +11,7 @@ import torch
 
 from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
 from ..pmol.generate import GenerationOptions, generate
+from ..serve.engines import TextEngine
 from .common import (add_json, check_exists, fail, nonnegative_int, parse_assignments,
                      positive_float, positive_int, print_json, probability, quiet_transformers)
 
@@ -58,8 +59,6 @@ def generate_onnx(path: str, tokenizer, prompt, options: GenerationOptions,
     where it is installed and the folder has genai_config.json) or on OrtCausalLM ("ort"),
     with the same prompt encoding and decoding flags as generate(). tokenizer: a tokenizer,
     a hub id or folder, or None (the export's folder)."""
-    from ..serve.engines import TextEngine
-
     engine = TextEngine(path, runtime, provider, tokenizer)
     out = engine.generate(prompt, options, steer or None)
     return {**out, "runtime": engine.runtime, "provider": engine.provider}

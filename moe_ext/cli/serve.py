@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+from .. import serve as serving
+from ..serve import RewardEngine, TextEngine, feedback_update, open_store
 from .common import (check_exists, fail, nonnegative_int, positive_float, positive_int,
                      quiet_transformers)
 
@@ -16,9 +18,6 @@ def cmd_serve(args) -> int:
                         "(scoring and feedback), or both")
         import uvicorn  # the serve extra
 
-        from ..serve import RewardEngine, TextEngine, feedback_update, open_store
-        from ..serve.app import ServeLimits, make_app
-
         text = reward = store = update = None
         if args.model:
             text = TextEngine(args.model, args.runtime, args.provider)
@@ -27,8 +26,9 @@ def cmd_serve(args) -> int:
             reward = RewardEngine(args.reward_model)
             store = open_store(args.db, reward.num_experts)
             update = feedback_update(args.method, args.eta)
-        app = make_app(text, reward, store, update,
-                       ServeLimits(args.max_new_tokens_limit, args.max_responses))
+        # serving.make_app imports fastapi (the serve extra) on first use
+        app = serving.make_app(text, reward, store, update,
+                               serving.ServeLimits(args.max_new_tokens_limit, args.max_responses))
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

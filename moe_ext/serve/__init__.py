@@ -7,6 +7,8 @@ and per-user online feedback with profiles in SQLite or a server database.
     app = make_app(TextEngine("deploy/pmol"), reward, open_store("profiles.db", reward.num_experts),
                    feedback_update("hedge", 0.1))      # then uvicorn.run(app)
 """
+import importlib
+
 from .engines import RewardEngine, TextEngine, feedback_update, resolve_export
 from .profiles import Profile, SQLAlchemyProfileStore, SQLiteProfileStore, open_store
 
@@ -14,9 +16,7 @@ from .profiles import Profile, SQLAlchemyProfileStore, SQLiteProfileStore, open_
 def __getattr__(name):
     # the app needs fastapi (the serve extra); the engines and stores do not
     if name in ("make_app", "ServeLimits"):
-        from . import app
-
-        return getattr(app, name)
+        return getattr(importlib.import_module(".app", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

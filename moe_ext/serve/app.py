@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
+from ..pmol.generate import GenerationOptions
 
 
 @dataclass
@@ -70,6 +72,14 @@ def make_app(text=None, reward=None, store=None, update=None,
     limits = limits or ServeLimits()
     app = FastAPI(title="moe-ext serve", version=__version__)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, err: RequestValidationError):
+        # FastAPI's own 422 echoes each bad input back, which fails for NaN / Infinity
+        # (not JSON): the location and the message say enough
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in err.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
     @app.exception_handler(ValueError)
     async def _bad_value(_request: Request, err: ValueError):
         return JSONResponse(status_code=400, content={"detail": str(err)})
@@ -92,8 +102,6 @@ def make_app(text=None, reward=None, store=None, update=None,
 
     @app.post("/generate")
     def generate(body: GenerateRequest):
-        from ..pmol.generate import GenerationOptions
-
         engine = need(text, "--model FOLDER")
         if body.max_new_tokens > limits.max_new_tokens:
             raise ValueError(f"max_new_tokens {body.max_new_tokens}: this server allows at "

@@ -14,6 +14,16 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from ..data import encode_prompt
+from ..hf.models import load_tokenizer
+from ..reward.adapt import METHODS, adapt_weights, expert_margins, head_inputs
+from ..reward.backbone import BackboneRewardModel
+from ..reward.embed import embed
+from ..reward.job import INFO_NAME
+from ..reward.saving import load_reward_model
+from ..utils.io import read_json
 
 RUNTIMES = ("auto", "genai", "ort")
 
@@ -51,7 +61,6 @@ class TextEngine:
                  tokenizer=None):
         from ..export.genai import GenaiCausalLM, genai_available
         from ..export.genai_config import CONFIG_NAME
-        from ..hf.models import load_tokenizer
 
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -87,8 +96,6 @@ class TextEngine:
         self.eos_token_id = self.tokenizer.eos_token_id
 
     def encode(self, prompt, chat_template: bool = True) -> list[int]:
-        from ..data import encode_prompt
-
         with self._tokenizer_lock:
             return list(encode_prompt(self.tokenizer, prompt, chat_template))
 
@@ -155,11 +162,6 @@ class RewardEngine:
     through its encoder, or a backbone model on the strings)."""
 
     def __init__(self, directory: str):
-        from ..reward.backbone import BackboneRewardModel
-        from ..reward.job import INFO_NAME
-        from ..reward.saving import load_reward_model
-        from ..utils.io import read_json
-
         self.model = load_reward_model(directory)
         info_path = os.path.join(directory, INFO_NAME)
         source = read_json(info_path).get("source", {}) if os.path.isfile(info_path) else {}
@@ -175,9 +177,6 @@ class RewardEngine:
 
     def _inputs(self, prompts: list[str], first: list[str], second: list[str]):
         """(head, prompt, first, second embeddings) for lists of strings."""
-        from ..reward.adapt import head_inputs
-        from ..reward.embed import embed
-
         if self.encoder is None:
             return head_inputs(self.model, prompts, first, second)
         return (self.model, embed(prompts, self.encoder), embed(first, self.encoder),
@@ -195,8 +194,6 @@ class RewardEngine:
     @torch.no_grad()
     def margins(self, prompt: str, chosen: str, rejected: str) -> list[float]:
         """(E,) every expert's reward margin chosen - rejected for one labelled pair."""
-        from ..reward.adapt import expert_margins
-
         with self._lock:
             head, _, c, r = self._inputs([prompt], [chosen], [rejected])
             return expert_margins(head, c, r)[0].tolist()
@@ -207,10 +204,6 @@ def feedback_update(method: str, eta: float):
     online multiplicative step to the stored weights (from uniform for a new user), which
     is the order-free product of the pairs' factors; hyre and gradient refit on all the
     user's pairs (moe_ext.reward.adapt_weights, as `moe-ext adapt`)."""
-    import torch.nn.functional as F
-
-    from ..reward.adapt import METHODS, adapt_weights
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not eta > 0:
