@@ -10,6 +10,7 @@ and per-user online feedback with profiles in SQLite or a server database.
 import importlib
 
 from .engines import RewardEngine, TextEngine, feedback_update, resolve_export
+from .process import ServerProcess
 from .profiles import Profile, SQLAlchemyProfileStore, SQLiteProfileStore, open_store
 
 
@@ -21,4 +22,4 @@ def __getattr__(name):
 
 
 __all__ = ["make_app", "ServeLimits", "TextEngine", "RewardEngine", "feedback_update",
-           "resolve_export", "open_store", "Profile", "SQLiteProfileStore", "SQLAlchemyProfileStore"]
+           "resolve_export", "ServerProcess", "open_store", "Profile", "SQLiteProfileStore", "SQLAlchemyProfileStore"]

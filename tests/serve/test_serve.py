@@ -23,8 +23,8 @@ from moe_ext import cli, pmol  # noqa: E402
 from moe_ext.export.genai_config import export_folder  # noqa: E402
 from moe_ext.reward import adapt_weights  # noqa: E402
 from moe_ext.serve import RewardEngine  # noqa: E402
+from moe_ext.serve.process import ServerProcess as Server  # noqa: E402
 
-from server_process import Server  # noqa: E402
 from tiny_models import PROMPTS, bpe_tokenizer, tiny_lm, with_molora  # noqa: E402
 
 STEER = {"safe": 3.0, "concise": -1.0}
