@@ -52,7 +52,9 @@ class GenaiCausalLM:
             raise FileNotFoundError(f"{folder!r}: no {CONFIG_NAME} (write the folder with "
                                     f"`moe-ext export --adapter ... --output FOLDER`)")
         with open(config_path) as f:
-            decoder = json.load(f)["model"]["decoder"]
+            config_json = json.load(f)
+        decoder = config_json["model"]["decoder"]
+        self.context_length = int(config_json["model"]["context_length"])
         self.folder, self.path = folder, os.path.join(folder, decoder["filename"])
         meta = _graph_metadata(self.path)
         self.groups: list[str] = json.loads(meta.get("moe_ext.groups", "[]"))
@@ -94,6 +96,9 @@ class GenaiCausalLM:
         if len({len(r) for r in rows}) > 1:
             raise ValueError("input_ids: rows of one onnxruntime-genai batch must have equal lengths")
         length = len(rows[0])
+        if length + max_new_tokens > self.context_length:
+            raise ValueError(f"prompt of {length} tokens + max_new_tokens {max_new_tokens} exceeds "
+                             f"the model's context length {self.context_length}")
         params = og.GeneratorParams(self.model)
         options = {"max_length": length + max_new_tokens, "batch_size": len(rows),
                    "do_sample": bool(do_sample)}

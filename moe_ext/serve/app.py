@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..pmol.generate import GenerationOptions
+from .profiles import StoreBusy
 
 
 @dataclass
@@ -79,6 +80,11 @@ def make_app(text=None, reward=None, store=None, update=None,
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in err.errors()]
         return JSONResponse(status_code=422, content={"detail": errors})
+
+    @app.exception_handler(StoreBusy)
+    async def _busy(_request: Request, err: StoreBusy):
+        return JSONResponse(status_code=503, content={"detail": str(err)},
+                            headers={"Retry-After": "1"})
 
     @app.exception_handler(ValueError)
     async def _bad_value(_request: Request, err: ValueError):

@@ -21,6 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+class StoreBusy(RuntimeError):
+    """The database could not take the update in time (locked by other writers)."""
+
+
 # update(previous weights (E,) or None for a new user, all margins (n, E) oldest first)
 #   -> new weights (E,)
 Update = Callable[[Optional[list[float]], list[list[float]]], list[float]]
@@ -101,7 +105,10 @@ class SQLiteProfileStore:
         _check_user(user_id)
         con = self._connect()
         try:
-            con.execute("BEGIN IMMEDIATE")  # the write lock first: no lost update
+            try:
+                con.execute("BEGIN IMMEDIATE")  # the write lock first: no lost update
+            except sqlite3.OperationalError as err:  # still locked after the timeout
+                raise StoreBusy(f"profile database busy: {err}") from None
             try:
                 row = con.execute("SELECT weights FROM users WHERE user_id = ?", (user_id,)).fetchone()
                 con.execute("INSERT INTO feedback (user_id, margins) VALUES (?, ?)",

@@ -152,6 +152,8 @@ def test_bad_input_is_named(folders, tokenizer, tmp_path):
         lm.generate(ids, max_new_tokens=0)
     with pytest.raises(ValueError, match="non-empty"):
         lm.generate([[]])
+    with pytest.raises(ValueError, match="exceeds the model's context length 128"):
+        lm.generate(ids, max_new_tokens=128)
     with pytest.raises(ValueError, match="steer lists 2 rows for a batch of 1"):
         lm.generate(ids, steer=[STEER, STEER])
     with pytest.raises(ValueError, match="provider must be"):
