@@ -198,6 +198,7 @@ def engines_alone(args, model, tokenizer, folder: str) -> list[dict]:
 def main():
     args = parse_args()
     facts = machine_facts()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         lm = os.path.join(tmp, "lm")
         model, tokenizer = build(args, lm)
@@ -236,7 +237,10 @@ def main():
             f"hashing embeddings; /feedback spreads over 4 users (hedge, SQLite). Server: "
             f"`{runtime}`, one process on 127.0.0.1; clients are threads of this process (same "
             f"2 cores). A cell: at most {args.requests} requests or {args.max_seconds:.0f} s. "
-            f"No server: one prompt at a time, median of {args.reps} runs. {versions}.\n")
+            f"No server: one prompt at a time, median of {args.reps} runs. {versions}. "
+            f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+            f"the end: the machine's 2 cores are shared with other jobs, so read the numbers "
+            f"as this busy machine's.\n")
     write_text(os.path.join(args.out, "serve-cpu.md"), text + note)
     print(text + note)
 

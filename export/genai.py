@@ -19,7 +19,7 @@ import numpy as np
 
 from .causal_lm import GROUP_BIAS
 from .generate import _check_options, steering_bias
-from .genai_config import CONFIG_NAME
+from .genai_config import CONFIG_NAME, steering_has_default
 
 
 def genai_available() -> bool:
@@ -31,12 +31,13 @@ def genai_available() -> bool:
     return True
 
 
-def _graph_metadata(path: str) -> dict[str, str]:
-    """The graph's metadata (moe_ext.*), read without its weights."""
+def _graph_facts(path: str) -> tuple[dict[str, str], bool]:
+    """(the graph's metadata (moe_ext.*), whether group_bias has a default), read without
+    its external weights."""
     import onnx
 
     proto = onnx.load(path, load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
+    return {p.key: p.value for p in proto.metadata_props}, steering_has_default(proto)
 
 
 class GenaiCausalLM:
@@ -56,7 +57,11 @@ class GenaiCausalLM:
         decoder = config_json["model"]["decoder"]
         self.context_length = int(config_json["model"]["context_length"])
         self.folder, self.path = folder, os.path.join(folder, decoder["filename"])
-        meta = _graph_metadata(self.path)
+        meta, defaulted = _graph_facts(self.path)
+        if defaulted:
+            raise ValueError(f"{self.path}: group_bias has a default value, which onnxruntime-genai "
+                             f"keeps whatever set_model_input says; re-export the folder with "
+                             f"`moe-ext export` / export_folder")
         self.groups: list[str] = json.loads(meta.get("moe_ext.groups", "[]"))
         self.eos_token_id = json.loads(meta.get("moe_ext.eos_token_id", "null"))
         self.vocab_size = int(meta["moe_ext.vocab_size"])

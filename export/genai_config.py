@@ -75,6 +75,12 @@ def genai_config(metadata: dict[str, str], filename: str, hidden_size: int,
     return {"model": model, "search": search}
 
 
+def steering_has_default(proto) -> bool:
+    """Whether the graph's group_bias input is also an initializer (an input with a default)."""
+    return (GROUP_BIAS in {i.name for i in proto.graph.input}
+            and GROUP_BIAS in {t.name for t in proto.graph.initializer})
+
+
 def write_genai_config(model, onnx_path: str) -> str:
     """Writes genai_config.json beside `onnx_path` (a graph of export_causal_lm exported
     from the transformers `model`), atomically; returns its path."""
@@ -82,8 +88,11 @@ def write_genai_config(model, onnx_path: str) -> str:
 
     proto = onnx.load(onnx_path, load_external_data=False)
     metadata = {p.key: p.value for p in proto.metadata_props}
-    if GROUP_BIAS in {i.name for i in proto.graph.input} and not metadata.get("moe_ext.groups"):
-        raise ValueError(f"{onnx_path}: group_bias input without moe_ext.groups metadata")
+    if steering_has_default(proto):
+        raise ValueError(f"{onnx_path}: its group_bias input has a default value, and "
+                         f"onnxruntime-genai ignores set_model_input for such inputs (steering "
+                         f"would do nothing); export with export_folder (or export_causal_lm("
+                         f"..., optional_group_bias=False))")
     config = model.config.get_text_config(decoder=True)
     context = int(getattr(config, "max_position_embeddings", None) or 2048)
     folder = os.path.dirname(os.path.abspath(onnx_path))

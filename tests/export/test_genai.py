@@ -16,7 +16,7 @@ og = pytest.importorskip("onnxruntime_genai")
 
 import moe_ext  # noqa: E402
 from moe_ext import cli  # noqa: E402
-from moe_ext.export import OrtCausalLM  # noqa: E402
+from moe_ext.export import OrtCausalLM, OrtModel  # noqa: E402
 from moe_ext.export.genai import GenaiCausalLM  # noqa: E402
 from moe_ext.export.genai_config import CONFIG_NAME, export_folder  # noqa: E402
 
@@ -124,6 +124,7 @@ def test_the_folder_graph_runs_on_ort_causal_lm_too(folders, tokenizer):
     model, folder = folders("qwen2")
     lm = OrtCausalLM(os.path.join(folder, "model.onnx"))
     assert lm.required_group_bias and lm.provider == "CPUExecutionProvider"
+    assert OrtModel(os.path.join(folder, "model.onnx")).provider == "CPUExecutionProvider"
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     genai = GenaiCausalLM(folder)
     for steer in (None, STEER):
@@ -162,6 +163,24 @@ def test_bad_input_is_named(folders, tokenizer, tmp_path):
         with pytest.raises(ValueError, match="no CUDA"):
             GenaiCausalLM(folder, provider="cuda")
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        GenaiCausalLM(str(tmp_path))
+
+
+def test_a_graph_whose_steering_has_a_default_is_refused(folders, tokenizer, tmp_path):
+    """genai ignores set_model_input for an input with a default (steering would silently
+    do nothing), so export_causal_lm's default graph gets no genai_config, and a folder
+    holding one is refused."""
+    import shutil
+
+    from moe_ext.export import export_causal_lm
+    from moe_ext.export.genai_config import write_genai_config
+
+    model, folder = folders("llama")
+    path = export_causal_lm(model, str(tmp_path / "model.onnx"))  # optional group_bias
+    with pytest.raises(ValueError, match="ignores set_model_input"):
+        write_genai_config(model, path)
+    shutil.copy(os.path.join(folder, CONFIG_NAME), tmp_path / CONFIG_NAME)
+    with pytest.raises(ValueError, match="group_bias has a default value"):
         GenaiCausalLM(str(tmp_path))
 
 
