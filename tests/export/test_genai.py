@@ -215,3 +215,19 @@ def test_cli_export_folder_then_generate_on_genai_and_ort(tokenizer, tmp_path, c
     assert "--onnx" in capsys.readouterr().err
     assert cli.main(["generate", "--adapter", str(adapter), "--prompt", "x", "--runtime", "ort"]) == 2
     assert "--runtime" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")  # onnxruntime's own, about the fake
+def test_a_provider_that_cannot_start_is_reported(folders, monkeypatch):
+    """onnxruntime-gpu lists CUDA even where it cannot start; onnxruntime then runs on the
+    CPU without a word (at our log level). OrtModel / OrtCausalLM warn and `.provider` says
+    what runs. (Here CUDA is faked into the CPU build's list.)"""
+    import onnxruntime
+
+    _, folder = folders("llama")
+    listed = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", *listed])
+    with pytest.warns(UserWarning, match=r"\['CUDAExecutionProvider'\] could not start; running on CPUExecutionProvider"):
+        lm = OrtCausalLM(os.path.join(folder, "model.onnx"))
+    assert lm.provider == "CPUExecutionProvider" and lm.device == "cpu"
