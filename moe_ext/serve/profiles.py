@@ -50,15 +50,16 @@ def _check_user(user_id) -> str:
 
 class SQLiteProfileStore:
     """Profiles in the SQLite file `path` (created with its tables when missing), for
-    `num_experts` experts. One connection per call, so any thread may call it."""
+    `num_experts` experts. One connection per call, so any thread may call it. A writer
+    waits up to `timeout` seconds for another one, then StoreBusy."""
 
     kind = "sqlite"
 
-    def __init__(self, path: str, num_experts: int):
+    def __init__(self, path: str, num_experts: int, timeout: float = 60.0):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise ValueError(f"--db {path!r}: folder {folder!r} does not exist")
-        self.path, self.num_experts = path, int(num_experts)
+        self.path, self.num_experts, self.timeout = path, int(num_experts), float(timeout)
         try:
             con = self._connect()
         except sqlite3.Error as err:
@@ -86,8 +87,8 @@ class SQLiteProfileStore:
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level None: transactions are the explicit BEGIN IMMEDIATE ... COMMIT;
-        # timeout: a writer waits up to a minute for another one to commit
-        return sqlite3.connect(self.path, timeout=60, isolation_level=None,
+        # timeout: how long a writer waits for another one to commit
+        return sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                check_same_thread=False)
 
     def get(self, user_id: str) -> Optional[Profile]:

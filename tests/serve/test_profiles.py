@@ -9,6 +9,7 @@ import torch
 
 from moe_ext.reward import adapt_weights
 from moe_ext.serve import SQLiteProfileStore, feedback_update, open_store
+from moe_ext.serve.profiles import StoreBusy
 
 E = 3
 
@@ -78,3 +79,19 @@ def test_bad_stores_are_named(tmp_path):
     rows = sqlite3.connect(str(tmp_path / "p.db")).execute(
         "SELECT COUNT(*) FROM feedback WHERE user_id = 'v'").fetchone()[0]
     assert rows == 0
+
+
+def test_a_writer_that_cannot_get_the_lock_gets_store_busy(tmp_path):
+    """(The server answers it with 503 and Retry-After.) Another connection holds the write
+    lock; the update waits `timeout` seconds, then raises StoreBusy and changes nothing."""
+    store = SQLiteProfileStore(str(tmp_path / "p.db"), E, timeout=0.2)
+    other = sqlite3.connect(str(tmp_path / "p.db"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreBusy, match="busy"):
+            store.add_feedback("u", [0.0, 1.0, 0.0], feedback_update("hedge", 0.1))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.get("u") is None
+    assert store.add_feedback("u", [0.0, 1.0, 0.0], feedback_update("hedge", 0.1)).pairs == 1
