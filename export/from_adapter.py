@@ -17,6 +17,7 @@ from moe_ext.molora import load_molora, read_adapter_meta
 from moe_ext.molora.saving import CONFIG_NAME
 
 from .causal_lm import export_causal_lm
+from .genai_config import MODEL_NAME, write_genai_config
 
 def resolve_adapter(path: str) -> tuple[str, Optional[str]]:
     """(adapter folder, PMoL artefact folder or None) for an adapter or artefact folder."""
@@ -62,18 +63,28 @@ def find_tokenizer(adapter: str, base: str):
 
 def export_adapter(adapter: str, output: str, base: Optional[str] = None,
                    dtype: Optional[str] = None, logits: str = "last") -> dict:
-    """Exports adapter + base with export_causal_lm to `output` and saves the tokenizer in
-    the same folder (save_pretrained, so AutoTokenizer.from_pretrained(folder) loads it).
-    Returns {"output", "base", "adapter", "tokenizer" (folder or None)}."""
+    """Exports adapter + base with export_causal_lm and writes, beside the graph,
+    genai_config.json (onnxruntime-genai loads the folder as it is) and the tokenizer
+    (save_pretrained, so AutoTokenizer.from_pretrained(folder) and onnxruntime-genai read
+    it). `output`: a folder (the graph is FOLDER/model.onnx; created when missing) or a
+    .onnx file in an existing folder (genai_config.json names it).
+    Returns {"output" (the graph), "folder", "base", "adapter", "tokenizer" (folder or None)}."""
     adapter, artefact = resolve_adapter(adapter)
     base = resolve_base(adapter, artefact, base)
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--output {output!r}: folder {folder!r} does not exist")
+    if output.endswith(".onnx"):
+        folder = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--output {output!r}: folder {folder!r} does not exist")
+    else:
+        folder, output = output, os.path.join(output, MODEL_NAME)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"--output {folder!r}: exists and is not a folder")
     model = load_molora(load_base(base), adapter)
     tokenizer = find_tokenizer(adapter, base)
-    export_causal_lm(model, output, dtype=dtype, logits=logits)
+    os.makedirs(folder, exist_ok=True)
+    export_causal_lm(model, output, dtype=dtype, logits=logits, optional_group_bias=False)
+    write_genai_config(model, output)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    return {"output": output, "base": base, "adapter": adapter,
+    return {"output": output, "folder": folder, "base": base, "adapter": adapter,
             "tokenizer": folder if tokenizer is not None else None}

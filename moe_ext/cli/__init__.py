@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench, convert, demo, export, generate, info, pmol, reward
+from . import bench, convert, demo, export, generate, info, pmol, reward, serve
 from .common import fail
 
-COMMANDS = (info, demo, pmol, reward, generate, convert, export, bench)
+COMMANDS = (info, demo, pmol, reward, generate, convert, export, serve, bench)
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,6 +33,6 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except ImportError as err:  # an optional extra that this command needs
-        return fail(f"{err.name or err} is not installed; pip install 'moe_ext[hf,onnx,minilm]' "
+        return fail(f"{err.name or err} is not installed; pip install 'moe_ext[hf,onnx,serve,minilm]' "
                     f"(or the package named) to use `moe-ext {args.command}`")
 

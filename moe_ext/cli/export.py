@@ -23,7 +23,10 @@ def cmd_export(args) -> int:
     quiet_transformers()
     result = {"output": args.output}
     try:
-        check_writable(args.output, "--output", folder=False)
+        # a generation graph goes into a folder (FOLDER/model.onnx + genai_config.json +
+        # tokenizer) unless --output names a .onnx file; other graphs are one .onnx file
+        to_folder = bool(args.adapter) and not args.no_cache and not args.output.endswith(".onnx")
+        check_writable(args.output, "--output", folder=to_folder)
         for option, path in (("--adapter", args.adapter), ("--reward-model", args.reward_model)):
             if path:
                 check_exists(path, option)
@@ -37,7 +40,8 @@ def cmd_export(args) -> int:
             return fail("--logits: not with --no-cache (its graph gives the logits of every position)")
         if not args.no_cache and args.length is not None:
             return fail("--length: only for --no-cache exports (the generation graph takes any length)")
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        os.makedirs(args.output if to_folder else os.path.dirname(os.path.abspath(args.output)),
+                    exist_ok=True)
         if args.reward_model:
             model = load_reward_model(args.reward_model)
             to_onnx(model, args.output, reward_example_inputs(model, args.personalized),
@@ -60,7 +64,9 @@ def cmd_export(args) -> int:
     if args.json:
         print_json(result)
     else:
-        print(f"wrote {args.output}")
+        print(f"wrote {result['output']}")
+        if result.get("folder"):
+            print(f"wrote genai_config.json to {result['folder']} (onnxruntime-genai loads the folder)")
         if result.get("tokenizer"):
             print(f"wrote the tokenizer to {result['tokenizer']}")
     return 0
@@ -139,14 +145,18 @@ def register(sub) -> None:
                     "execution provider), dynamic batch and sequence length. A PMoL model "
                     "becomes a generation graph: KV cache in and out, position ids, the "
                     "attention mask and the steering bias (group_bias, default zeros) as "
-                    "inputs; its tokenizer is saved in the folder of --output.")
+                    "inputs; its folder also gets genai_config.json (onnxruntime-genai loads "
+                    "it as it is) and the tokenizer.")
     ex.add_argument("--adapter", help="adapter folder (save_molora), or a train-pmol output folder")
     ex.add_argument("--base", help="base model: hub id or folder (default: the one the adapter "
                                    "records, or the train-pmol output's base_model)")
     ex.add_argument("--reward-model", help="reward model folder written by train-rm (either mode)")
     ex.add_argument("--personalized", action="store_true",
                     help="reward model: take a user_weights input (B, E) in place of the router")
-    ex.add_argument("--output", required=True, help="the .onnx file to write")
+    ex.add_argument("--output", required=True,
+                    help="--adapter: the folder to write (model.onnx, genai_config.json, "
+                         "tokenizer), or a .onnx file (those files beside it); otherwise the "
+                         ".onnx file to write")
     ex.add_argument("--dtype", choices=["float32", "float16"], default=None)
     ex.add_argument("--logits", choices=["last", "all"], default=None,
                     help="generation graph: logits of the last position only (default) or of all")
