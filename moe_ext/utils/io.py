@@ -22,7 +22,8 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,35 +65,37 @@ def remove_stale_temporaries_in(folder: str, suffix: str = "") -> None:
         if not (entry.startswith(_TMP) and entry.endswith(suffix)):
             continue
         pid = entry[len(_TMP):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             remove_path(os.path.join(folder, entry))
 
 
-def _umask() -> int:
+def umask_mode() -> int:
+    """The mode a new file gets from the process's umask (0o666 & ~umask): saved files
+    follow it, whatever mode the library that wrote them chose (mkstemp: 0600)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def atomic_write(path: str, write: Callable[[str], object]) -> None:
-    """Calls write(tmp_path) on a temporary file beside `path`, flushes it to disk and
-    renames it over `path` (then flushes the folder, so the rename itself is durable)."""
+    """Calls write(tmp_path) on a temporary file in a private folder beside `path`
+    (.tmp-<pid>-<random>-<name>/), flushes it to disk and renames it over `path` (then
+    flushes the folder, so the rename itself is durable). The private folder catches the
+    writing library's own temporaries too (safetensors' .tmpXXXXXX): a killed write
+    leaves one folder, which the next write removes."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_TMP}{os.getpid()}-",
+    private = tempfile.mkdtemp(dir=folder, prefix=f"{_TMP}{os.getpid()}-",
                                suffix="-" + os.path.basename(path))
-    os.close(fd)
+    tmp = os.path.join(private, os.path.basename(path))
     try:
         write(tmp)
-        if os.path.isfile(tmp):  # mkstemp makes it owner-only; a saved file follows the umask
-            os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, umask_mode())  # libraries write owner-only files; a save follows the umask
         fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    finally:
+        remove_path(private)
     fsync_path(folder)
 
 
