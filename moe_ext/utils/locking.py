@@ -77,7 +77,7 @@ def _acquire(fd: int, exclusive: bool, directory: str, timeout: float) -> bool:
                                f"for {timeout:g} s (waiting before {what} it); try again when it "
                                f"has finished, or raise {TIMEOUT_ENV}")
         time.sleep(pause)
-        pause = min(pause * 2, 0.05)
+        pause = min(pause * 2, 0.01)
 
 
 @contextlib.contextmanager
@@ -116,20 +116,21 @@ def folder_lock(directory: str, exclusive: bool) -> Iterator[bool]:
         os.close(fd)
 
 
-def try_exclusive(directory: str) -> Optional[int]:
-    """An fd holding the exclusive lock on `directory` if no other process holds any lock
-    on it right now (and this thread holds none), else None; release with release()."""
+def try_exclusive(directory: str) -> tuple[Optional[int], bool]:
+    """(an fd holding the exclusive lock on `directory`, True) if no process holds any lock
+    on it right now (and this thread holds none); (None, True) if one does; (None, False)
+    where there is no flock. Release the fd with release()."""
     if os.path.realpath(directory) in (getattr(_held, "locks", None) or {}):
-        return None
+        return None, True
     fd = _open_folder(directory)
     if fd is None:
-        return None
+        return None, fcntl is not None and os.path.isdir(directory)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except OSError:
+        return fd, True
+    except OSError as err:
         os.close(fd)
-        return None
+        return None, err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 def release(fd: int) -> None:

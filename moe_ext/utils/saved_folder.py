@@ -130,18 +130,26 @@ def _config_matches(directory: str, config_name: str) -> bool:
         return False
 
 
-def _writer_gone(stage: str) -> bool:
-    """Whether the process that made a staging folder is gone (its pid is in the name)."""
+def _abandoned(stage: str) -> bool:
+    """Whether the save that made a staging folder is gone: a live save holds the
+    folder's own exclusive lock while it stages; where there is no flock, whether the
+    process whose pid is in the name is gone."""
+    fd, supported = try_exclusive(stage)
+    if fd is not None:
+        release(fd)
+        return True
+    if supported:
+        return False
     match = _STAGING_NAME.fullmatch(os.path.basename(stage))
     return match is not None and not pid_alive(int(match.group(1)))
 
 
-def _recover(directory: str, config_name: str, locked: bool) -> None:
-    """What killed saves left: when the folder's config does not match its files (a save
-    killed during its renames), the newest complete staged save is finished; then the
-    staging folders are removed (with the lock held all of them are dead saves'; without
-    it, only those whose process is gone)."""
-    stages = [s for s in _staging_folders(directory) if locked or _writer_gone(s)]
+def _recover(directory: str, config_name: str) -> None:
+    """What killed saves left (call with the folder's exclusive lock held): when the
+    folder's config does not match its files (a save killed during its renames), the
+    newest complete abandoned staged save is finished; then the abandoned staging folders
+    are removed (those of saves still staging are left to them)."""
+    stages = [s for s in _staging_folders(directory) if _abandoned(s)]
     if not stages:
         return
     if not _config_matches(directory, config_name):
@@ -176,21 +184,26 @@ def commit_save(directory: str, config_name: str, meta: dict,
       written as it is, e.g. PEFT's own config; the save is still one step).
     ValueError when two writers name the same file or a name leaves the folder."""
     os.makedirs(directory, exist_ok=True)
-    with folder_lock(directory, exclusive=True) as locked:
-        _recover(directory, config_name, locked)
-        stage = tempfile.mkdtemp(dir=directory, prefix=f"{STAGING}{os.getpid()}-")
-        try:
-            _stage_and_finish(directory, stage, config_name, meta, files or {}, folders or {},
-                              checksums)
-        except BaseException:
-            if not os.path.isfile(os.path.join(stage, MANIFEST)):
-                remove_path(stage)  # once its renames may have begun, the next save or load finishes them
-            raise
+    stage = tempfile.mkdtemp(dir=directory, prefix=f"{STAGING}{os.getpid()}-")
+    own, _ = try_exclusive(stage)  # held while staging: other saves leave this folder alone
+    try:
+        _stage(directory, stage, config_name, meta, files or {}, folders or {}, checksums)
+        with folder_lock(directory, exclusive=True):  # the renames, one save at a time
+            _recover(directory, config_name)
+            _finish(directory, stage, read_json(os.path.join(stage, MANIFEST)))
+    except BaseException:
+        if not os.path.isfile(os.path.join(stage, MANIFEST)):
+            remove_path(stage)  # once its renames may have begun, the next save or load finishes them
+        raise
+    finally:
+        if own is not None:
+            release(own)
 
 
-def _stage_and_finish(directory: str, stage: str, config_name: str, meta: dict,
-                      files: dict[str, Writer], folders: dict[str, tuple[Writer, bool]],
-                      checksums: bool) -> None:
+def _stage(directory: str, stage: str, config_name: str, meta: dict,
+           files: dict[str, Writer], folders: dict[str, tuple[Writer, bool]],
+           checksums: bool) -> None:
+    """Steps 2 and 3: the files, their digests, the config and the manifest, in `stage`."""
     tree = os.path.join(stage, TREE)
     os.makedirs(tree)
     for sub, (write, _) in folders.items():
@@ -223,7 +236,6 @@ def _stage_and_finish(directory: str, stage: str, config_name: str, meta: dict,
                                                "config_sha256": sha256_file(config_path)})
     for folder in {os.path.dirname(os.path.join(tree, n)) for n in names} | {tree, stage}:
         fsync_path(folder)
-    _finish(directory, stage, read_json(os.path.join(stage, MANIFEST)))
 
 
 @contextlib.contextmanager
@@ -232,11 +244,11 @@ def loading(directory: str) -> Iterator[None]:
     waits for a save in progress); first, when no one holds the folder, finishes a save
     that was killed during its renames (if the folder is writable)."""
     if _staging_folders(directory):
-        fd = try_exclusive(directory)
+        fd, _ = try_exclusive(directory)
         if fd is not None:
             try:
                 for name in {m.get("config") for m in _manifests(directory)}:
-                    _recover(directory, name, locked=True)
+                    _recover(directory, name)
             except OSError:
                 pass  # a read-only folder: the load reports what it finds
             finally:
@@ -310,9 +322,9 @@ def replace_folder_files(directory: str, write: Writer) -> list[str]:
     produce are removed, all under the folder's exclusive lock; returns the files'
     names, relative. A kill leaves every file whole (old or new bytes), not the folder."""
     os.makedirs(directory, exist_ok=True)
-    with folder_lock(directory, exclusive=True) as locked:
+    with folder_lock(directory, exclusive=True):
         for stage in _staging_folders(directory):
-            if locked or _writer_gone(stage):
+            if _abandoned(stage):
                 remove_path(stage)
         stage = tempfile.mkdtemp(dir=directory, prefix=f"{STAGING}{os.getpid()}-")
         try:

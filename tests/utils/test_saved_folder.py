@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from moe_ext.utils import saved_folder
 from moe_ext.utils.io import read_jsonl, sha256_file
+from moe_ext.utils.locking import folder_lock
 from moe_ext.utils.tensors import load_safetensors
 from moe_ext.utils.saved_folder import commit_save, read_verified_config, replace_folder_files
 
@@ -101,9 +102,10 @@ def test_saved_weights_follow_the_umask(tmp_path):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
 
 
-def test_a_load_waits_for_a_save_in_progress_and_says_so_after_the_timeout(tmp_path, monkeypatch):
-    """The folder lock: a load during a save waits (here past MOE_EXT_LOCK_TIMEOUT: a
-    TimeoutError naming the folder), and reads the new save once it is done."""
+def test_loads_during_a_save_read_the_old_one_then_wait_for_its_renames(tmp_path, monkeypatch):
+    """While a save stages its files a load reads the old save; while it holds the folder
+    lock for its renames a load waits (here past MOE_EXT_LOCK_TIMEOUT: a TimeoutError
+    naming the folder), then reads the new save."""
     save(tmp_path, 1)
     inside, done = threading.Event(), threading.Event()
 
@@ -118,15 +120,54 @@ def test_a_load_waits_for_a_save_in_progress_and_says_so_after_the_timeout(tmp_p
         {"sub": (lambda d: open(os.path.join(d, "v2"), "w").write("2"), True)}))
     writer.start()
     assert inside.wait(10)
+    assert state(tmp_path) == (1, 1, 1, [1])  # staging: the old save, no waiting
+    done.set()
+    writer.join()
+    assert state(tmp_path) == (2, 2, 2, [2]) and hidden(tmp_path) == []
+
+    held, release = threading.Event(), threading.Event()
+
+    def renaming():  # what a save holds during its renames
+        with folder_lock(str(tmp_path), exclusive=True):
+            held.set()
+            assert release.wait(10)
+
+    holder = threading.Thread(target=renaming)
+    holder.start()
+    assert held.wait(10)
     monkeypatch.setenv("MOE_EXT_LOCK_TIMEOUT", "0.2")
     with pytest.raises(TimeoutError, match=str(tmp_path)):
         state(tmp_path)
-    done.set()
-    writer.join()
+    release.set()
+    holder.join()
     assert state(tmp_path) == (2, 2, 2, [2])
     monkeypatch.setenv("MOE_EXT_LOCK_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="MOE_EXT_LOCK_TIMEOUT"):
         state(tmp_path)
+
+
+def test_a_save_leaves_the_staging_folder_of_a_save_still_staging(tmp_path):
+    """Two saves at once: the one that renames first must not remove the other's staging
+    folder (it holds that folder's lock while staging), and the last to rename wins whole."""
+    save(tmp_path, 1)
+    inside, done = threading.Event(), threading.Event()
+
+    def slow(path):
+        inside.set()
+        assert done.wait(10)
+        open(path, "w").write("weights 2")
+
+    writer = threading.Thread(target=commit_save, args=(
+        str(tmp_path), "config.json", {"value": 2},
+        {"weights.bin": slow, "info.json": lambda p: open(p, "w").write('{"value": 2}')},
+        {"sub": (lambda d: open(os.path.join(d, "v2"), "w").write("2"), True)}))
+    writer.start()
+    assert inside.wait(10)
+    save(tmp_path, 3)
+    assert state(tmp_path) == (3, 3, 3, [3]) and len(hidden(tmp_path)) > 0
+    done.set()
+    writer.join()
+    assert state(tmp_path) == (2, 2, 2, [2]) and hidden(tmp_path) == []
 
 
 def test_corrupted_file_is_named_and_unchecked_config_reads_as_is(tmp_path):
