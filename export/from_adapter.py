@@ -15,6 +15,7 @@ from typing import Optional
 from moe_ext.hf.models import load_adapter_tokenizer, load_pretrained
 from moe_ext.molora import load_molora, read_adapter_meta
 from moe_ext.molora.saving import CONFIG_NAME
+from moe_ext.utils.io import writes_into
 
 from .causal_lm import export_causal_lm
 
@@ -70,6 +71,10 @@ def export_adapter(adapter: str, output: str, base: Optional[str] = None,
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--output {output!r}: folder {folder!r} does not exist")
+    for what, source in (("adapter", adapter), ("train-pmol output", artefact), ("base model", base)):
+        if source and writes_into(output, source):  # the .onnx, its data, the tokenizer
+            raise ValueError(f"--output {output!r} is inside the {what} folder {source!r} that "
+                             f"the export reads (its files could be replaced); write it elsewhere")
     model = load_molora(load_base(base), adapter)
     tokenizer = find_tokenizer(adapter, base)
     export_causal_lm(model, output, dtype=dtype, logits=logits)

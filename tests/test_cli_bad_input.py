@@ -120,6 +120,49 @@ TABLE = [
     (BENCH + ["--experts", "0"], "--experts"),
     (BENCH + ["--reps", "0"], "--reps"),
     (["demo", "--output", "{afile}/demo"], "--output"),
+    # absurd sizes: refused at parse time, never minutes of work or a traceback (issue 30)
+    (PMOL + ["--batch-size", "1000000000"], "--batch-size"),
+    (PMOL + ["--steps", str(10 ** 12)], "--steps"),
+    (PMOL + ["--grad-accum", str(10 ** 9)], "--grad-accum"),
+    (PMOL + ["--synthetic-size", str(10 ** 12)], "--synthetic-size"),
+    (PMOL + ["--hidden", str(10 ** 9)], "--hidden"),
+    (PMOL + ["--layers", str(10 ** 6)], "--layers"),
+    (PMOL + ["--rank", str(10 ** 9)], "--rank"),
+    (PMOL + ["--experts-per-group", str(10 ** 9)], "--experts-per-group"),
+    (PMOL + ["--null-experts", str(10 ** 9)], "--null-experts"),
+    (PMOL + ["--max-length", str(10 ** 12)], "--max-length"),
+    (PMOL + ["--seed", str(10 ** 30)], "--seed"),
+    (PMOL + ["--checkpoint-every", str(10 ** 30)], "--checkpoint-every"),
+    (RM + ["--synthetic-pairs", str(10 ** 12)], "--synthetic-pairs"),
+    (RM + ["--batch-size", str(10 ** 12)], "--batch-size"),
+    (RM + ["--expert-hidden", str(10 ** 9)], "--expert-hidden"),
+    (RM + ["--experts", str(10 ** 9)], "--experts"),
+    (RM + ["--epochs", str(10 ** 12)], "--epochs"),
+    (RM + ["--seed", str(2 ** 64)], "--seed"),
+    (RM + ["--max-length", str(10 ** 12)], "--max-length"),
+    (ADAPT + ["--pairs", str(10 ** 12)], "--pairs"),
+    (ADAPT[:4] + [str(10 ** 12)], "--synthetic-user"),
+    (GEN + ["--max-new-tokens", str(10 ** 12)], "--max-new-tokens"),
+    (GEN + ["--seed", str(10 ** 30)], "--seed"),
+    (ORT + ["--batch", str(10 ** 9)], "--batch"),
+    (ORT + ["--length", str(10 ** 12)], "--length"),
+    (ORT + ["--repeat", str(10 ** 12)], "--repeat"),
+    (BENCH + ["--tokens", str(10 ** 12)], "--tokens"),
+    (BENCH + ["--features", str(10 ** 9)], "--features"),
+    (["convert", "--from-peft-groups", "a={tmp}/x", "--seed", str(10 ** 30),
+      "--output", "{tmp}/c"], "--seed"),
+    (["export", "--adapter", "{adapter}", "--no-cache", "--length", str(10 ** 12),
+      "--output", "{tmp}/m.onnx"], "--length"),
+    # --split is for datasets folders and names; a file has no splits
+    (["train-pmol", "--data", "{rows}", "--split", "test", "--steps", "1"], "--split"),
+    (PMOL + ["--split", "test"], "--split"),
+    # an export never writes into the folders it reads (it destroyed the model it read)
+    (["export", "--reward-model", "{rm_dir}", "--output", "{rm_dir}/reward_model.safetensors"],
+     "--output"),
+    (["export", "--reward-model", "{rm_dir}", "--output", "{rm_dir}/sub/m.onnx"], "--output"),
+    (["export", "--adapter", "{adapter}", "--base", "x", "--output", "{adapter}/m.onnx"],
+     "--output"),
+    (["export", "--reward-model", "{rm_dir}", "--output", "{tmp}/m.txt"], "--output"),
 ]
 
 
@@ -138,6 +181,7 @@ def paths(tmp_path_factory):
 
     row = {"prompt": "p", "chosen": "a", "rejected": "b", "preference": "x"}
     p["afile"] = write("a_file", "not a folder")
+    p["rows"] = write("rows.jsonl", json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
     p["list_rows"] = write("list_rows.jsonl", '["p", "a", "b"]\n')
     p["null_rows"] = write("null_rows.jsonl", "null\n")
     p["huge_line"] = write("huge.jsonl", json.dumps(row) + "\n" + '{"prompt": "' +

@@ -99,6 +99,16 @@ def atomic_write(path: str, write: Callable[[str], object]) -> None:
     fsync_path(folder)
 
 
+def writes_into(path: str, folder: str) -> bool:
+    """Whether writing the file `path` (and files beside it) writes into the existing
+    folder `folder` or a folder under it (symbolic links resolved)."""
+    if not os.path.isdir(folder):
+        return False
+    where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    root = os.path.realpath(folder)
+    return where == root or where.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def sha256_file(path: str) -> str:
     """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
