@@ -47,6 +47,7 @@ TABLE = [
     (PMOL + ["--max-length", "0"], "--max-length"),
     (PMOL + ["--target-modules", "(unclosed"], "--target-modules"),
     (PMOL + ["--target-modules", "no_such_module"], "--target-modules"),
+    (PMOL + ["--target-modules", "(.*)*x"], "--target-modules"),  # hours of backtracking
     (PMOL + ["--output", "{afile}/out"], "--output"),
     (PMOL + ["--init-adapter", "{tmp}/missing"], "--init-adapter"),
     (PMOL + ["--init-adapter", "{bad_adapter}"], "adapter_config.json"),

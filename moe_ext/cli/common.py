@@ -149,10 +149,12 @@ def parse_target_modules(values) -> Union[str, list[str]]:
     if len(values) != 1:
         raise ValueError(f"--target-modules: give names (q_proj v_proj or q_proj,v_proj), one "
                          f"regex or all-linear, got {values}")
+    from ..molora.targets import UnsafeRegex, check_target_regex
+
     try:
-        re.compile(values[0])
-    except re.error as err:
-        raise ValueError(f"--target-modules: {values[0]!r} is not a valid regex ({err})") from None
+        check_target_regex(values[0])
+    except UnsafeRegex as err:
+        raise ValueError(f"--target-modules: {err}") from None
     return values[0]
 
 
