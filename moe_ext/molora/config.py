@@ -35,15 +35,15 @@ class MoLoRAConfig(DictConfig):
             if not ok:
                 raise ValueError(f"MoLoRAConfig.{name} {what}, got {getattr(self, name)!r}")
 
-        need(is_int(self.r) and self.r >= 1, "r", "must be an int >= 1")
+        need(is_int(self.r) and self.r >= 1, "r", "must be an int in [1, 2**31 - 1]")
         need(is_real(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha",
              "must be a finite number > 0")
         need(is_real(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0, "lora_dropout",
              "must be a number in [0, 1)")
         need(is_int(self.num_experts) and self.num_experts >= 1, "num_experts",
-             "must be an int >= 1")
+             "must be an int in [1, 2**31 - 1]")
         need(is_int(self.num_null_experts) and self.num_null_experts >= 0,
-             "num_null_experts", "must be an int >= 0")
+             "num_null_experts", "must be an int in [0, 2**31 - 1]")
         total = self.num_experts + self.num_null_experts
         need(is_int(self.top_k) and 1 <= self.top_k <= total, "top_k",
              f"must be an int in [1, num_experts + num_null_experts = {total}]")

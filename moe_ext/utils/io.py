@@ -141,6 +141,8 @@ def read_json(path: str):
         raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
+    except RecursionError:  # arrays or objects nested thousands deep: no config is
+        raise ValueError(f"{path}: JSON nested too deeply to be a config") from None
 
 
 MAX_JSONL_LINE = 16 << 20  # bytes; one preference row is far smaller
@@ -167,6 +169,9 @@ def read_jsonl(path: str, max_line_bytes: int = MAX_JSONL_LINE) -> Iterator[tupl
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{lineno}: JSON nested too deeply to be a row") from None
+            yield lineno, value
