@@ -32,14 +32,15 @@ def resolve_adapter(path: str) -> tuple[str, Optional[str]]:
 
 
 def resolve_base(adapter: str, artefact: Optional[str], base: Optional[str]) -> str:
-    """The base model: `base` if given, else what the adapter records, else artefact/base_model."""
+    """The base model: `base` if given, else the train-pmol output's own base_model/ (a
+    copied output must not load the original's), else what the adapter records."""
     if base:
         return base
+    if artefact is not None:
+        return os.path.join(artefact, "base_model")
     recorded = read_adapter_meta(adapter).get("base_model_name_or_path")
     if recorded:
         return recorded
-    if artefact is not None:
-        return os.path.join(artefact, "base_model")
     raise ValueError(f"--base is needed: the adapter in {adapter!r} records no base model "
                      f"(base_model_name_or_path) and is not inside a train-pmol output")
 

@@ -73,10 +73,15 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
         raise ValueError("model has no MoLoRA layers to save (call get_molora_model first)")
     config = getattr(model, "molora_config")
     model_config = getattr(model, "config", None)
+    base = (getattr(model_config, "name_or_path", None) or getattr(model, "name_or_path", None)
+            or None)
+    if isinstance(base, str) and os.path.isdir(base):  # a folder: absolute, whatever the cwd
+        base = os.path.abspath(base)
     meta = {"format_version": FORMAT_VERSION, "moe_ext_config": config.to_dict(),
             "layers": sorted(layers), "base_model_class": type(model).__name__,
-            "base_model_name_or_path": (getattr(model_config, "name_or_path", None)
-                                        or getattr(model, "name_or_path", None) or None),
+            "base_model_name_or_path": base,
+            "base_model_source": (None if not isinstance(base, str)
+                                  else "folder" if os.path.isabs(base) else "hub"),
             "base_model_type": getattr(model_config, "model_type", None),
             "fan_in_fan_out": any(is_conv1d(m.base) for m in layers.values())}
     state = adapter_state_dict(model)
