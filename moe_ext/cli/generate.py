@@ -121,4 +121,5 @@ def register(sub) -> None:
                         "has its own)")
     add_generation_options(p)
     add_json(p, "the prompt and the text")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate,
+                   needs=lambda args: ("hf",) + (("onnx",) if args.onnx else ()))

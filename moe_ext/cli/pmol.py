@@ -11,9 +11,10 @@ from ..pmol.job import check_resume
 from ..pmol.synthetic import HEADS
 from ..training import init_distributed
 from .common import (add_json, add_progress, add_source, batch_int, check_exists, check_writable,
-                     count_int, experts_int, fail, job_from_args, layers_int, nonnegative_float,
-                     number_type, open_fraction, parse_target_modules, positive_float, print_json,
-                     quiet_transformers, seed_int, some_experts_int, tokens_int, width_int)
+                     count_int, data_extras, experts_int, fail, job_from_args, layers_int,
+                     nonnegative_float, number_type, open_fraction, parse_target_modules,
+                     positive_float, print_json, quiet_transformers, seed_int, some_experts_int,
+                     tokens_int, width_int)
 
 label_smoothing = number_type(float, "a number in [0, 0.5)", lambda v: 0 <= v < 0.5)
 
@@ -123,4 +124,4 @@ def register(sub) -> None:
     add_progress(p)
     p.add_argument("--seed", type=seed_int, default=d.seed)
     add_json(p)
-    p.set_defaults(func=cmd_train_pmol)
+    p.set_defaults(func=cmd_train_pmol, needs=lambda args: ("hf",) + data_extras(args.data))

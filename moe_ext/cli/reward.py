@@ -4,8 +4,8 @@ from __future__ import annotations
 from ..reward import METHODS, RewardJob, adapt_user, load_reward_data, train_reward_job
 from ..utils.io import write_json
 from .common import (MAX_TOKENS, add_json, add_progress, add_source, batch_int, check_exists,
-                     check_writable, count_int, experts_int, fail, int_in, job_from_args,
-                     nonnegative_float, open_fraction, positive_float, print_json,
+                     check_writable, count_int, data_extras, experts_int, fail, int_in,
+                     job_from_args, nonnegative_float, open_fraction, positive_float, print_json,
                      quiet_transformers, seed_int, some_count_int, some_experts_int, width_int)
 
 min_length = int_in(2, MAX_TOKENS)
@@ -64,6 +64,13 @@ def cmd_adapt(args) -> int:
     return 0
 
 
+def _train_rm_extras(args) -> tuple[str, ...]:
+    """What train-rm needs installed: transformers for a backbone, the MiniLM package for
+    its encoder, the datasets extra for data that is not a JSON file."""
+    model = ("hf",) if args.backbone else ("minilm",) if args.encoder == "minilm" else ()
+    return model + data_extras(args.data)
+
+
 def register(sub) -> None:
     d = RewardJob
     rm = sub.add_parser(
@@ -117,7 +124,7 @@ def register(sub) -> None:
                     help="fine-tune the backbone's own weights too")
     add_progress(rm)
     add_json(rm)
-    rm.set_defaults(func=cmd_train_rm)
+    rm.set_defaults(func=cmd_train_rm, needs=_train_rm_extras)
 
     ad = sub.add_parser(
         "adapt", help="adapt a reward model to a user from a few labelled pairs",
