@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import re
 import sys
 from typing import Callable, Optional, Union
 
+from ..molora.targets import UnsafeRegex, check_target_regex
 from ..utils.io import writes_into
 
 
@@ -127,8 +129,6 @@ def data_extras(data: Optional[str]) -> tuple[str, ...]:
 def missing_extras(command: str, extras) -> Optional[str]:
     """The error message when a module of `extras` is not installed (naming the modules and
     the pip line), else None: checked before a command does any work."""
-    import importlib.util
-
     missing = {}
     for extra in extras:
         for module in EXTRA_MODULES[extra]:
@@ -179,8 +179,6 @@ def parse_target_modules(values) -> Union[str, list[str]]:
     if len(values) != 1:
         raise ValueError(f"--target-modules: give names (q_proj v_proj or q_proj,v_proj), one "
                          f"regex or all-linear, got {values}")
-    from ..molora.targets import UnsafeRegex, check_target_regex
-
     try:
         check_target_regex(values[0])
     except UnsafeRegex as err:
