@@ -1,27 +1,28 @@
 """Saving a folder of weights and config as one step, and loading it back verified, with
 several writers and readers at once and writers killed at any point.
 
-commit_save, holding the folder's exclusive lock (locking.py) for the whole save:
-  1. finishes or discards what a killed save left (see recovery below);
-  2. writes every file of the save (weights, small JSON files, whole subfolders such as a
+commit_save:
+  1. writes every file of the save (weights, small JSON files, whole subfolders such as a
      backbone's save_pretrained or a tokenizer) into a staging folder of its own,
-     .pending-<pid>-<random>/, where the libraries' own temporaries land too; flushes
-     them to disk and computes each file's SHA-256 there, on the bytes it wrote (no other
-     writer knows that folder);
-  3. writes the new config, which records those digests ("sha256"), and a manifest,
-     into the staging folder;
-  4. renames each file whose bytes changed into place, removes the files of the folders
-     it owns whole that the new save did not write (a model.safetensors beside new
-     shards would load first), renames the config into place last, and removes the
-     staging folder.
+     .pending-<pid>-<random>/, on which it holds an exclusive flock while it writes (so
+     other saves know it is alive), and where the libraries' own temporaries land too;
+     flushes them to disk and computes each file's SHA-256 there, on the bytes it wrote;
+  2. writes the new config, which records those digests ("sha256"), and a manifest, into
+     the staging folder;
+  3. takes the folder's exclusive lock (locking.py), finishes or discards what killed
+     saves left (see below), renames each file whose bytes changed into place, removes
+     the files of the folders it owns whole that the new save did not write (a
+     model.safetensors beside new shards would load first), renames the config into place
+     last, removes its staging folder and drops the lock.
 Loads (loading()) hold the shared lock while they read the config and the files it names,
-so they see one whole save. A process killed before step 4 leaves the old save intact;
-one killed during step 4 leaves a staging folder whose manifest lists where every file of
-the new save is (staged, or already in place): the next save, or the next load when no
-one holds the folder, finishes those renames, so every load sees the old or the new save.
-Where the platform has no lock (see locking.py), two saves can still interleave their
-renames; the digests then make the load fail with a clear error instead of mixing two
-saves. A config without "sha256" (PEFT's, older moe_ext versions') loads as it is.
+so they see one whole save, and check the digests. A process killed before step 3 leaves
+the old save intact; one killed during step 3 leaves a staging folder whose manifest says
+where every file of the new save is (staged, or already in place) and whose lock nobody
+holds any more: the next save, or the next load when no one holds the folder, finishes
+those renames, so every load sees the old or the new save. Where the platform has no lock
+(see locking.py), two saves can still interleave their renames; the digests then make the
+load fail with a clear error instead of mixing two saves. A config without "sha256"
+(PEFT's, older moe_ext versions') loads as it is.
 """
 from __future__ import annotations
 
