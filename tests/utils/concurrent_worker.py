@@ -4,7 +4,7 @@ writers SIGKILLed at random times.
     python concurrent_worker.py KIND FOLDER LOADS WRITERS KILL_EVERY SEED
 
 KIND is "adapter" (save_molora / load_molora) or "reward" (save_reward_model with a
-train_info.json / load_reward_model). The worker imports torch and moe_ext once, then
+train_info.json / load_reward_run). The worker imports torch and moe_ext once, then
 forks WRITERS writer processes, each saving in an endless loop a model whose every weight
 and whose config (lora_alpha, router_temperature, train_info.json) hold one value unique
 to that save. The worker itself is the reader: it loads the folder LOADS times and checks
@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from moe_ext.molora import MoLoRAConfig, get_molora_model, load_molora, save_molora
-from moe_ext.reward import SparseMoERewardModel, load_reward_model, save_reward_model
+from moe_ext.reward import SparseMoERewardModel, save_reward_model
+from moe_ext.reward.job import load_reward_run
 
 CONFIG = MoLoRAConfig(r=2, lora_alpha=1.0, num_experts=2, top_k=1, target_modules=["proj"])
 
@@ -57,10 +58,9 @@ def load_value(kind: str, folder: str) -> float:
         value = model.molora_config.lora_alpha
         tensors = [p for n, p in model.named_parameters() if "lora_" in n or "router" in n]
     else:
-        model = load_reward_model(folder)
+        model, info = load_reward_run(folder)  # the model and its train_info.json
         value = model.config.router_temperature
-        with open(os.path.join(folder, "train_info.json")) as f:
-            assert json.load(f)["value"] == value, "train_info.json from another save"
+        assert info["value"] == value, "train_info.json from another save"
         tensors = list(model.parameters())
     assert all(bool(torch.all(t == value)) for t in tensors), "weights from another save"
     return value
