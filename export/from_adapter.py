@@ -15,6 +15,7 @@ from typing import Optional
 from moe_ext.hf.models import load_adapter_tokenizer, load_pretrained
 from moe_ext.molora import load_molora, read_adapter_meta
 from moe_ext.molora.saving import CONFIG_NAME
+from moe_ext.utils.io import writes_into
 
 from .causal_lm import export_causal_lm
 from .genai_config import MODEL_NAME, write_genai_config
@@ -32,14 +33,15 @@ def resolve_adapter(path: str) -> tuple[str, Optional[str]]:
 
 
 def resolve_base(adapter: str, artefact: Optional[str], base: Optional[str]) -> str:
-    """The base model: `base` if given, else what the adapter records, else artefact/base_model."""
+    """The base model: `base` if given, else the train-pmol output's own base_model/ (a
+    copied output must not load the original's), else what the adapter records."""
     if base:
         return base
+    if artefact is not None:
+        return os.path.join(artefact, "base_model")
     recorded = read_adapter_meta(adapter).get("base_model_name_or_path")
     if recorded:
         return recorded
-    if artefact is not None:
-        return os.path.join(artefact, "base_model")
     raise ValueError(f"--base is needed: the adapter in {adapter!r} records no base model "
                      f"(base_model_name_or_path) and is not inside a train-pmol output")
 
@@ -79,6 +81,10 @@ def export_adapter(adapter: str, output: str, base: Optional[str] = None,
         folder, output = output, os.path.join(output, MODEL_NAME)
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise ValueError(f"--output {folder!r}: exists and is not a folder")
+    for what, source in (("adapter", adapter), ("train-pmol output", artefact), ("base model", base)):
+        if source and writes_into(output, source):  # the graph, its data, the tokenizer
+            raise ValueError(f"--output {output!r} is inside the {what} folder {source!r} that "
+                             f"the export reads (its files could be replaced); write it elsewhere")
     model = load_molora(load_base(base), adapter)
     tokenizer = find_tokenizer(adapter, base)
     os.makedirs(folder, exist_ok=True)

@@ -9,8 +9,8 @@ import torch
 from ..molora import load_molora
 from ..reward import load_reward_model
 from ..utils.timing import time_call
-from .common import (add_json, check_exists, check_writable, fail,
-                     nonnegative_int, positive_int, print_json, quiet_transformers)
+from .common import (add_json, batch_int, check_exists, check_outside, check_writable, fail,
+                     print_json, quiet_transformers, some_count_int, tokens_int)
 
 
 def cmd_export(args) -> int:
@@ -26,10 +26,15 @@ def cmd_export(args) -> int:
         # a generation graph goes into a folder (FOLDER/model.onnx + genai_config.json +
         # tokenizer) unless --output names a .onnx file; other graphs are one .onnx file
         to_folder = bool(args.adapter) and not args.no_cache and not args.output.endswith(".onnx")
+        if not to_folder and not args.output.endswith(".onnx"):
+            return fail(f"--output {args.output}: must name a .onnx file for this graph")
         check_writable(args.output, "--output", folder=to_folder)
         for option, path in (("--adapter", args.adapter), ("--reward-model", args.reward_model)):
             if path:
                 check_exists(path, option)
+        written = os.path.join(args.output, "model.onnx") if to_folder else args.output
+        check_outside(written, "--output", {"--adapter": args.adapter, "--base": args.base,
+                                            "--reward-model": args.reward_model})
         reward_only = [o for o, given in (("--adapter", args.adapter), ("--base", args.base),
                                           ("--no-cache", args.no_cache),
                                           ("--logits", args.logits is not None),
@@ -156,24 +161,25 @@ def register(sub) -> None:
     ex.add_argument("--output", required=True,
                     help="--adapter: the folder to write (model.onnx, genai_config.json, "
                          "tokenizer), or a .onnx file (those files beside it); otherwise the "
-                         ".onnx file to write")
+                         ".onnx file to write. Never inside a folder the export reads")
     ex.add_argument("--dtype", choices=["float32", "float16"], default=None)
     ex.add_argument("--logits", choices=["last", "all"], default=None,
                     help="generation graph: logits of the last position only (default) or of all")
     ex.add_argument("--no-cache", action="store_true",
                     help="a plain graph without KV cache: input_ids, attention_mask -> logits")
-    ex.add_argument("--length", type=positive_int, default=None,
+    ex.add_argument("--length", type=tokens_int, default=None,
                     help="--no-cache: example sequence length for tracing (default 8)")
     add_json(ex, "the output path")
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=cmd_export,
+                    needs=lambda args: ("onnx",) + (("hf",) if args.adapter else ()))
 
     orr = sub.add_parser("ort-run", help="run an exported model on onnxruntime with random inputs",
                          description="Load an exported .onnx with OrtModel, run it on random "
                                      "inputs, print output shapes and latency.")
     orr.add_argument("model", help="the .onnx file")
-    orr.add_argument("--batch", type=positive_int, default=2)
-    orr.add_argument("--length", type=positive_int, default=16)
-    orr.add_argument("--repeat", type=nonnegative_int, default=20, help="timed runs after one warm-up")
+    orr.add_argument("--batch", type=batch_int, default=2)
+    orr.add_argument("--length", type=tokens_int, default=16)
+    orr.add_argument("--repeat", type=some_count_int, default=20, help="timed runs after one warm-up")
     orr.add_argument("--provider", help="execution provider (default: CUDA if available, else CPU)")
     add_json(orr, "the result")
-    orr.set_defaults(func=cmd_ort_run)
+    orr.set_defaults(func=cmd_ort_run, needs=lambda args: ("onnx",))

@@ -12,8 +12,8 @@ import torch
 from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
 from ..pmol.generate import GenerationOptions, generate
 from ..serve.engines import TextEngine
-from .common import (add_json, check_exists, fail, nonnegative_int, parse_assignments,
-                     positive_float, positive_int, print_json, probability, quiet_transformers)
+from .common import (add_json, check_exists, fail, parse_assignments, positive_float, print_json,
+                     probability, quiet_transformers, seed_int, tokens_int)
 
 
 def parse_steer(values) -> dict[str, float]:
@@ -34,14 +34,14 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     d = GenerationOptions
     p.add_argument("--prompt", required=True, help="the user's message (the tokenizer's chat "
                                                    "template is applied when it has one)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=tokens_int, default=d.max_new_tokens)
     p.add_argument("--steer", nargs="+", metavar="GROUP=BIAS",
                    help="add BIAS to the router logits of an expert group (e.g. safe=2)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=d.temperature)
-    p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
+    p.add_argument("--top-k", type=tokens_int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=probability, help="nucleus sampling")
-    p.add_argument("--seed", type=nonnegative_int, help="seed of the sampling")
+    p.add_argument("--seed", type=seed_int, help="seed of the sampling")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
 
 
@@ -122,4 +122,5 @@ def register(sub) -> None:
                         "has its own)")
     add_generation_options(p)
     add_json(p, "the prompt and the text")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate,
+                   needs=lambda args: ("hf",) + (("onnx",) if args.onnx else ()))

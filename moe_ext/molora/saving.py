@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..utils.io import atomic_write, write_json
-from ..utils.saved_folder import begin_save, commit_save, read_verified_config, recorded_sha256
+from ..utils.saved_folder import commit_save, loading, read_verified_config, recorded_sha256
 from ..utils.tensors import check_tensor, load_safetensors
 from .config import MoLoRAConfig
 from .layer import is_conv1d, linear_features, molora_layers
@@ -64,19 +63,25 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = None) -> None:
-    """Writes directory/adapter_config.json and directory/adapter_model.safetensors.
-    state_dict: take the tensors from it (e.g. a gathered state dict from a Trainer)
-    instead of the model."""
+def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = None,
+                tokenizer=None) -> None:
+    """Writes directory/adapter_config.json and directory/adapter_model.safetensors (and
+    the tokenizer's files, when given) in one step. state_dict: take the tensors from it
+    (e.g. a gathered state dict from a Trainer) instead of the model."""
     layers = molora_layers(model)
     if not layers:
         raise ValueError("model has no MoLoRA layers to save (call get_molora_model first)")
     config = getattr(model, "molora_config")
     model_config = getattr(model, "config", None)
+    base = (getattr(model_config, "name_or_path", None) or getattr(model, "name_or_path", None)
+            or None)
+    if isinstance(base, str) and os.path.isdir(base):  # a folder: absolute, whatever the cwd
+        base = os.path.abspath(base)
     meta = {"format_version": FORMAT_VERSION, "moe_ext_config": config.to_dict(),
             "layers": sorted(layers), "base_model_class": type(model).__name__,
-            "base_model_name_or_path": (getattr(model_config, "name_or_path", None)
-                                        or getattr(model, "name_or_path", None) or None),
+            "base_model_name_or_path": base,
+            "base_model_source": (None if not isinstance(base, str)
+                                  else "folder" if os.path.isabs(base) else "hub"),
             "base_model_type": getattr(model_config, "model_type", None),
             "fan_in_fan_out": any(is_conv1d(m.base) for m in layers.values())}
     state = adapter_state_dict(model)
@@ -85,25 +90,23 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
         if missing:
             raise ValueError(f"state_dict lacks the adapter tensors {missing[:5]}")
         state = {k: state_dict[k] for k in state}
-    write_adapter_files(directory, meta, state)
+    write_adapter_files(directory, meta, state, tokenizer=tokenizer)
 
 
 def write_adapter_files(directory: str, meta: dict, tensors: dict[str, torch.Tensor],
-                        checksums: bool = True) -> None:
+                        checksums: bool = True, tokenizer=None) -> None:
     """The one writer of adapter folders (MoLoRA's, and PEFT's when converting), in one
-    step (moe_ext.utils.saved_folder): adapter_model.safetensors, then adapter_config.json
-    recording its SHA-256 (checksums=False: PEFT's config, left as PEFT writes it)."""
+    step (moe_ext.utils.saved_folder: safe with other saves and loads of the folder):
+    adapter_model.safetensors (and the tokenizer's files, when given), then
+    adapter_config.json recording their SHA-256 (checksums=False: PEFT's config, left as
+    PEFT writes it)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    begin_save(directory, CONFIG_NAME)
 
     def write(path: str) -> None:
         save_file(tensors, path, metadata={"format": "pt"})
 
-    if checksums:
-        commit_save(directory, CONFIG_NAME, meta, {WEIGHTS_NAME: write})
-    else:
-        atomic_write(os.path.join(directory, WEIGHTS_NAME), write)
-        write_json(os.path.join(directory, CONFIG_NAME), meta)
+    folders = {"": (tokenizer.save_pretrained, False)} if tokenizer is not None else {}
+    commit_save(directory, CONFIG_NAME, meta, {WEIGHTS_NAME: write}, folders, checksums=checksums)
 
 
 def read_adapter_files(directory: str, tensors: bool = True) -> tuple[dict, dict]:
@@ -115,10 +118,11 @@ def read_adapter_files(directory: str, tensors: bool = True) -> tuple[dict, dict
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
-    meta = read_verified_config(directory, CONFIG_NAME)
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return meta, (read_adapter_weights(directory, meta) if tensors else {})
+    with loading(directory):  # the config and the weights of one save
+        meta = read_verified_config(directory, CONFIG_NAME)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        return meta, (read_adapter_weights(directory, meta) if tensors else {})
 
 
 def read_adapter_weights(directory: str, meta: dict) -> dict:
@@ -196,10 +200,13 @@ def load_molora(model: nn.Module, directory: str) -> nn.Module:
     non-finite or non-float tensors) or does not fit the model (another architecture,
     other layers or shapes). Everything is checked before the model is touched, so a
     failed load leaves it as it was."""
-    meta, _ = read_adapter_files(directory, tensors=False)  # the config first: cheap
-    check_molora_meta(meta, directory)
-    config = config_from_meta(meta, directory)
-    state = read_adapter_weights(directory, meta)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no {CONFIG_NAME}: the adapter folder {directory!r} does not exist")
+    with loading(directory):  # the config and the weights of one save
+        meta, _ = read_adapter_files(directory, tensors=False)  # the config first: cheap
+        check_molora_meta(meta, directory)
+        config = config_from_meta(meta, directory)
+        state = read_adapter_weights(directory, meta)
     where = f"adapter in {directory!r}"
     weights = os.path.join(directory, WEIGHTS_NAME)
     saved_class = meta.get("base_model_class")

@@ -20,8 +20,7 @@ from torch import nn
 
 from ..molora import MoLoRAConfig, adapter_state_dict, base_state_dict, molora_layers
 from ..utils.io import write_json
-from ..utils.saved_folder import (begin_save, commit_save, move_changed_files, read_verified_config,
-                                  recorded_sha256)
+from ..utils.saved_folder import commit_save, loading, read_verified_config, recorded_sha256
 from ..utils.tensors import check_tensor, load_safetensors
 from .backbone import BackboneConfig, BackboneRewardModel, load_backbone, prepare_backbone
 from .model import RewardConfig, SparseMoERewardModel
@@ -66,35 +65,30 @@ def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[
     state.update({f"backbone.{k}": v for k, v in adapter_state_dict(model.backbone).items()})
     trained = {} if full else _trained_backbone_tensors(model)
     state.update(trained)
-    begin_save(directory, CONFIG_NAME)
-    in_place = ()
+    folders = {}
     if full:  # files whose bytes did not change are left alone (a frozen backbone)
-        written = move_changed_files(os.path.join(directory, BACKBONE_DIR), lambda tmp: (
-            model.backbone.save_pretrained(tmp, state_dict=base_state_dict(model.backbone))),
-            remove_others=True)
-        in_place = tuple(f"{BACKBONE_DIR}/{n}" for n in written if n.endswith(".safetensors"))
+        folders[BACKBONE_DIR] = (lambda tmp: model.backbone.save_pretrained(
+            tmp, state_dict=base_state_dict(model.backbone)), True)
     if model.tokenizer is not None:
-        move_changed_files(os.path.join(directory, TOKENIZER_DIR), model.tokenizer.save_pretrained,
-                           remove_others=True)
+        folders[TOKENIZER_DIR] = (model.tokenizer.save_pretrained, True)
     molora = getattr(model.backbone, "molora_config", None) if layers else None
     _commit(directory, state, {
         "class": "BackboneRewardModel", "config": model.config.to_dict(),
         "backbone_saved": bool(full), "molora_config": molora.to_dict() if molora is not None else None,
-        "molora_layers": sorted(layers), "trained_backbone_tensors": sorted(trained)}, in_place,
+        "molora_layers": sorted(layers), "trained_backbone_tensors": sorted(trained)}, folders,
         extra_json)
 
 
-def _commit(directory: str, state: dict, meta: dict, in_place: tuple = (),
+def _commit(directory: str, state: dict, meta: dict, folders: Optional[dict] = None,
             extra_json: Optional[dict] = None) -> None:
-    """reward_model.safetensors (and the extra JSON files), then reward_config.json with
-    their checksums, in one step."""
+    """reward_model.safetensors, the extra JSON files and `folders` (commit_save's), then
+    reward_config.json with the checksums of every file, in one step."""
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    begin_save(directory, CONFIG_NAME)
     files = {WEIGHTS_NAME: lambda path: save_file(state, path)}
     for name, value in (extra_json or {}).items():
         files[name] = lambda path, value=value: write_json(path, value)
     commit_save(directory, CONFIG_NAME, {"format_version": FORMAT_VERSION, **meta}, files,
-                in_place)
+                folders)
 
 
 def read_reward_meta(directory: str) -> dict:
@@ -143,6 +137,13 @@ def _checked_state(weights: str, expected: dict, meta: dict) -> dict:
 def load_reward_model(directory: str, backbone: Optional[str] = None) -> nn.Module:
     """The model saved by save_reward_model in `directory`. backbone (backbone mode) names
     or points to the backbone to load instead of the recorded one (a moved folder)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no {CONFIG_NAME}: the reward model folder {directory!r} does not exist")
+    with loading(directory):  # every file read comes from one save
+        return _load_reward_model(directory, backbone)
+
+
+def _load_reward_model(directory: str, backbone: Optional[str]) -> nn.Module:
     meta = read_reward_meta(directory)
     path, weights = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     if meta["class"] == "SparseMoERewardModel":
