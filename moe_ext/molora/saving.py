@@ -18,12 +18,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..utils.distributed import any_sharded, copy_into, full_tensors, write_once
 from ..utils.io import atomic_write, write_json
 from ..utils.saved_folder import begin_save, commit_save, read_verified_config, recorded_sha256
 from ..utils.tensors import check_tensor, load_safetensors
 from .config import MoLoRAConfig
 from .layer import is_conv1d, linear_features, molora_layers
 from .model import inject_molora, modules_to_save_parameters, plan_molora
+from .quantized import base_quantization
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -44,11 +46,15 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
 def _save_pretrained(model, save_directory: str, state_dict: Optional[dict] = None,
                      is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
     """save_pretrained of a MoLoRA model: the adapter only (save_molora). Other
-    transformers options (safe_serialization, max_shard_size, ...) do not apply."""
+    transformers options (safe_serialization, max_shard_size, ...) do not apply. A model
+    sharded by FSDP2 saves from every rank whatever is_main_process says (the gather is a
+    collective; rank 0 writes), unless a gathered state_dict is given."""
     if push_to_hub:
         raise ValueError("save_pretrained(push_to_hub=True) is not supported for MoLoRA "
                          "adapters; save, then upload the folder")
-    if is_main_process:
+    if state_dict is None and any_sharded(adapter_state_dict(model)):
+        save_molora(model, save_directory)  # FSDP2: every rank gathers, rank 0 writes
+    elif is_main_process:
         save_molora(model, save_directory, state_dict=state_dict)
 
 
@@ -67,7 +73,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = None) -> None:
     """Writes directory/adapter_config.json and directory/adapter_model.safetensors.
     state_dict: take the tensors from it (e.g. a gathered state dict from a Trainer)
-    instead of the model."""
+    instead of the model. A quantised base is not saved (nor dequantised): the config
+    records its quantisation (`base_quantization`, None for a float base). A model sharded
+    by FSDP2 (DTensor parameters) is saved by calling this on every rank: the full tensors
+    are gathered, rank 0 writes, the other ranks wait until the files are written."""
     layers = molora_layers(model)
     if not layers:
         raise ValueError("model has no MoLoRA layers to save (call get_molora_model first)")
@@ -78,6 +87,7 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
             "base_model_name_or_path": (getattr(model_config, "name_or_path", None)
                                         or getattr(model, "name_or_path", None) or None),
             "base_model_type": getattr(model_config, "model_type", None),
+            "base_quantization": base_quantization(model),
             "fan_in_fan_out": any(is_conv1d(m.base) for m in layers.values())}
     state = adapter_state_dict(model)
     if state_dict is not None:
@@ -85,7 +95,9 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
         if missing:
             raise ValueError(f"state_dict lacks the adapter tensors {missing[:5]}")
         state = {k: state_dict[k] for k in state}
-    write_adapter_files(directory, meta, state)
+    sharded = any_sharded(state)
+    state = full_tensors(state)  # FSDP2's DTensors gathered: a collective on every rank
+    write_once(lambda: write_adapter_files(directory, meta, state), sharded)
 
 
 def write_adapter_files(directory: str, meta: dict, tensors: dict[str, torch.Tensor],
@@ -195,7 +207,8 @@ def load_molora(model: nn.Module, directory: str) -> nn.Module:
     modules_to_save; ValueError when the saved adapter is invalid (types, ranges, checksum,
     non-finite or non-float tensors) or does not fit the model (another architecture,
     other layers or shapes). Everything is checked before the model is touched, so a
-    failed load leaves it as it was."""
+    failed load leaves it as it was. The base may be float or quantised (quantized.py);
+    one sharded by FSDP2 loads when every rank calls this (each takes its own shard)."""
     meta, _ = read_adapter_files(directory, tensors=False)  # the config first: cheap
     check_molora_meta(meta, directory)
     config = config_from_meta(meta, directory)
@@ -226,5 +239,5 @@ def load_molora(model: nn.Module, directory: str) -> nn.Module:
         get_molora_model(model, config)
     with torch.no_grad():
         for key, tensor in adapter_state_dict(model).items():
-            tensor.copy_(state[key])
+            copy_into(tensor, state[key])  # a sharded (FSDP2) tensor takes its own shard
     return model
