@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..utils.distributed import any_sharded, copy_into, full_tensors, write_once
+from ..utils.distributed import any_sharded, class_name, copy_into, full_tensors, write_once
 from ..utils.io import atomic_write, write_json
 from ..utils.saved_folder import begin_save, commit_save, read_verified_config, recorded_sha256
 from ..utils.tensors import check_tensor, load_safetensors
@@ -83,7 +83,7 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
     config = getattr(model, "molora_config")
     model_config = getattr(model, "config", None)
     meta = {"format_version": FORMAT_VERSION, "moe_ext_config": config.to_dict(),
-            "layers": sorted(layers), "base_model_class": type(model).__name__,
+            "layers": sorted(layers), "base_model_class": class_name(model),
             "base_model_name_or_path": (getattr(model_config, "name_or_path", None)
                                         or getattr(model, "name_or_path", None) or None),
             "base_model_type": getattr(model_config, "model_type", None),
@@ -216,10 +216,10 @@ def load_molora(model: nn.Module, directory: str) -> nn.Module:
     where = f"adapter in {directory!r}"
     weights = os.path.join(directory, WEIGHTS_NAME)
     saved_class = meta.get("base_model_class")
-    if saved_class and saved_class != type(model).__name__:
+    if saved_class and saved_class != class_name(model):
         raise ValueError(f"{where} was trained on a {saved_class} "
                          f"({meta.get('base_model_name_or_path') or 'unnamed base'}) and does "
-                         f"not fit a {type(model).__name__}")
+                         f"not fit a {class_name(model)}")
     if molora_layers(model) and model.molora_config.to_dict() != config.to_dict():
         # e.g. a Trainer resuming: it loads into the layers it has
         raise ValueError(f"the model's MoLoRA adapter has another config than the one in "

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..molora import MoLoRAConfig, adapter_state_dict, base_state_dict, molora_layers
 from ..molora.quantized import quantized_modules
-from ..utils.distributed import any_sharded, full_tensors, write_once
+from ..utils.distributed import any_sharded, class_name, full_tensors, write_once
 from ..utils.io import write_json
 from ..utils.saved_folder import (begin_save, commit_save, move_changed_files, read_verified_config,
                                   recorded_sha256)
@@ -57,7 +57,7 @@ def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[
         state = model.state_dict()
         sharded = any_sharded(state)
         state = full_tensors(state)  # a collective when sharded
-        write_once(lambda: _commit(directory, state, {"class": type(model).__name__,
+        write_once(lambda: _commit(directory, state, {"class": class_name(model),
                                                       "config": model.config.to_dict()},
                                    extra_json=extra_json), sharded)
         return
@@ -95,7 +95,9 @@ def _write_backbone_model(model: BackboneRewardModel, directory: str, state: dic
     in_place = ()
     if full:  # files whose bytes did not change are left alone (a frozen backbone)
         written = move_changed_files(os.path.join(directory, BACKBONE_DIR), lambda tmp: (
-            model.backbone.save_pretrained(tmp, state_dict=base)), remove_others=True)
+            # the class's own save_pretrained: get_molora_model's would write the adapter only
+            type(model.backbone).save_pretrained(model.backbone, tmp, state_dict=base)),
+            remove_others=True)
         in_place = tuple(f"{BACKBONE_DIR}/{n}" for n in written if n.endswith(".safetensors"))
     if model.tokenizer is not None:
         move_changed_files(os.path.join(directory, TOKENIZER_DIR), model.tokenizer.save_pretrained,

@@ -16,14 +16,24 @@ import torch
 import torch.distributed as dist
 
 try:
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # a torch built without distributed: nothing is ever sharded
-    DTensor = distribute_tensor = None
+    DTensor = distribute_tensor = FSDPModule = None
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether `tensor` is a DTensor (FSDP2 / tensor parallel shards)."""
     return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def class_name(module) -> str:
+    """The module's own class name: fully_shard swaps a module's class for a subclass
+    "FSDP<name>", which saved files must not record (nor loads compare against)."""
+    cls = type(module)
+    if FSDPModule is not None and issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls.__name__
 
 
 def any_sharded(tensors: dict) -> bool:
