@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..utils.distributed import any_sharded, class_name, copy_into, full_tensors, write_once
+from ..utils.distributed import (any_sharded, class_name, copy_into, full_shape, full_tensors,
+                                 write_once, zero3_gathered)
 from ..utils.io import atomic_write, write_json
 from ..utils.saved_folder import begin_save, commit_save, read_verified_config, recorded_sha256
 from ..utils.tensors import check_tensor, load_safetensors
@@ -52,22 +53,28 @@ def _save_pretrained(model, save_directory: str, state_dict: Optional[dict] = No
     if push_to_hub:
         raise ValueError("save_pretrained(push_to_hub=True) is not supported for MoLoRA "
                          "adapters; save, then upload the folder")
-    if state_dict is None and any_sharded(adapter_state_dict(model)):
+    if state_dict is None and any_sharded(adapter_parameters(model)):
         save_molora(model, save_directory)  # FSDP2: every rank gathers, rank 0 writes
     elif is_main_process:
         save_molora(model, save_directory, state_dict=state_dict)
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors, under the model's own state-dict keys: <layer>.lora_A,
-    <layer>.lora_B, <layer>.router.weight, and every modules_to_save parameter."""
-    state = {}
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trained parameters themselves, under the model's own state-dict keys:
+    <layer>.lora_A, <layer>.lora_B, <layer>.router.weight, and every modules_to_save
+    parameter."""
+    params = {}
     for name, layer in molora_layers(model).items():
-        state[f"{name}.lora_A"] = layer.lora_A.detach()
-        state[f"{name}.lora_B"] = layer.lora_B.detach()
-        state[f"{name}.router.weight"] = layer.router.weight.detach()
-    state.update({k: p.detach() for k, p in modules_to_save_parameters(model).items()})
-    return state
+        params[f"{name}.lora_A"] = layer.lora_A
+        params[f"{name}.lora_B"] = layer.lora_B
+        params[f"{name}.router.weight"] = layer.router.weight
+    params.update(modules_to_save_parameters(model))
+    return params
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """adapter_parameters, detached (as a state dict holds them)."""
+    return {k: p.detach() for k, p in adapter_parameters(model).items()}
 
 
 def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = None) -> None:
@@ -75,7 +82,7 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
     state_dict: take the tensors from it (e.g. a gathered state dict from a Trainer)
     instead of the model. A quantised base is not saved (nor dequantised): the config
     records its quantisation (`base_quantization`, None for a float base). A model sharded
-    by FSDP2 (DTensor parameters) is saved by calling this on every rank: the full tensors
+    by FSDP2 (DTensor parameters) or DeepSpeed ZeRO-3 is saved by calling this on every rank: the full tensors
     are gathered, rank 0 writes, the other ranks wait until the files are written."""
     layers = molora_layers(model)
     if not layers:
@@ -89,7 +96,7 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
             "base_model_type": getattr(model_config, "model_type", None),
             "base_quantization": base_quantization(model),
             "fan_in_fan_out": any(is_conv1d(m.base) for m in layers.values())}
-    state = adapter_state_dict(model)
+    state = adapter_parameters(model)  # not detached: ZeRO-3's attributes stay
     if state_dict is not None:
         missing = [k for k in state if k not in state_dict]
         if missing:
@@ -184,7 +191,7 @@ def _expected_shapes(model: nn.Module, config: MoLoRAConfig, where: str) -> dict
     """The adapter tensors' shapes once `config` is injected into `model`, without injecting
     it: {key: shape} under adapter_state_dict's keys."""
     if molora_layers(model):
-        return {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+        return {k: full_shape(v) for k, v in adapter_parameters(model).items()}
     try:
         config, names, saved = plan_molora(model, config)
         shapes = {}
@@ -208,7 +215,8 @@ def load_molora(model: nn.Module, directory: str) -> nn.Module:
     non-finite or non-float tensors) or does not fit the model (another architecture,
     other layers or shapes). Everything is checked before the model is touched, so a
     failed load leaves it as it was. The base may be float or quantised (quantized.py);
-    one sharded by FSDP2 loads when every rank calls this (each takes its own shard)."""
+    one sharded by FSDP2 or ZeRO-3 loads when every rank calls this (each takes its own
+    shard)."""
     meta, _ = read_adapter_files(directory, tensors=False)  # the config first: cheap
     check_molora_meta(meta, directory)
     config = config_from_meta(meta, directory)
@@ -237,7 +245,8 @@ def load_molora(model: nn.Module, directory: str) -> nn.Module:
         check_tensor(weights, key, state[key], shape)
     if not molora_layers(model):
         get_molora_model(model, config)
-    with torch.no_grad():
-        for key, tensor in adapter_state_dict(model).items():
+    params = adapter_parameters(model)
+    with torch.no_grad(), zero3_gathered(params.values(), modifier_rank=0):
+        for key, tensor in params.items():
             copy_into(tensor, state[key])  # a sharded (FSDP2) tensor takes its own shard
     return model

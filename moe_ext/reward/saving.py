@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..molora import MoLoRAConfig, adapter_state_dict, base_state_dict, molora_layers
+from ..molora import (MoLoRAConfig, adapter_parameters, adapter_state_dict, base_state_dict,
+                      molora_layers)
 from ..molora.quantized import quantized_modules
 from ..utils.distributed import any_sharded, class_name, full_tensors, write_once
 from ..utils.io import write_json
@@ -50,11 +51,12 @@ def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[
     backbone's base weights to directory/backbone; None (default) does so only when the
     model records no backbone name or path; False never (then trained backbone weights go
     with the head). extra_json: {file name: JSON value} saved in the same step (e.g.
-    train_info.json). A model sharded by FSDP2 is saved by calling this on every rank: the
-    full tensors are gathered, rank 0 writes, the others wait (moe_ext.utils.distributed).
+    train_info.json). A model sharded by FSDP2 or ZeRO-3 is saved by calling this on every
+    rank: the full tensors are gathered, rank 0 writes, the others wait
+    (moe_ext.utils.distributed).
     A quantised backbone (QLoRA) is never written: it reloads from its name."""
     if isinstance(model, SparseMoERewardModel):
-        state = model.state_dict()
+        state = model.state_dict(keep_vars=True)  # the parameters: ZeRO-3's attributes stay
         sharded = any_sharded(state)
         state = full_tensors(state)  # a collective when sharded
         write_once(lambda: _commit(directory, state, {"class": class_name(model),
@@ -75,11 +77,12 @@ def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[
                              f"quantised ({len(quantized)} layers, e.g. "
                              f"{next(iter(quantized.values()))}); save with save_backbone=False "
                              f"and a backbone name or path to reload it from")
-    state = {f"head.{k}": v for k, v in model.head.state_dict().items()}
-    state.update({f"backbone.{k}": v for k, v in adapter_state_dict(model.backbone).items()})
+    # the parameters themselves (keep_vars), not detached copies: ZeRO-3's attributes stay
+    state = {f"head.{k}": v for k, v in model.head.state_dict(keep_vars=True).items()}
+    state.update({f"backbone.{k}": v for k, v in adapter_parameters(model.backbone).items()})
     trained = {} if full else _trained_backbone_tensors(model)
     state.update(trained)
-    base = base_state_dict(model.backbone) if full else {}
+    base = base_state_dict(model.backbone, keep_vars=True) if full else {}
     sharded = any_sharded(state) or any_sharded(base)
     state, base = full_tensors(state), full_tensors(base)  # collectives when sharded
     write_once(lambda: _write_backbone_model(model, directory, state, base, full, sorted(trained),
