@@ -48,13 +48,13 @@ def _save_pretrained(model, save_directory: str, state_dict: Optional[dict] = No
                      is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
     """save_pretrained of a MoLoRA model: the adapter only (save_molora). Other
     transformers options (safe_serialization, max_shard_size, ...) do not apply. A model
-    sharded by FSDP2 saves from every rank whatever is_main_process says (the gather is a
-    collective; rank 0 writes), unless a gathered state_dict is given."""
+    sharded by FSDP2 or ZeRO-3 saves from every rank whatever is_main_process says (the
+    gather is a collective; rank 0 writes), unless a gathered state_dict is given."""
     if push_to_hub:
         raise ValueError("save_pretrained(push_to_hub=True) is not supported for MoLoRA "
                          "adapters; save, then upload the folder")
     if state_dict is None and any_sharded(adapter_parameters(model)):
-        save_molora(model, save_directory)  # FSDP2: every rank gathers, rank 0 writes
+        save_molora(model, save_directory)  # sharded: every rank gathers, rank 0 writes
     elif is_main_process:
         save_molora(model, save_directory, state_dict=state_dict)
 
@@ -82,8 +82,9 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
     state_dict: take the tensors from it (e.g. a gathered state dict from a Trainer)
     instead of the model. A quantised base is not saved (nor dequantised): the config
     records its quantisation (`base_quantization`, None for a float base). A model sharded
-    by FSDP2 (DTensor parameters) or DeepSpeed ZeRO-3 is saved by calling this on every rank: the full tensors
-    are gathered, rank 0 writes, the other ranks wait until the files are written."""
+    by FSDP2 (DTensor parameters) or DeepSpeed ZeRO-3 is saved by calling this on every
+    rank: the full tensors are gathered, rank 0 writes, the other ranks wait until the
+    files are written (moe_ext.utils.distributed)."""
     layers = molora_layers(model)
     if not layers:
         raise ValueError("model has no MoLoRA layers to save (call get_molora_model first)")
@@ -103,7 +104,7 @@ def save_molora(model: nn.Module, directory: str, state_dict: Optional[dict] = N
             raise ValueError(f"state_dict lacks the adapter tensors {missing[:5]}")
         state = {k: state_dict[k] for k in state}
     sharded = any_sharded(state)
-    state = full_tensors(state)  # FSDP2's DTensors gathered: a collective on every rank
+    state = full_tensors(state)  # sharded tensors gathered: a collective on every rank
     write_once(lambda: write_adapter_files(directory, meta, state), sharded)
 
 
