@@ -118,3 +118,25 @@ def test_float_models_pass_the_float_base_check():
     model = pmol.build_tiny_causal_lm(60, hidden=32)
     require_float_base(model, "the ONNX export")
     assert all(quantization_of(m) is None for m in model.modules())
+
+
+def test_trainers_accept_a_quantized_molora_model(base_folder, tmp_path):
+    """transformers.Trainer refuses a quantised model without PEFT adapters ("You cannot
+    perform fine-tuning on purely quantized models"); MoLoRATrainer (and the TRL ones)
+    accept a MoLoRA one, and leave no PEFT flag behind."""
+    datasets = pytest.importorskip("datasets")
+    from moe_ext.hf.trainer import MoLoRATrainer
+
+    model = moe_ext.get_molora_model(load_quantized(base_folder, 4), config())
+    g = torch.Generator().manual_seed(2)
+    rows = [{"input_ids": ids, "labels": ids, "attention_mask": [1] * 8}
+            for ids in torch.randint(0, 60, (8, 8), generator=g).tolist()]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                                          max_steps=2, learning_rate=1e-2, report_to=[],
+                                          use_cpu=True, disable_tqdm=True, save_strategy="no")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_B")}
+    trainer = MoLoRATrainer(model, args=args, train_dataset=datasets.Dataset.from_list(rows))
+    assert "_hf_peft_config_loaded" not in model.__dict__
+    trainer.train()
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()
+               if n in before)
