@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from moe_ext.molora.quantized import require_float_base
 from moe_ext.utils.io import atomic_write, fsync_path
 from moe_ext.utils.locking import folder_lock
 
@@ -21,7 +22,9 @@ from .tracing import tracing_context
 
 def cast_for_export(model: nn.Module, tensors: list, dtype: Optional[str]):
     """(model, tensors) in `dtype` (None: as they are; "float32" or "float16": a cast copy of
-    the model and the floating-point tensors)."""
+    the model and the floating-point tensors). ValueError for a quantised base: the graph
+    needs float weights (moe_ext.molora.quantized)."""
+    require_float_base(model, "the ONNX export")
     if dtype not in (None, "float32", "float16"):
         raise ValueError(f"dtype must be None, 'float32' or 'float16', got {dtype!r}")
     if dtype is None:

@@ -9,7 +9,8 @@ OPTIONAL = ("transformers", "onnx", "onnxruntime", "onnxscript", "matplotlib", "
             "peft", "trl", "datasets", "pyarrow", "tokenizers",  # data extra; tokenizers comes with transformers
             "export",  # moe_ext.export needs the onnx extra
             "onnxruntime_genai",  # onnx / onnx-gpu extras
-            "fastapi", "uvicorn", "sqlalchemy")  # serve / serve-db extras
+            "fastapi", "uvicorn", "sqlalchemy",  # serve / serve-db extras
+            "deepspeed")  # only for a model it has sharded (ZeRO-3), imported then
 FAMILIES = ["route", "align", "lora", "lora_dense"]
 
 

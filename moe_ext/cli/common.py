@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -188,7 +189,10 @@ def parse_target_modules(values) -> Union[str, list[str]]:
 
 def quiet_transformers() -> None:
     """transformers' info logs and weight-loading progress bars off: the command's own
-    output stays readable (its errors still come through)."""
+    output stays readable (its errors still come through). Also bitsandbytes' warnings
+    (when installed, transformers imports it and on some CPUs it warns that an optional
+    kernel could not be fetched from the Hub, then works without it)."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import transformers
     except ImportError:

@@ -165,14 +165,15 @@ def modules_to_save_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: model.get_parameter(n) for n in names}
 
 
-def base_state_dict(model: nn.Module) -> dict:
+def base_state_dict(model: nn.Module, keep_vars: bool = False) -> dict:
     """The state dict of the model as it was before injection: each MoLoRA layer's base
     tensors under the layer's own name (".base." dropped), its adapter tensors left out,
-    the modules_to_save at their base values."""
+    the modules_to_save at their base values. keep_vars: the parameters themselves, as
+    nn.Module.state_dict(keep_vars=True) gives them."""
     layers = molora_layers(model)
     originals = getattr(model, "molora_originals", None)
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in model.state_dict(keep_vars=keep_vars).items():
         if originals is not None and key in originals.names:
             value = originals.get(key)
         owner = next((n for n in layers if key.startswith(n + ".")), None)

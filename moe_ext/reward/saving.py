@@ -18,7 +18,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..molora import MoLoRAConfig, adapter_state_dict, base_state_dict, molora_layers
+from ..molora import (MoLoRAConfig, adapter_parameters, adapter_state_dict, base_state_dict,
+                      molora_layers)
+from ..molora.quantized import quantized_modules
+from ..utils.distributed import any_sharded, class_name, full_tensors, write_once
 from ..utils.io import write_json
 from ..utils.saved_folder import commit_save, loading, read_verified_config, recorded_sha256
 from ..utils.tensors import check_tensor, load_safetensors
@@ -47,11 +50,17 @@ def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[
     backbone's base weights to directory/backbone; None (default) does so only when the
     model records no backbone name or path; False never (then trained backbone weights go
     with the head). extra_json: {file name: JSON value} saved in the same step (e.g.
-    train_info.json)."""
+    train_info.json). A model sharded by FSDP2 or ZeRO-3 is saved by calling this on every
+    rank: the full tensors are gathered, rank 0 writes, the others wait
+    (moe_ext.utils.distributed).
+    A quantised backbone (QLoRA) is never written: it reloads from its name."""
     if isinstance(model, SparseMoERewardModel):
-        _commit(directory, model.state_dict(), {"class": type(model).__name__,
-                                                "config": model.config.to_dict()},
-                extra_json=extra_json)
+        state = model.state_dict(keep_vars=True)  # the parameters: ZeRO-3's attributes stay
+        sharded = any_sharded(state)
+        state = full_tensors(state)  # a collective when sharded
+        write_once(lambda: _commit(directory, state, {"class": class_name(model),
+                                                      "config": model.config.to_dict()},
+                                   extra_json=extra_json), sharded)
         return
     if not isinstance(model, BackboneRewardModel):
         raise ValueError(f"save_reward_model saves a SparseMoERewardModel or a "
@@ -60,22 +69,42 @@ def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[
     if full is False and not model.config.backbone:
         raise ValueError("save_backbone=False needs a backbone name or path to reload from, "
                          "and this model's backbone was built in memory")
-    layers = molora_layers(model.backbone)
-    state = {f"head.{k}": v for k, v in model.head.state_dict().items()}
-    state.update({f"backbone.{k}": v for k, v in adapter_state_dict(model.backbone).items()})
+    if full:
+        quantized = quantized_modules(model.backbone)
+        if quantized:
+            raise ValueError(f"save_backbone writes the backbone's base weights, but they are "
+                             f"quantised ({len(quantized)} layers, e.g. "
+                             f"{next(iter(quantized.values()))}); save with save_backbone=False "
+                             f"and a backbone name or path to reload it from")
+    # the parameters themselves (keep_vars), not detached copies: ZeRO-3's attributes stay
+    state = {f"head.{k}": v for k, v in model.head.state_dict(keep_vars=True).items()}
+    state.update({f"backbone.{k}": v for k, v in adapter_parameters(model.backbone).items()})
     trained = {} if full else _trained_backbone_tensors(model)
     state.update(trained)
+    base = base_state_dict(model.backbone, keep_vars=True) if full else {}
+    sharded = any_sharded(state) or any_sharded(base)
+    state, base = full_tensors(state), full_tensors(base)  # collectives when sharded
+    write_once(lambda: _write_backbone_model(model, directory, state, base, full, sorted(trained),
+                                             extra_json), sharded)
+
+
+def _write_backbone_model(model: BackboneRewardModel, directory: str, state: dict, base: dict,
+                          full: bool, trained: list, extra_json: Optional[dict]) -> None:
+    """The files of a BackboneRewardModel: backbone/ (`base`, when `full`), tokenizer/, the
+    weights (`state`) and reward_config.json, in one step (_commit)."""
+    layers = molora_layers(model.backbone)
     folders = {}
     if full:  # files whose bytes did not change are left alone (a frozen backbone)
-        folders[BACKBONE_DIR] = (lambda tmp: model.backbone.save_pretrained(
-            tmp, state_dict=base_state_dict(model.backbone)), True)
+        # the class's own save_pretrained: get_molora_model's would write the adapter only
+        folders[BACKBONE_DIR] = (lambda tmp: type(model.backbone).save_pretrained(
+            model.backbone, tmp, state_dict=base), True)
     if model.tokenizer is not None:
         folders[TOKENIZER_DIR] = (model.tokenizer.save_pretrained, True)
     molora = getattr(model.backbone, "molora_config", None) if layers else None
     _commit(directory, state, {
         "class": "BackboneRewardModel", "config": model.config.to_dict(),
         "backbone_saved": bool(full), "molora_config": molora.to_dict() if molora is not None else None,
-        "molora_layers": sorted(layers), "trained_backbone_tensors": sorted(trained)}, folders,
+        "molora_layers": sorted(layers), "trained_backbone_tensors": trained}, folders,
         extra_json)
 
 
