@@ -7,7 +7,6 @@ import argparse
 import math
 import os
 
-
 from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
 from ..pmol.generate import GenerationOptions, generate
 from ..serve.engines import TextEngine
