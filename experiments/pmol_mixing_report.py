@@ -96,17 +96,27 @@ def sweep_tables(rows, pairs, sweeps: str) -> list[str]:
     for pair in pairs:
         key = "/".join(pair)
         lines += [f"### {pair[0]} vs {pair[1]}", "",
-                  f"| method | hypervolume | range {pair[0]} | range {pair[1]} | mean points "
-                  f"({pair[0]}, {pair[1]}), all-{pair[0]} first |", "|---|---|---|---|---|"]
+                  f"| method | hypervolume | range {pair[0]} | range {pair[1]} | monotone seeds "
+                  f"{pair[0]}, {pair[1]} | mean points ({pair[0]}, {pair[1]}), all-{pair[0]} first |",
+                  "|---|---|---|---|---|---|"]
         for m in methods(rows):
             rs = _of(rows, m)
             sw = [r[sweeps][key] for r in rs]
             pts = " ".join(f"({x:.2f}, {y:.2f})" for x, y in mean_points(rs, key, pair, sweeps))
             lines.append(f"| {m} | {mean_std(s['hypervolume'] for s in sw)} | "
                          f"{mean_std(s['steering_range'][pair[0]] for s in sw)} | "
-                         f"{mean_std(s['steering_range'][pair[1]] for s in sw)} | {pts} |")
+                         f"{mean_std(s['steering_range'][pair[1]] for s in sw)} | "
+                         f"{monotone(sw, pair)} | {pts} |")
         lines.append("")
     return lines
+
+
+def monotone(sweeps, pair) -> str:
+    """"k/n, k/n": on how many of the n seeds each score was monotone along the sweep
+    ("-" for summaries written before monotonicity was recorded, or one-point sweeps)."""
+    if "monotone" not in sweeps[0] or len(sweeps[0]["points"]) < 2:
+        return "-"
+    return ", ".join(f"{sum(s['monotone'][p] for s in sweeps)}/{len(sweeps)}" for p in pair)
 
 
 def plot_fronts(rows, pairs, path: str, sweeps: str = "sweeps", prompts: str = "neutral prompts"):

@@ -47,8 +47,8 @@ def pair_mixes(a: str, b: str, points: int) -> list[dict[str, float]]:
     return [{a: 1 - i / (points - 1), b: i / (points - 1)} for i in range(points)]
 
 
-def _scored(model, tokenizer, prompts, options, steer, pair) -> dict:
-    replies = generate_batch(model, tokenizer, prompts, options, steer)
+def _scored(model, tokenizer, prompts, options, steer, pair, mix=None) -> dict:
+    replies = generate_batch(model, tokenizer, prompts, options, steer, mix=mix)
     return {"scores": score_replies(prompts, replies, pair), "example": replies[0]}
 
 
@@ -61,6 +61,15 @@ def steering_sweep(model: nn.Module, tokenizer, prompts: Sequence[str], pair: tu
     groups = list(model.molora_config.expert_groups)
     return [{"weights": mix, **_scored(model, tokenizer, prompts, options,
                                       mix_bias(mix, groups, strength), pair)}
+            for mix in pair_mixes(*pair, points)]
+
+
+def mix_sweep(model: nn.Module, tokenizer, prompts: Sequence[str], pair: tuple[str, str],
+              points: int = 5, options: Optional[GenerationOptions] = None) -> list[dict]:
+    """steering_sweep for a steerable model (MoLoRAConfig.steerable): per mix of `pair`
+    (pair_mixes; the other groups at weight 0) the routers take the mix as their input
+    (generate_batch(mix=...)). Same rows as steering_sweep."""
+    return [{"weights": mix, **_scored(model, tokenizer, prompts, options, None, pair, mix)}
             for mix in pair_mixes(*pair, points)]
 
 
@@ -95,13 +104,18 @@ def soup_sweep(model: nn.Module, states: dict[str, dict], tokenizer, prompts: Se
 
 def summarize_sweep(rows: Sequence[dict], pair: tuple[str, str],
                     reference: tuple[float, float] = (0.0, 0.0)) -> dict:
-    """The sweep's Pareto front (indices into rows), its hypervolume above `reference`, and
-    per preference how far steering moved its score: score at the all-p end minus score at
-    the other end (rows ordered from all-a to all-b, as pair_mixes gives them)."""
+    """The sweep's Pareto front (indices into rows), its hypervolume above `reference`, per
+    preference how far steering moved its score (score at the all-p end minus score at the
+    other end; rows ordered from all-a to all-b, as pair_mixes gives them) and whether the
+    score is monotone along the sweep (a's never rises from one mix to the next, b's never
+    falls; a one-point sweep counts as not monotone: nothing was steered)."""
     points = [tuple(r["scores"][p] for p in pair) for r in rows]
     a, b = pair
+    steps = list(zip(points, points[1:]))
     return {"front": pareto_front(points), "hypervolume": hypervolume(points, reference),
-            "steering_range": {a: points[0][0] - points[-1][0], b: points[-1][1] - points[0][1]}}
+            "steering_range": {a: points[0][0] - points[-1][0], b: points[-1][1] - points[0][1]},
+            "monotone": {a: bool(steps) and all(q[0] <= p[0] for p, q in steps),
+                         b: bool(steps) and all(q[1] >= p[1] for p, q in steps)}}
 
 
 def conditioned_scores(model: nn.Module, tokenizer, examples: Sequence[PreferenceExample],
