@@ -57,7 +57,8 @@ _MIX: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar(
 def mix_override(mix: Optional[torch.Tensor]) -> Iterator[None]:
     """Inside the block every steerable MoLoRALinear (MoLoRAConfig.steerable) routes with the
     preference mix `mix` (B, G) or (1, G): rows on the G-simplex over the config's
-    expert_groups in their order; None: the prompt alone decides. No checks here: callers
+    expert_groups in their order; a row of zeros or None: the prompt alone decides (for that
+    row, for every row). No checks here: callers
     go through moe_ext.molora.preference_mix, which validates the mix."""
     token = _MIX.set(mix)
     try:
@@ -186,15 +187,17 @@ class MoLoRALinear(nn.Module):
                 self.mix_proj.zero_()
 
     def mix_bias(self, mix: torch.Tensor) -> torch.Tensor:
-        """Router-logit bias (B, E + N) of a preference mix (B, G) (rows on the simplex):
+        """Router-logit bias (B, E + N) of a preference mix (B, G) (rows on the simplex, or all
+        zero: no bias for that row):
         mix_scale * log(G * max(lambda_g, MIX_FLOOR)) on each expert of group g (0 at the
         uniform mix; null and shared experts get none) plus lambda @ mix_proj, a learned
         bias per expert (the null expert's share can follow the mix), in float32."""
         G = self.mix_members.shape[0]
         lam = mix.to(device=self.mix_members.device, dtype=torch.float32)
         logw = torch.log(G * lam.clamp_min(MIX_FLOOR))
-        return (self.mix_scale.float() * (logw @ self.mix_members)
-                + lam @ self.mix_proj.float())
+        bias = self.mix_scale.float() * (logw @ self.mix_members) + lam @ self.mix_proj.float()
+        # a row of zeros: no mix for that row (training mixes such rows into its batches)
+        return bias * (lam.sum(-1, keepdim=True) > 0).to(bias.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., O)."""

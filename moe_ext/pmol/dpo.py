@@ -15,13 +15,14 @@ Training over preference mixes (DPOConfig.mix_alpha set, a steerable model): eac
 draws its own mix lambda_i ~ Dirichlet(mix_alpha) over the G groups, the routers see it
 (moe_ext.molora.preference_mix), and the loss is
 
-    (1/B) sum_i sum_g lambda_ig |l_ig| DPO(l_ig * margin_i)  [+ rpo_alpha * the same
-    weights on the NLL per token of the response group g prefers]  + load balance
+    sum_i sum_g w_ig DPO(l_ig * margin_i)  [+ rpo_alpha * the same weights on the NLL per
+    token of the response group g prefers]  + load balance,   w_ig ~ lambda_ig |l_ig|
 
 with l_ig the pair's label for group g (1, -1, 0: data.preference_labels; a single-label
-row has 1 at its own group, so it is weighted by its own preference's lambda). With
-probability mix_none_prob a step is an ordinary PMoL step instead (no mix: the prompt
-decides, with the group loss), so the model still routes by the prompt when no mix is given.
+row has 1 at its own group, so it is weighted by its own preference's lambda), w normalised
+to a weighted mean. A share mix_none_prob of the pairs draws no mix instead: the prompt
+routes them and they take the ordinary DPO + RPO and group losses (each part weighted by
+its share of the batch), so the model still routes by the prompt when no mix is given.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from torch import nn
 
 from typing import Optional
 
-from ..molora import MoLoRAConfig, disable_adapters, preference_mix
+from ..molora import MoLoRAConfig, disable_adapters
+from ..molora.layer import mix_override
 from ..molora.losses import router_losses
 
 
@@ -44,7 +46,7 @@ class DPOConfig:
     count_null_in_group: bool = False  # group loss: does the null expert count for every group
     rpo_alpha: float = 0.0             # weight of the NLL of the chosen responses (RPO)
     mix_alpha: Optional[float] = None  # Dirichlet concentration of the sampled mixes; None: no mixes
-    mix_none_prob: float = 0.25        # share of steps without a mix (when mix_alpha is set)
+    mix_none_prob: float = 0.25        # share of pairs without a mix (when mix_alpha is set)
 
     def __post_init__(self):
         if self.beta <= 0:
@@ -117,33 +119,56 @@ def mix_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfig
              groups: list[str]):
     """The loss of a step over sampled mixes (module docstring): batch as collate_dpo gives
     it plus "mix" (B, G), pair i's lambda_i on the simplex (the routers of its chosen and
-    rejected sequence both see it)."""
+    rejected sequence both see it), or a row of zeros: no mix for that pair (the prompt
+    routes it, and it takes the ordinary DPO + RPO and group losses)."""
     B = batch["input_ids"].shape[0] // 2
     lam = batch["mix"].to(torch.float32)                          # (B, G)
     labels = batch["labels"].to(lam.device)                       # (B, G) in {1, -1, 0}
-    with preference_mix(raw_model, lam.repeat(2, 1), name="batch mix"):
+    mixed = lam.sum(-1) > 0                                       # (B,)
+    with mix_override(lam.repeat(2, 1)):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_router_logits=False)
     policy = sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
-    no_group = torch.full_like(batch["preference"], -1)           # the mix, not the prompt, routes
-    aux = router_losses(raw_model, no_group, batch["attention_mask"], groups, dpo.count_null_in_group)
+    # the group loss for the pairs without a mix only: the mix, not the prompt, routes the others
+    preference = batch["preference"].masked_fill(mixed.repeat(2).to(batch["preference"].device), -1)
+    aux = router_losses(raw_model, preference, batch["attention_mask"], groups, dpo.count_null_in_group)
     with torch.no_grad(), disable_adapters(raw_model):
         ref_out = raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         ref = sequence_logps(ref_out.logits, batch["input_ids"], batch["response_mask"])
     margins = dpo.beta * ((policy[:B] - ref[:B]) - (policy[B:] - ref[B:]))  # (B,)
-    signed = labels.to(margins.dtype) * margins[:, None]     # (B, G)
+    # pairs without a mix: ordinary DPO, as weight 1 on label +1 of one column
+    plain = torch.zeros_like(lam)
+    plain[:, 0] = 1.0
+    weight = torch.where(mixed[:, None], lam * labels.abs().to(lam.dtype), plain)  # (B, G)
+    sign = torch.where(mixed[:, None], labels.to(lam.dtype), torch.ones_like(lam))
+    signed = sign * margins[:, None]                              # (B, G)
     ls = dpo.label_smoothing
     per = -(1 - ls) * F.logsigmoid(signed) - ls * F.logsigmoid(-signed)
-    weight = lam * labels.abs().to(lam.dtype)                     # (B, G)
-    loss = (weight * per).sum() / B
-    taught = labels != 0
+    total = _share_mean(weight, mixed)                            # (B, G) normalised weights
+    loss = (total * per).sum()
+    taught = weight > 0
     metrics = {"loss": loss.item(), "dpo_acc": ((signed > 0) & taught).sum().item()
-               / max(1, int(taught.sum())), "balance": aux["load_balance"].item(), "group": 0.0}
+               / max(1, int(taught.sum())), "balance": aux["load_balance"].item(),
+               "group": aux["group"].item(), "mixed": mixed.float().mean().item()}
     if dpo.rpo_alpha > 0:
         tokens = batch["response_mask"][:, 1:].sum(-1).clamp_min(1).to(policy.dtype)  # (2B,)
         per_token = -policy / tokens                              # NLL per token of each sequence
-        nll_pref = torch.where(labels > 0, per_token[:B, None], per_token[B:, None])  # (B, G)
-        nll = (weight * nll_pref).sum() / B
+        nll_pref = torch.where(sign > 0, per_token[:B, None], per_token[B:, None])  # (B, G)
+        nll = (total * nll_pref).sum()
         loss = loss + dpo.rpo_alpha * nll
         metrics["nll"] = nll.item()
     return loss + aux["total"], metrics
+
+
+def _share_mean(weight: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """weight (B, G) scaled so that the mixed pairs' part is their weighted mean times their
+    share of the batch, and the others' part their plain mean times theirs: for a mix shared
+    by the batch this is sum_g lambda_g * (mean loss of the pairs labelled for g), up to a
+    constant, whatever the share of labelled pairs."""
+    B = weight.shape[0]
+    out = torch.zeros_like(weight)
+    for rows in (mixed, ~mixed):
+        w = weight[rows]
+        if w.numel() and w.sum() > 0:
+            out[rows] = w / w.sum() * (rows.sum() / B)
+    return out

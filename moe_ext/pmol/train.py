@@ -14,7 +14,8 @@ from ..training import TrainConfig, TrainResult, train
 from .data import PreferenceExample, collate_encoded, encode_examples, pad_id, random_batches
 from .dpo import DPOConfig, dpo_loss, pmol_loss, sequence_logps
 
-UNLABELLED = "unlabelled"  # the report's row for examples without a preference label
+UNLABELLED = "unlabelled"
+MIX_STREAM = 0x6D6978  # keeps the mixes' random stream apart from the batches' ("mix")  # the report's row for examples without a preference label
 
 
 def train_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
@@ -27,7 +28,7 @@ def train_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
     preference label skip the group loss. With dpo.mix_alpha (a steerable model:
     MoLoRAConfig.steerable) each pair of a step draws its own mix lambda ~ Dirichlet(mix_alpha)
     over the groups, seeded like the batch, and the step trains on the mix-weighted loss
-    (dpo.mix_loss); a share dpo.mix_none_prob of the steps trains without a mix."""
+    (dpo.mix_loss); a share dpo.mix_none_prob of the pairs trains without a mix."""
     dpo = dpo or DPOConfig()
     if not molora_layers(model):
         raise ValueError("model has no MoLoRA layers: call get_molora_model first")
@@ -61,14 +62,14 @@ def sample_mixes(n: int, groups: int, alpha: float, rng: random.Random) -> torch
 def with_sampled_mixes(batch_fn, groups: int, alpha: float, none_prob: float, seed: int,
                        device=None):
     """batch_fn whose batches also hold "mix" (B, G): one Dirichlet(alpha) mix per pair, or
-    none for a share none_prob of the steps; seeded by (seed, step, micro, rank) as the
-    batch, so a resumed run sees the same mixes."""
+    none (a row of zeros) for a share none_prob of the pairs; seeded by (seed, step, micro,
+    rank) as the batch, so a resumed run sees the same mixes."""
     def fn(step, micro, rank, world):
         batch = batch_fn(step, micro, rank, world)
-        rng = random.Random(hash(("mix", seed, step, micro, rank)) & 0xFFFFFFFF)
-        if rng.random() < none_prob:
-            return batch
+        # ints only: a str in the key would hash differently in every process
+        rng = random.Random(hash((MIX_STREAM, seed, step, micro, rank)) & 0xFFFFFFFF)
         mix = sample_mixes(batch["labels"].shape[0], groups, alpha, rng)
+        mix[[rng.random() < none_prob for _ in range(mix.shape[0])]] = 0.0  # no mix: the prompt decides
         return {**batch, "mix": mix.to(device) if device is not None else mix}
 
     return fn

@@ -137,8 +137,9 @@ def _batch(examples, tok, mix=None):
 
 
 def test_single_label_rows_are_weighted_by_their_own_preference():
-    """mix_loss with single labels = sum_g λ_g * DPO of g's pairs, as a hand computation from
-    the same forward passes; a pair whose preference has weight 0 adds nothing."""
+    """mix_loss with single labels: each pair's DPO loss weighted by its own preference's λ
+    (a weighted mean), as a hand computation from the same forward passes; a pair whose
+    preference has weight 0 adds nothing."""
     model, tok = steerable_model(aux=0.0)  # no router loss: the loss is the DPO part alone
     rows = pmol.mixing_preference_data(2, seed=3, preferences=("concise", "verbose"))
     dpo = pmol.DPOConfig(beta=0.5, mix_alpha=1.0)
@@ -157,7 +158,7 @@ def test_single_label_rows_are_weighted_by_their_own_preference():
                                       batch["input_ids"], batch["response_mask"])
     margins = 0.5 * ((pol[:B] - ref[:B]) - (pol[B:] - ref[B:]))
     own = torch.tensor([0.8 if r.preference == "concise" else 0.2 for r in rows])
-    expected = (own * -torch.nn.functional.logsigmoid(margins)).sum() / B
+    expected = (own * -torch.nn.functional.logsigmoid(margins)).sum() / own.sum()
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
     # weight 0 on verbose: the verbose pairs teach nothing
     only_concise = torch.tensor([[1.0, 0, 0, 0]] * B)
@@ -166,7 +167,19 @@ def test_single_label_rows_are_weighted_by_their_own_preference():
     Bc = len(concise_rows)
     l2, _ = pmol.mix_loss(model, model, _batch(concise_rows, tok, only_concise[:Bc]),
                           pmol.DPOConfig(beta=0.5), GROUPS)
-    assert 0 < Bc < B and l1.item() * B == pytest.approx(l2.item() * Bc, rel=1e-4)
+    assert 0 < Bc < B and l1.item() == pytest.approx(l2.item(), rel=1e-4)
+
+
+def test_pairs_without_a_mix_take_the_ordinary_pmol_loss():
+    """A row of zeros in the batch's mix: that pair is routed by its prompt alone and takes
+    the ordinary DPO + RPO + router losses (pmol_loss without a mix)."""
+    model, tok = steerable_model()
+    rows = pmol.mixing_preference_data(2, seed=7, preferences=("concise", "safe"))
+    dpo = pmol.DPOConfig(beta=0.5, rpo_alpha=0.0)
+    plain, _ = pmol.pmol_loss(model, model, _batch(rows, tok), dpo, GROUPS)
+    none, metrics = pmol.mix_loss(model, model, _batch(rows, tok, torch.zeros(len(rows), 4)), dpo, GROUPS)
+    torch.testing.assert_close(none, plain, rtol=1e-5, atol=1e-6)
+    assert metrics["mixed"] == 0.0
 
 
 def test_multi_labels_flip_the_margin():
@@ -285,3 +298,17 @@ def test_cli_generate_takes_a_mix(tmp_path, capsys):
         code = cli_main(["generate", "--adapter", adapter, "--prompt", "a", "--mix", mix])
         err = capsys.readouterr().err
         assert code != 0 and "--mix" in err and match in err, err
+
+
+def test_sampled_mixes_are_the_same_in_every_process():
+    """The mixes of a step come from its (seed, step, micro, rank) alone: a resumed run in
+    a new process (another PYTHONHASHSEED) draws the same ones."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch; from moe_ext.pmol.train import with_sampled_mixes; "
+            "f = with_sampled_mixes(lambda *a: {'labels': torch.zeros(4, 3)}, 3, 0.5, 0.25, 7); "
+            "print(f(5, 0, 0, 1)['mix'].tolist())")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
+    assert len(outs) == 1
