@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from ..data import EncodedExample, PreferenceExample, encode_example, load_preferences
+from ..data.rows import flatten
 from ..utils.io import write_text
 
 
@@ -87,8 +88,6 @@ def relabel(examples: Sequence[PreferenceExample], scorers: Mapping[str, Scorer]
     `preference` as 1) are kept unless `overwrite`. Conversational fields reach the scorer
     flattened ("role: content" lines). ValueError naming the scorer for a non-finite
     score, a bad margin or a scorer that is not callable."""
-    from ..data.rows import flatten
-
     if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     for name, fn in scorers.items():

@@ -11,6 +11,7 @@ is what the exported graph's loop (moe_ext.export.OrtCausalLM.generate) gives.""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -67,6 +68,28 @@ def generate(model: nn.Module, tokenizer, prompt: Text, options: Optional[Genera
     return generate_batch(model, tokenizer, [prompt], options, steer, mix=mix)[0]
 
 
+def mix_bias(weights: dict[str, float], groups: Sequence[str], strength: float = 1.0,
+             floor: float = 1e-3) -> dict[str, float]:
+    """Group logit biases for a mix: bias_g = strength * log(max(w_g / sum w, floor)), so at
+    strength 1 and router temperature tau = 1 the router's softmax mass on group g is
+    multiplied by w_g (by w_g ** (strength / tau) in general: the route op divides the
+    biased logits by tau; the null experts keep bias 0); groups missing from `weights` get
+    weight 0. ValueError for weights, strength or floor that are not finite."""
+    unknown = [g for g in weights if g not in groups]
+    if unknown:
+        raise ValueError(f"mix names unknown groups {unknown}; groups: {list(groups)}")
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights.values()):
+        raise ValueError(f"mix weights must be finite numbers, got {weights}")
+    if not (math.isfinite(strength) and math.isfinite(floor)):
+        raise ValueError(f"strength and floor must be finite, got {strength}, {floor}")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"mix weights must be >= 0 with a positive sum, got {weights}")
+    if strength <= 0 or not 0 < floor < 1:
+        raise ValueError(f"need strength > 0 and floor in (0, 1), got {strength}, {floor}")
+    total = sum(weights.values())
+    return {g: strength * math.log(max(weights.get(g, 0.0) / total, floor)) for g in groups}
+
+
 def _mix_steering(model: nn.Module, mix, steer):
     """(context-manager factory, group biases) that apply `mix` (see generate) for a call."""
     if mix is None:
@@ -76,8 +99,6 @@ def _mix_steering(model: nn.Module, mix, steer):
     lam = mix_tensor(model, mix, "mix")  # checks the mix for any model
     if is_steerable(model):
         return lambda: preference_mix(model, lam, "mix"), None
-    from .mixing import mix_bias
-
     groups = list(model.molora_config.expert_groups)
     return contextlib.nullcontext, mix_bias(dict(zip(groups, lam[0].tolist())), groups)
 

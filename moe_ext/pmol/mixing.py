@@ -5,7 +5,6 @@ scorers) and the sweep is summarised by its Pareto front, hypervolume and how fa
 moved each score. Notation: G groups, a mix w = {group: weight >= 0}."""
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -13,31 +12,9 @@ import torch
 from torch import nn
 
 from ..data import PreferenceExample
-from .generate import GenerationOptions, generate_batch
+from .generate import GenerationOptions, generate_batch, mix_bias  # noqa: F401 (pmol.mix_bias)
 from .pareto import hypervolume, pareto_front
 from .scorers import score_replies
-
-
-def mix_bias(weights: dict[str, float], groups: Sequence[str], strength: float = 1.0,
-             floor: float = 1e-3) -> dict[str, float]:
-    """Group logit biases for a mix: bias_g = strength * log(max(w_g / sum w, floor)), so at
-    strength 1 and router temperature tau = 1 the router's softmax mass on group g is
-    multiplied by w_g (by w_g ** (strength / tau) in general: the route op divides the
-    biased logits by tau; the null experts keep bias 0); groups missing from `weights` get
-    weight 0. ValueError for weights, strength or floor that are not finite."""
-    unknown = [g for g in weights if g not in groups]
-    if unknown:
-        raise ValueError(f"mix names unknown groups {unknown}; groups: {list(groups)}")
-    if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights.values()):
-        raise ValueError(f"mix weights must be finite numbers, got {weights}")
-    if not (math.isfinite(strength) and math.isfinite(floor)):
-        raise ValueError(f"strength and floor must be finite, got {strength}, {floor}")
-    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"mix weights must be >= 0 with a positive sum, got {weights}")
-    if strength <= 0 or not 0 < floor < 1:
-        raise ValueError(f"need strength > 0 and floor in (0, 1), got {strength}, {floor}")
-    total = sum(weights.values())
-    return {g: strength * math.log(max(weights.get(g, 0.0) / total, floor)) for g in groups}
 
 
 def pair_mixes(a: str, b: str, points: int) -> list[dict[str, float]]:

@@ -312,3 +312,16 @@ def test_sampled_mixes_are_the_same_in_every_process():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
     assert len(outs) == 1
+
+
+def test_job_with_mix_alpha_trains_a_steerable_adapter_that_loads_back(tmp_path):
+    job = pmol.PMoLJob(synthetic_size=6, steps=2, batch_size=4, mix_alpha=0.5, progress=False)
+    run = pmol.run_pmol_job(job, output=str(tmp_path / "out"))
+    assert run.model.molora_config.steerable and run.metrics["job"]["mix_alpha"] == 0.5
+    loaded = pmol.load_pmol(str(tmp_path / "out"))
+    assert loaded.model.molora_config.steerable
+    greedy = pmol.GenerationOptions(max_new_tokens=4)
+    mix = {"concise": 0.2, "safe": 0.8}
+    assert pmol.generate(loaded.model, loaded.tokenizer, "apple river", greedy, mix=mix) == \
+        pmol.generate(run.model, run.tokenizer, "apple river", greedy, mix=mix)
+    assert not pmol.PMoLJob().molora_config(["a", "b"]).steerable
