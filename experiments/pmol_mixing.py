@@ -222,7 +222,7 @@ def main(argv=None):
     parser.add_argument("--points", type=int, default=5, help="mixes per sweep")
     parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 3.0],
                         help="steering strengths of the mixtures: group bias = strength * log(weight)")
-    parser.add_argument("--mix-alpha", type=float, default=0.5,
+    parser.add_argument("--mix-alpha", type=float, default=0.25,
                         help="Dirichlet concentration of the steerable PMoL's training mixes")
     parser.add_argument("--mix-none-prob", type=float, default=0.25,
                         help="share of the steerable PMoL's steps without a mix")
