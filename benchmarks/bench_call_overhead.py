@@ -72,8 +72,9 @@ def worker(args) -> None:
 
     import moe_ext  # noqa: F401  (loads the ops)
 
-    # Tiny sizes: one thread (the host code is serial) and this thread's CPU time, which other
-    # processes on a shared machine do not inflate the way they do wall time.
+    # One thread (the host code is serial; the kernels' work is the same per thread) and this
+    # thread's CPU time, which other processes on a shared machine do not inflate the way they
+    # do wall time.
     torch.set_num_threads(1)
     result = {}
     for name, call in tiny_cases(torch).items():
@@ -86,19 +87,21 @@ def worker(args) -> None:
                 call()
             batches.append((time.thread_time() - start) / args.calls * 1e6)
         result[name] = min(batches)  # the least disturbed batch
-    torch.set_num_threads(args.threads)
-    if not args.no_large:
-        from moe_ext.utils.timing import time_call
-
+    if not args.no_large:  # the same measure: the kernels' own cost, not the machine's load
         for name, call in large_cases(torch, args.tokens, args.features, 8).items():
-            result[name] = 1e3 * time_call(call, reps=args.large_reps)["median_ms"]
+            call()  # warm-up
+            times = []
+            for _ in range(args.large_reps):
+                start = time.thread_time()
+                call()
+                times.append((time.thread_time() - start) * 1e6)
+            result[name] = statistics.median(times)
     print(json.dumps(result))
 
 
 def run_build(path: str, args) -> dict:
     env = {**os.environ, "MOE_EXT_EXTENSION": os.path.abspath(path)}
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(args.threads),
-           "--calls", str(args.calls), "--tokens", str(args.tokens), "--features",
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--calls", str(args.calls), "--tokens", str(args.tokens), "--features",
            str(args.features), "--large-reps", str(args.large_reps)] + \
         (["--no-large"] if args.no_large else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -111,7 +114,6 @@ def main() -> None:
     parser.add_argument("--after", default=None, help="default: this tree's moe_ext/_C*.so")
     parser.add_argument("--rounds", type=int, default=7, help="alternating runs of each build")
     parser.add_argument("--calls", type=int, default=2000, help="calls per timed batch (tiny)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--features", type=int, default=1024, help="D = O of the large cases")
     parser.add_argument("--large-reps", type=int, default=5)
@@ -135,8 +137,7 @@ def main() -> None:
 
     rows = []
     for case in runs["after"][0]:
-        row = {"case": case, "unit": "CPU us/call, 1 thread" if "T=" not in case else
-               f"wall us, {args.threads} threads"}
+        row = {"case": case, "unit": "CPU us/call, 1 thread"}
         for name in builds:
             row[f"{name}_us"] = statistics.median(run[case] for run in runs[name])
         if "before" in builds:

@@ -166,7 +166,7 @@ inline Tensor empty(const Sizes& sizes, ScalarType dtype, const Device& device) 
   AtenTensorHandle out = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
       static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), code(dtype),
-      code(device.type()), device.has_index() ? device.index() : 0, &out));
+      code(device.type()), device.index(), &out));
   return Tensor(out);
 }
 

@@ -141,7 +141,8 @@ def _add_default_group_bias(proto, num_groups: int) -> None:
 
 
 def export_causal_lm(model: nn.Module, path: str, dtype: Optional[str] = None,
-                     logits: str = "last", opset: int = 18) -> str:
+                     logits: str = "last", opset: int = 18,
+                     optional_group_bias: bool = True) -> str:
     """Exports a MoLoRA-injected transformers causal LM (Llama, Qwen2, Mistral, ... with a
     full-attention KV cache) to `path` for generation with a KV cache; returns the path.
 
@@ -150,6 +151,9 @@ def export_causal_lm(model: nn.Module, path: str, dtype: Optional[str] = None,
       "all" ((B, S, V), e.g. to score sequences).
     The model's own steering (set_group_bias) is not baked in: the graph takes it as the
     group_bias input instead. The inputs and outputs are described in the module docstring.
+    optional_group_bias: group_bias defaults to zeros (an overridable initializer). False
+      makes it a plain required input: onnxruntime-genai passes set_model_input values only
+      to inputs without a default, so export_folder writes it so.
     """
     if not molora_layers(model) or not hasattr(model, "molora_config"):
         raise ValueError(f"export_causal_lm needs a MoLoRA-injected transformers causal LM "
@@ -165,7 +169,8 @@ def export_causal_lm(model: nn.Module, path: str, dtype: Optional[str] = None,
         + past_names(layout["num_layers"])
     outputs = ["logits"] + past_names(layout["num_layers"], "present")
     graph = _WithCache(model, member if groups else None, logits == "last")
-    edit = (lambda proto: _add_default_group_bias(proto, len(groups))) if groups else None
+    edit = ((lambda proto: _add_default_group_bias(proto, len(groups)))
+            if groups and optional_group_bias else None)
     with torch.no_grad():
         return export_graph(graph, model, list(args), names, outputs, dims,
                             _metadata(model, layout, groups, weight_dtype, logits), path, opset,

@@ -15,8 +15,10 @@ from typing import Optional
 from moe_ext.hf.models import load_adapter_tokenizer, load_pretrained
 from moe_ext.molora import load_molora, read_adapter_meta
 from moe_ext.molora.saving import CONFIG_NAME
+from moe_ext.utils.io import writes_into
 
 from .causal_lm import export_causal_lm
+from .genai_config import MODEL_NAME, write_genai_config
 
 def resolve_adapter(path: str) -> tuple[str, Optional[str]]:
     """(adapter folder, PMoL artefact folder or None) for an adapter or artefact folder."""
@@ -31,14 +33,15 @@ def resolve_adapter(path: str) -> tuple[str, Optional[str]]:
 
 
 def resolve_base(adapter: str, artefact: Optional[str], base: Optional[str]) -> str:
-    """The base model: `base` if given, else what the adapter records, else artefact/base_model."""
+    """The base model: `base` if given, else the train-pmol output's own base_model/ (a
+    copied output must not load the original's), else what the adapter records."""
     if base:
         return base
+    if artefact is not None:
+        return os.path.join(artefact, "base_model")
     recorded = read_adapter_meta(adapter).get("base_model_name_or_path")
     if recorded:
         return recorded
-    if artefact is not None:
-        return os.path.join(artefact, "base_model")
     raise ValueError(f"--base is needed: the adapter in {adapter!r} records no base model "
                      f"(base_model_name_or_path) and is not inside a train-pmol output")
 
@@ -62,18 +65,32 @@ def find_tokenizer(adapter: str, base: str):
 
 def export_adapter(adapter: str, output: str, base: Optional[str] = None,
                    dtype: Optional[str] = None, logits: str = "last") -> dict:
-    """Exports adapter + base with export_causal_lm to `output` and saves the tokenizer in
-    the same folder (save_pretrained, so AutoTokenizer.from_pretrained(folder) loads it).
-    Returns {"output", "base", "adapter", "tokenizer" (folder or None)}."""
+    """Exports adapter + base with export_causal_lm and writes, beside the graph,
+    genai_config.json (onnxruntime-genai loads the folder as it is) and the tokenizer
+    (save_pretrained, so AutoTokenizer.from_pretrained(folder) and onnxruntime-genai read
+    it). `output`: a folder (the graph is FOLDER/model.onnx; created when missing) or a
+    .onnx file in an existing folder (genai_config.json names it).
+    Returns {"output" (the graph), "folder", "base", "adapter", "tokenizer" (folder or None)}."""
     adapter, artefact = resolve_adapter(adapter)
     base = resolve_base(adapter, artefact, base)
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--output {output!r}: folder {folder!r} does not exist")
+    if output.endswith(".onnx"):
+        folder = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--output {output!r}: folder {folder!r} does not exist")
+    else:
+        folder, output = output, os.path.join(output, MODEL_NAME)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"--output {folder!r}: exists and is not a folder")
+    for what, source in (("adapter", adapter), ("train-pmol output", artefact), ("base model", base)):
+        if source and writes_into(output, source):  # the graph, its data, the tokenizer
+            raise ValueError(f"--output {output!r} is inside the {what} folder {source!r} that "
+                             f"the export reads (its files could be replaced); write it elsewhere")
     model = load_molora(load_base(base), adapter)
     tokenizer = find_tokenizer(adapter, base)
-    export_causal_lm(model, output, dtype=dtype, logits=logits)
+    os.makedirs(folder, exist_ok=True)
+    export_causal_lm(model, output, dtype=dtype, logits=logits, optional_group_bias=False)
+    write_genai_config(model, output)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    return {"output": output, "base": base, "adapter": adapter,
+    return {"output": output, "folder": folder, "base": base, "adapter": adapter,
             "tokenizer": folder if tokenizer is not None else None}

@@ -98,11 +98,35 @@ def _prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     return ids.astype(np.int64), mask.astype(np.int64)
 
 
-def generate_loop(model, input_ids, attention_mask, *, max_new_tokens: int, do_sample: bool,
-                  temperature: float, top_k: int, top_p: float, seed: Optional[int],
-                  eos_token_id, pad_token_id: Optional[int], steer, output_logits: bool,
-                  return_dict_in_generate: bool):
-    """The loop behind OrtCausalLM.generate (see there); `model` is an OrtCausalLM."""
+def generate_steps(model, ids: np.ndarray, mask: np.ndarray, *, max_new_tokens: int,
+                   do_sample: bool, temperature: float, top_k: int, top_p: float,
+                   seed: Optional[int], eos: list[int], pad: Optional[int], bias):
+    """Yields (new tokens (B,) int64, their raw logits (B, V)) once per step of the loop
+    behind OrtCausalLM.generate, from checked prompt arrays; rows that ended get `pad`.
+    Streaming servers consume it token by token."""
+    rng = np.random.default_rng(seed)
+    step = model(ids, mask, group_bias=bias)
+    running = np.ones(ids.shape[0], bool)
+    for t in range(max_new_tokens):
+        logits = step.logits[:, -1, :]
+        if do_sample:
+            new = sample(warp_logits(logits, temperature, top_k, top_p), rng)
+        else:
+            new = logits.argmax(-1).astype(np.int64)
+        if eos:
+            new = np.where(running, new, pad)
+            running &= ~np.isin(new, eos)
+        yield new, logits
+        if not running.any() or t == max_new_tokens - 1:
+            return
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        step = model(new[:, None], mask, past_key_values=step.past_key_values, group_bias=bias)
+
+
+def prepare(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+            top_p, eos_token_id, pad_token_id, steer):
+    """Checked (ids, mask, eos list, pad id, group_bias) for generate_steps; ValueError
+    naming a bad option or input."""
     _check_options(max_new_tokens, do_sample, temperature, top_k, top_p)
     ids, mask = _prompt(input_ids, attention_mask)
     eos = [] if eos_token_id is None else [int(e) for e in np.atleast_1d(eos_token_id)]
@@ -111,26 +135,24 @@ def generate_loop(model, input_ids, attention_mask, *, max_new_tokens: int, do_s
     bias = steering_bias(model.groups, steer)
     if bias is not None and bias.shape[0] not in (1, ids.shape[0]):
         raise ValueError(f"steer lists {bias.shape[0]} rows for a batch of {ids.shape[0]}")
-    rng = np.random.default_rng(seed)
-    step = model(ids, mask, group_bias=bias)
-    running = np.ones(ids.shape[0], bool)
+    return ids, mask, eos, pad, bias
+
+
+def generate_loop(model, input_ids, attention_mask, *, max_new_tokens: int, do_sample: bool,
+                  temperature: float, top_k: int, top_p: float, seed: Optional[int],
+                  eos_token_id, pad_token_id: Optional[int], steer, output_logits: bool,
+                  return_dict_in_generate: bool):
+    """The loop behind OrtCausalLM.generate (see there); `model` is an OrtCausalLM."""
+    ids, mask, eos, pad, bias = prepare(model, input_ids, attention_mask, max_new_tokens,
+                                        do_sample, temperature, top_k, top_p, eos_token_id,
+                                        pad_token_id, steer)
     tokens, logits_seen = [], []
-    for t in range(max_new_tokens):
-        logits = step.logits[:, -1, :]
+    for new, logits in generate_steps(model, ids, mask, max_new_tokens=max_new_tokens,
+                                      do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, seed=seed, eos=eos, pad=pad, bias=bias):
+        tokens.append(new)
         if output_logits:
             logits_seen.append(logits.copy())
-        if do_sample:
-            new = sample(warp_logits(logits, temperature, top_k, top_p), rng)
-        else:
-            new = logits.argmax(-1).astype(np.int64)
-        if eos:
-            new = np.where(running, new, pad)
-            running &= ~np.isin(new, eos)
-        tokens.append(new)
-        if not running.any() or t == max_new_tokens - 1:
-            break
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        step = model(new[:, None], mask, past_key_values=step.past_key_values, group_bias=bias)
     sequences = np.concatenate([ids, np.stack(tokens, axis=1)], axis=1)
     if isinstance(input_ids, torch.Tensor):
         sequences = torch.from_numpy(sequences)

@@ -3,6 +3,7 @@ the session set-up and input checks that OrtCausalLM shares."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -36,10 +37,15 @@ def make_session(path: str, providers: Optional[list[str]] = None, options=None)
     load_errors = (RuntimeError, state.Fail, state.InvalidArgument, state.InvalidGraph,
                    state.InvalidProtobuf, state.NoModel, state.NotImplemented)
     try:
-        return ort.InferenceSession(path, sess_options=options, providers=providers)
+        session = ort.InferenceSession(path, sess_options=options, providers=providers)
     except load_errors as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a model onnxruntime can load ({first})") from None
+    dropped = [p for p in providers if p not in session.get_providers()]
+    if dropped:  # e.g. CUDA listed by onnxruntime-gpu but no GPU or CUDA libraries found
+        warnings.warn(f"{os.path.basename(path)}: execution provider(s) {dropped} could not "
+                      f"start; running on {session.get_providers()[0]}", stacklevel=3)
+    return session
 
 
 def check_input(name: str, value, spec) -> None:
@@ -68,6 +74,7 @@ class OrtModel:
         self.path = path
         self.session = make_session(path, providers)
         self.providers = self.session.get_providers()
+        self.provider = self.providers[0]  # the provider that runs the graph
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         # inputs with a default value (e.g. group_bias): may be left out
         self.optional_inputs = {i.name: i for i in self.session.get_overridable_initializers()}

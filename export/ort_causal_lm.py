@@ -92,10 +92,13 @@ class OrtCausalLM:
         self.eos_token_id = json.loads(self.metadata["moe_ext.eos_token_id"])
         self.pad_token_id = json.loads(self.metadata["moe_ext.pad_token_id"])
         self.specs = {i.name: i for i in self.session.get_inputs()}
+        # export_folder's graphs take group_bias without a default (for onnxruntime-genai)
+        self.required_group_bias = GROUP_BIAS in self.specs
         self.specs.update({i.name: i for i in self.session.get_overridable_initializers()})
         self.past_names = past_names(self.num_layers)
         self.present_names = past_names(self.num_layers, "present")
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.provider = self.providers[0]  # the provider that runs the graph
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         stat = os.stat(path)
         self.fingerprint = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
 
@@ -171,6 +174,8 @@ class OrtCausalLM:
             raise ValueError(f"position_ids must have shape {(B, S)} like input_ids, got {positions.shape}")
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
                  "position_ids": positions.astype(np.int64)}
+        if group_bias is None and self.required_group_bias:
+            group_bias = np.zeros((1, len(self.groups)), np.float32)  # no steering
         if group_bias is not None:
             if GROUP_BIAS not in self.specs:
                 raise ValueError(f"{self.path} has no expert groups, so no group_bias input")

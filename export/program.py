@@ -12,7 +12,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from moe_ext.molora.quantized import require_float_base
 from moe_ext.utils.io import atomic_write, fsync_path
+from moe_ext.utils.locking import folder_lock
 
 from .onnx_ops import translation_table
 from .tracing import tracing_context
@@ -20,7 +22,9 @@ from .tracing import tracing_context
 
 def cast_for_export(model: nn.Module, tensors: list, dtype: Optional[str]):
     """(model, tensors) in `dtype` (None: as they are; "float32" or "float16": a cast copy of
-    the model and the floating-point tensors)."""
+    the model and the floating-point tensors). ValueError for a quantised base: the graph
+    needs float weights (moe_ext.molora.quantized)."""
+    require_float_base(model, "the ONNX export")
     if dtype not in (None, "float32", "float16"):
         raise ValueError(f"dtype must be None, 'float32' or 'float16', got {dtype!r}")
     if dtype is None:
@@ -70,11 +74,19 @@ def write_onnx(proto, path: str) -> None:
     """Writes `proto` to `path` atomically. Up to EXTERNAL_DATA_BYTES: one file.
     Beyond: the weights go first to a new `<name>.<random>.data` beside it, then the .onnx
     that names it replaces the old one in one rename. Either way the data files of earlier
-    saves of `path` are removed last: a crash at any point leaves a .onnx whose data is whole."""
+    saves of `path` are removed last: a crash at any point leaves a .onnx whose data is whole.
+    Holds the folder's exclusive lock (moe_ext.utils.locking), so two exports to one path
+    never remove each other's data."""
+    folder, name = os.path.split(os.path.abspath(path))
+    with folder_lock(folder, exclusive=True):  # another export to this folder waits
+        _write_onnx(proto, folder, name)
+
+
+def _write_onnx(proto, folder: str, name: str) -> None:
     import onnx
     from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
 
-    folder, name = os.path.split(os.path.abspath(path))
+    path = os.path.join(folder, name)
     data_name = None
     if proto.ByteSize() > EXTERNAL_DATA_BYTES:  # weights and folded constants alike
         data_name = f"{name}.{secrets.token_hex(6)}.data"

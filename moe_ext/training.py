@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .utils.config import is_real
 from .utils.io import atomic_write, read_json, remove_stale_temporaries_in, sha256_file, write_json
-from .utils.saved_folder import safe_member
+from .utils.locking import folder_lock
+from .utils.saved_folder import loading, safe_member
 from .utils.tensors import check_tensor, load_safetensors
 
 STATE_NAME = "trainer_state.json"
@@ -91,9 +92,18 @@ CKPT_NAME = re.compile(r"ckpt-\d+\.safetensors")
 def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, history,
                     fingerprint: Optional[dict] = None) -> None:
     """Tensors to ckpt-<step>.safetensors, then trainer_state.json naming it with its
-    SHA-256 (both atomic and flushed to disk), so a crash at any point leaves the previous
-    checkpoint intact; removes older tensor files and killed saves' temporaries."""
+    SHA-256 (computed on the temporary this save wrote, before its rename; both files
+    atomic and flushed to disk), so a crash at any point leaves the previous checkpoint
+    intact; removes older tensor files and killed saves' temporaries. Holds the folder's
+    exclusive lock (moe_ext.utils.locking), so two saves never interleave and
+    load_checkpoint never reads half of one."""
     os.makedirs(directory, exist_ok=True)
+    with folder_lock(directory, exclusive=True):
+        _save_checkpoint(directory, step, model, optimizer, history, fingerprint)
+
+
+def _save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, history,
+                     fingerprint: Optional[dict]) -> None:
     remove_stale_temporaries_in(directory)
     tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
     opt = optimizer.state_dict()
@@ -103,8 +113,14 @@ def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer, hist
     tensors["rng.torch"] = torch.get_rng_state()
     name = f"ckpt-{step}.safetensors"
     path = os.path.join(directory, name)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
-    meta = {"step": step, "tensors": name, "sha256": sha256_file(path),
+    written = {}
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp)
+        written["sha256"] = sha256_file(tmp)  # this save's bytes, not the shared path's
+
+    atomic_write(path, write)
+    meta = {"step": step, "tensors": name, "sha256": written["sha256"],
             "param_groups": opt["param_groups"], "history": history, "fingerprint": fingerprint}
     write_json(os.path.join(directory, STATE_NAME), meta, indent=None)
     for old in os.listdir(directory):  # keep only the checkpoint the state points to
@@ -143,6 +159,12 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer,
     """Restores parameters, optimizer state and RNG; returns (step, history). ValueError
     when the checkpoint is invalid (see read_trainer_state) or was written for another
     fingerprint (model, adapter or data)."""
+    with loading(directory):  # the state and the tensors of one save
+        return _load_checkpoint(directory, model, optimizer, fingerprint)
+
+
+def _load_checkpoint(directory: str, model: nn.Module, optimizer,
+                     fingerprint: Optional[dict]) -> tuple[int, list]:
     meta = read_trainer_state(directory)
     saved = meta.get("fingerprint")
     if fingerprint is not None and saved != fingerprint:

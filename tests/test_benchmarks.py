@@ -42,3 +42,20 @@ def test_lora_performance_model_runs():
     for E in (4, 16):
         for mode in ("fwd", "bwd"):
             assert f"| {E} | {mode} | **total** |" in proc.stdout
+
+
+def test_serve_benchmark_runs(tmp_path):
+    """benchmarks/bench_serve.py at tiny sizes: the server comes up, every cell completes
+    without errors, the report is written."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    cmd = [sys.executable, os.path.join(BENCH, "bench_serve.py"), "--concurrency", "1", "2",
+           "--requests", "3", "--max-seconds", "5", "--hidden", "64", "--layers", "1",
+           "--vocab", "300", "--reps", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "serve-cpu.md").read_text()
+    for endpoint in ("/generate", "/score", "/feedback"):
+        assert f"| server | {endpoint} | 2 | 3 | 0 |" in text, text
+    assert os.path.isfile(tmp_path / "serve-cpu.csv")

@@ -47,6 +47,7 @@ TABLE = [
     (PMOL + ["--max-length", "0"], "--max-length"),
     (PMOL + ["--target-modules", "(unclosed"], "--target-modules"),
     (PMOL + ["--target-modules", "no_such_module"], "--target-modules"),
+    (PMOL + ["--target-modules", "(.*)*x"], "--target-modules"),  # hours of backtracking
     (PMOL + ["--output", "{afile}/out"], "--output"),
     (PMOL + ["--init-adapter", "{tmp}/missing"], "--init-adapter"),
     (PMOL + ["--init-adapter", "{bad_adapter}"], "adapter_config.json"),
@@ -120,6 +121,49 @@ TABLE = [
     (BENCH + ["--experts", "0"], "--experts"),
     (BENCH + ["--reps", "0"], "--reps"),
     (["demo", "--output", "{afile}/demo"], "--output"),
+    # absurd sizes: refused at parse time, never minutes of work or a traceback (issue 30)
+    (PMOL + ["--batch-size", "1000000000"], "--batch-size"),
+    (PMOL + ["--steps", str(10 ** 12)], "--steps"),
+    (PMOL + ["--grad-accum", str(10 ** 9)], "--grad-accum"),
+    (PMOL + ["--synthetic-size", str(10 ** 12)], "--synthetic-size"),
+    (PMOL + ["--hidden", str(10 ** 9)], "--hidden"),
+    (PMOL + ["--layers", str(10 ** 6)], "--layers"),
+    (PMOL + ["--rank", str(10 ** 9)], "--rank"),
+    (PMOL + ["--experts-per-group", str(10 ** 9)], "--experts-per-group"),
+    (PMOL + ["--null-experts", str(10 ** 9)], "--null-experts"),
+    (PMOL + ["--max-length", str(10 ** 12)], "--max-length"),
+    (PMOL + ["--seed", str(10 ** 30)], "--seed"),
+    (PMOL + ["--checkpoint-every", str(10 ** 30)], "--checkpoint-every"),
+    (RM + ["--synthetic-pairs", str(10 ** 12)], "--synthetic-pairs"),
+    (RM + ["--batch-size", str(10 ** 12)], "--batch-size"),
+    (RM + ["--expert-hidden", str(10 ** 9)], "--expert-hidden"),
+    (RM + ["--experts", str(10 ** 9)], "--experts"),
+    (RM + ["--epochs", str(10 ** 12)], "--epochs"),
+    (RM + ["--seed", str(2 ** 64)], "--seed"),
+    (RM + ["--max-length", str(10 ** 12)], "--max-length"),
+    (ADAPT + ["--pairs", str(10 ** 12)], "--pairs"),
+    (ADAPT[:4] + [str(10 ** 12)], "--synthetic-user"),
+    (GEN + ["--max-new-tokens", str(10 ** 12)], "--max-new-tokens"),
+    (GEN + ["--seed", str(10 ** 30)], "--seed"),
+    (ORT + ["--batch", str(10 ** 9)], "--batch"),
+    (ORT + ["--length", str(10 ** 12)], "--length"),
+    (ORT + ["--repeat", str(10 ** 12)], "--repeat"),
+    (BENCH + ["--tokens", str(10 ** 12)], "--tokens"),
+    (BENCH + ["--features", str(10 ** 9)], "--features"),
+    (["convert", "--from-peft-groups", "a={tmp}/x", "--seed", str(10 ** 30),
+      "--output", "{tmp}/c"], "--seed"),
+    (["export", "--adapter", "{adapter}", "--no-cache", "--length", str(10 ** 12),
+      "--output", "{tmp}/m.onnx"], "--length"),
+    # --split is for datasets folders and names; a file has no splits
+    (["train-pmol", "--data", "{rows}", "--split", "test", "--steps", "1"], "--split"),
+    (PMOL + ["--split", "test"], "--split"),
+    # an export never writes into the folders it reads (it destroyed the model it read)
+    (["export", "--reward-model", "{rm_dir}", "--output", "{rm_dir}/reward_model.safetensors"],
+     "--output"),
+    (["export", "--reward-model", "{rm_dir}", "--output", "{rm_dir}/sub/m.onnx"], "--output"),
+    (["export", "--adapter", "{adapter}", "--base", "x", "--output", "{adapter}/m.onnx"],
+     "--output"),
+    (["export", "--reward-model", "{rm_dir}", "--output", "{tmp}/m.txt"], "--output"),
 ]
 
 
@@ -138,6 +182,7 @@ def paths(tmp_path_factory):
 
     row = {"prompt": "p", "chosen": "a", "rejected": "b", "preference": "x"}
     p["afile"] = write("a_file", "not a folder")
+    p["rows"] = write("rows.jsonl", json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
     p["list_rows"] = write("list_rows.jsonl", '["p", "a", "b"]\n')
     p["null_rows"] = write("null_rows.jsonl", "null\n")
     p["huge_line"] = write("huge.jsonl", json.dumps(row) + "\n" + '{"prompt": "' +
@@ -190,3 +235,27 @@ def test_table_covers_every_command():
     assert commands >= {"train-pmol", "train-rm", "adapt", "generate", "convert", "export",
                         "ort-run", "bench", "demo"}
     assert len(TABLE) >= 40
+
+
+@pytest.mark.parametrize("argv,module,extra", [
+    (["demo", "--quick", "--output", "{tmp}/demo"], "tokenizers", "hf"),
+    (PMOL, "transformers", "hf"),
+    (["train-pmol", "--data", "{tmp}/rows.parquet", "--steps", "1"], "pyarrow", "data"),
+    (["export", "--reward-model", "{rm_dir}", "--output", "{tmp}/m.onnx"], "onnxruntime", "onnx"),
+    (GEN, "transformers", "hf"),
+    (ORT, "onnxruntime", "onnx"),
+])
+def test_a_missing_extra_is_named_before_any_work(paths, monkeypatch, argv, module, extra):
+    """Each command checks the optional packages it needs before working (`demo --quick`
+    ran 68 s before saying tokenizers was missing), naming them and the pip extra."""
+    import importlib.util
+    import time
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == module else real(name, *a))
+    start = time.perf_counter()
+    status, err, exc = run_cli([a.format(**paths) for a in argv])
+    assert exc is None and status == 2, err
+    assert module in err and f"moe_ext[{extra}]" in err, err
+    assert time.perf_counter() - start < 2

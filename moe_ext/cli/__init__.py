@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench, convert, demo, export, generate, info, pmol, reward
-from .common import fail
+from . import bench, convert, demo, export, generate, info, pmol, reward, serve
+from .common import fail, missing_extras
 
-COMMANDS = (info, demo, pmol, reward, generate, convert, export, bench)
+COMMANDS = (info, demo, pmol, reward, generate, convert, export, serve, bench)
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,9 +30,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
+    needs = getattr(args, "needs", None)
+    message = missing_extras(args.command, needs(args)) if needs else None
+    if message:  # before any work: not after minutes of training
+        return fail(message)
     try:
         return args.func(args)
     except ImportError as err:  # an optional extra that this command needs
-        return fail(f"{err.name or err} is not installed; pip install 'moe_ext[hf,onnx,minilm]' "
+        return fail(f"{err.name or err} is not installed; pip install 'moe_ext[hf,onnx,serve,minilm]' "
                     f"(or the package named) to use `moe-ext {args.command}`")
 

@@ -8,7 +8,7 @@ import torch
 from ..molora import functional
 from ..molora.baselines import dense_soft, loop_over_experts
 from ..utils.timing import time_call
-from .common import add_json, fail, positive_int, print_json
+from .common import (add_json, count_int, experts_int, fail, print_json, tokens_int, width_int)
 
 PROVIDERS = {"moe_ext": functional.molora, "loop": loop_over_experts, "dense-soft": dense_soft}
 
@@ -62,12 +62,12 @@ def register(sub) -> None:
                        description="Forward+backward of functional.molora, a PyTorch loop over "
                                    "experts (MixLoRA style) and dense soft routing. The recorded "
                                    "benchmarks are the scripts in benchmarks/.")
-    p.add_argument("--tokens", type=positive_int, default=2048)
-    p.add_argument("--features", type=positive_int, default=1024, help="D = O")
-    p.add_argument("--experts", type=positive_int, nargs="+", default=[8, 64])
-    p.add_argument("--top-k", type=positive_int, default=2)
-    p.add_argument("--rank", type=positive_int, default=16)
-    p.add_argument("--reps", type=positive_int, default=5)
+    p.add_argument("--tokens", type=tokens_int, default=2048)
+    p.add_argument("--features", type=width_int, default=1024, help="D = O")
+    p.add_argument("--experts", type=experts_int, nargs="+", default=[8, 64])
+    p.add_argument("--top-k", type=experts_int, default=2)
+    p.add_argument("--rank", type=width_int, default=16)
+    p.add_argument("--reps", type=count_int, default=5)
     p.add_argument("--cpu", action="store_true", help="time on the CPU even with a GPU")
     add_json(p, "the rows")
     p.set_defaults(func=cmd_bench)

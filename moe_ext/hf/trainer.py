@@ -6,11 +6,15 @@ cannot know:
 - resuming (`train(resume_from_checkpoint=...)`) and load_best_model_at_end read those
   adapter checkpoints (load_molora into the model's own layers);
 - a `preference` column (group name or index per row, None unlabelled) is kept and
-  collated (PreferenceCollator), so each row's label reaches PMoL's group loss.
+  collated (PreferenceCollator), so each row's label reaches PMoL's group loss;
+- a quantised base (QLoRA) is accepted (`quantized_base_accepted`): Trainer refuses a
+  quantised model unless it carries PEFT adapters, and does not know MoLoRA's.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 from transformers import Trainer
 
@@ -19,6 +23,28 @@ from ..molora.saving import CONFIG_NAME
 from .collator import PreferenceCollator
 
 PREFERENCE = "preference"
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def quantized_base_accepted(model) -> Iterator[None]:
+    """Around a Trainer's __init__: transformers' validate_quantization_for_training raises
+    "You cannot perform fine-tuning on purely quantized models" for a quantised model
+    without PEFT adapters (it reads `_hf_peft_config_loaded`). A MoLoRA model's adapters
+    train the same way, so inside the block that flag reads True; it is restored after,
+    since elsewhere transformers takes it to mean PEFT's own adapters are loaded."""
+    if not (getattr(model, "is_quantized", False) and molora_layers(model)):
+        yield
+        return
+    before = model.__dict__.get("_hf_peft_config_loaded", _UNSET)
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if before is _UNSET:
+            del model._hf_peft_config_loaded
+        else:
+            model._hf_peft_config_loaded = before
 
 
 class MoLoRATrainerMixin:
@@ -58,6 +84,7 @@ class MoLoRATrainer(MoLoRATrainerMixin, Trainer):
     """transformers.Trainer for a MoLoRA model: adapter checkpoints resume, and a
     `preference` column feeds the group loss."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, *args, **kwargs):
+        with quantized_base_accepted(model):
+            super().__init__(model, *args, **kwargs)
         self._wrap_preference_collator()

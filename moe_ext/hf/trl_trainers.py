@@ -19,7 +19,7 @@ from trl import DPOTrainer, RewardTrainer
 
 from ..molora import disable_adapters
 from ..molora.outputs import router_flag_hidden
-from .trainer import MoLoRATrainerMixin
+from .trainer import MoLoRATrainerMixin, quantized_base_accepted
 
 
 class AdaptersOffReference(nn.Module):
@@ -61,8 +61,9 @@ class MoLoRADPOTrainer(MoLoRATrainerMixin, DPOTrainer):
         if not isinstance(model, nn.Module) or not hasattr(model, "molora_config"):
             raise ValueError("MoLoRADPOTrainer needs a model with MoLoRA layers "
                              "(moe_ext.get_molora_model or load_molora)")
-        super().__init__(model, AdaptersOffReference(model) if ref_model is None else ref_model,
-                         *args, **kwargs)
+        with quantized_base_accepted(model):
+            super().__init__(model, AdaptersOffReference(model) if ref_model is None else ref_model,
+                             *args, **kwargs)
         self._wrap_preference_collator()
 
 
@@ -70,8 +71,9 @@ class MoLoRARewardTrainer(MoLoRATrainerMixin, RewardTrainer):
     """RewardTrainer for a MoLoRA sequence-classification model: the Bradley-Terry loss
     plus config.router_aux_loss_coef x the model's `aux_loss` (logged as aux_loss)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, *args, **kwargs):
+        with quantized_base_accepted(model):
+            super().__init__(model, *args, **kwargs)
         self._wrap_preference_collator()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

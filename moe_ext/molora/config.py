@@ -2,11 +2,11 @@
 mixture-of-experts knobs. Serialises to and from plain JSON-able dicts."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..utils.config import DictConfig, is_int, is_real
+from .targets import UnsafeRegex, check_target_regex
 
 
 @dataclass
@@ -38,15 +38,15 @@ class MoLoRAConfig(DictConfig):
             if not ok:
                 raise ValueError(f"MoLoRAConfig.{name} {what}, got {getattr(self, name)!r}")
 
-        need(is_int(self.r) and self.r >= 1, "r", "must be an int >= 1")
+        need(is_int(self.r) and self.r >= 1, "r", "must be an int in [1, 2**31 - 1]")
         need(is_real(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha",
              "must be a finite number > 0")
         need(is_real(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0, "lora_dropout",
              "must be a number in [0, 1)")
         need(is_int(self.num_experts) and self.num_experts >= 1, "num_experts",
-             "must be an int >= 1")
+             "must be an int in [1, 2**31 - 1]")
         need(is_int(self.num_null_experts) and self.num_null_experts >= 0,
-             "num_null_experts", "must be an int >= 0")
+             "num_null_experts", "must be an int in [0, 2**31 - 1]")
         total = self.num_experts + self.num_null_experts
         need(is_int(self.top_k) and 1 <= self.top_k <= total, "top_k",
              f"must be an int in [1, num_experts + num_null_experts = {total}]")
@@ -66,6 +66,11 @@ class MoLoRAConfig(DictConfig):
             "must be None or a list of module names")
         need(self.target_modules is None or _valid_targets(self.target_modules),
              "target_modules", "must be None, 'all-linear', a valid regex or a list of names")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:  # before any matching: a downloaded config's regex may backtrack for hours
+                check_target_regex(self.target_modules)
+            except UnsafeRegex as err:
+                raise ValueError(f"MoLoRAConfig.{err}") from None
         need(isinstance(self.expert_groups, dict), "expert_groups",
              "must map preference names to lists of expert ids")
         for group, ids in self.expert_groups.items():
@@ -81,12 +86,7 @@ class MoLoRAConfig(DictConfig):
 
 
 def _valid_targets(value) -> bool:
+    """A list of names, or a string (a regex, checked by check_target_regex)."""
     if isinstance(value, list):
         return all(isinstance(v, str) and v for v in value)
-    if not isinstance(value, str):
-        return False
-    try:
-        re.compile(value)
-    except re.error:
-        return False
-    return True
+    return isinstance(value, str) and bool(value)

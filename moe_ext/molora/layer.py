@@ -2,7 +2,8 @@
 
     y = base(x) + s * sum_{k<K} w_k * B_{e_k} A_{e_k} dropout(x)
 
-The base is an nn.Linear or a GPT-2 style Conv1D (weight stored as (D, O)).
+The base is an nn.Linear (also a quantised one: bitsandbytes' Linear4bit / Linear8bitLt,
+torchao's; see quantized.py) or a GPT-2 style Conv1D (weight stored as (D, O)).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 from .config import MoLoRAConfig
 from .functional import (choose_strategy, molora_from_shrink, molora_with_routing,
                          shrink_router_weight)
+from .quantized import compute_dtype
 from .shared_x import add_base_in_place, project
 
 
@@ -133,7 +135,9 @@ def _traced() -> bool:
 
 
 class MoLoRALinear(nn.Module):
-    """Wraps `base` (nn.Linear or Conv1D, D -> O). Parameters: lora_A (E, R, D), lora_B
+    """Wraps `base` (nn.Linear, quantised or not, or Conv1D, D -> O); the base is called as
+    it is and only its output is added to (a quantised base's weight is never read).
+    Parameters: lora_A (E, R, D), lora_B
     (E, O, R) (zeros, so a fresh layer equals its base), router (nn.Linear D -> E + N, no
     bias). Buffer logit_bias (E + N,) is added to the router logits (steering; zeros by
     default). A steerable config adds mix_scale (1,) and mix_proj (G, E + N): under a
@@ -151,7 +155,8 @@ class MoLoRALinear(nn.Module):
         self.in_features, self.out_features = D, O
         self.adapters_enabled = True
         E, R, M = config.num_experts, config.r, config.num_experts + config.num_null_experts
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # a quantised base's weight is packed (uint8 / int8): the experts take its compute dtype
+        kw = dict(device=base.weight.device, dtype=compute_dtype(base))
         self.lora_A = nn.Parameter(torch.empty(E, R, D, **kw))
         self.lora_B = nn.Parameter(torch.zeros(E, O, R, **kw))
         self.router = nn.Linear(D, M, bias=False, **kw)

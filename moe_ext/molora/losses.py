@@ -6,6 +6,7 @@ Shapes: probs (T, M) with M = E + N, experts (T, K), logits (T, M), token_mask (
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -71,6 +72,32 @@ def group_masks(config: MoLoRAConfig, groups: list[str], count_null: bool = Fals
     return masks
 
 
+class RouterLossGradientWarning(UserWarning):
+    """Router losses computed from a routing without autograd graph while training (reentrant
+    gradient checkpointing): their value is right, but they train nothing."""
+
+
+def _warn_if_graphless(model: nn.Module, layers: list) -> None:
+    """Warns (once per model) when grad is on but a trained router's last routing has no
+    graph: torch.utils.checkpoint(use_reentrant=True) runs the forward under no_grad and
+    its backward re-runs it, but the router losses were already taken from the first
+    forward's probs, so their gradients are silently lost (the experts and the main loss's
+    path through the gate weights still train)."""
+    if not torch.is_grad_enabled() or getattr(model, "_molora_graphless_warned", False):
+        return
+    lost = [layer for layer in layers if layer.router.weight.requires_grad
+            and not layer.last_routing.probs.requires_grad]
+    if lost:
+        model._molora_graphless_warned = True
+        warnings.warn(
+            f"{len(lost)} MoLoRA layers routed without autograd graph while gradients are on "
+            f"(reentrant gradient checkpointing, use_reentrant=True): the router losses "
+            f"(aux_loss) give their routers no gradient. Checkpoint with use_reentrant=False "
+            f"(transformers: activation_checkpointing_kwargs or gradient_checkpointing_kwargs="
+            f"{{'use_reentrant': False}}, on the model or in TrainingArguments); see "
+            f"docs/guide-hf.md", RouterLossGradientWarning, stacklevel=3)
+
+
 def router_losses(model: nn.Module, preference: Optional[torch.Tensor] = None,
                   token_mask: Optional[torch.Tensor] = None, groups: Optional[list[str]] = None,
                   count_null_in_group: bool = False) -> dict[str, torch.Tensor]:
@@ -79,11 +106,14 @@ def router_losses(model: nn.Module, preference: Optional[torch.Tensor] = None,
 
     preference: (B,) preference index per example (into `groups`, default the config's
     group order), broadcast to the example's tokens; token_mask: (B, S) attention mask.
+    Warns (RouterLossGradientWarning) when gradients are on but the routing has no graph
+    (reentrant gradient checkpointing): such losses train nothing.
     """
     config: MoLoRAConfig = model.molora_config
     layers = [m for m in molora_layers(model).values() if m.last_routing is not None]
     if not layers:
         raise ValueError("no MoLoRA layer has routed anything yet: run a forward pass first")
+    _warn_if_graphless(model, layers)
     device = layers[0].last_routing.probs.device
     mask = token_mask.reshape(-1).bool() if token_mask is not None else None
     groups = groups if groups is not None else list(config.expert_groups)

@@ -96,19 +96,22 @@ def find_modules_to_save(model: nn.Module, modules_to_save: list[str]) -> list[s
     return sorted(set(found))
 
 
-class _Originals(nn.Module):
-    """The base values of the modules_to_save parameters (non-persistent buffers), swapped
-    in by disable_adapters so that the adapters-off model is exactly the base."""
+class _Originals:
+    """The base values of the modules_to_save parameters, swapped in by disable_adapters so
+    that the adapters-off model is exactly the base. They are non-persistent buffers of the
+    model itself (molora_original_<i>), so they follow its .to() / .half(), and this plain
+    object only maps parameter names to them: a child module would be called as a layer
+    by containers that run every child (nn.Sequential)."""
 
-    def __init__(self, params: dict[str, torch.Tensor]):
-        super().__init__()
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]):
+        self.model = model
         self.names = {}
         for i, (name, value) in enumerate(params.items()):
-            self.register_buffer(f"p{i}", value.detach().clone(), persistent=False)
-            self.names[name] = f"p{i}"
+            model.register_buffer(f"molora_original_{i}", value.detach().clone(), persistent=False)
+            self.names[name] = f"molora_original_{i}"
 
     def get(self, name: str) -> torch.Tensor:
-        return getattr(self, self.names[name])
+        return getattr(self.model, self.names[name])
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -149,7 +152,7 @@ def inject_molora(model: nn.Module, config: MoLoRAConfig) -> nn.Module:
         for pname, p in model.get_submodule(name).named_parameters():
             p.requires_grad_(True)
             trained[f"{name}.{pname}"] = p
-    model.molora_originals = _Originals(trained)
+    model.molora_originals = _Originals(model, trained)
     model.molora_config = config
     model.molora_targets = names
     model.molora_saved_modules = saved
@@ -163,14 +166,15 @@ def modules_to_save_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: model.get_parameter(n) for n in names}
 
 
-def base_state_dict(model: nn.Module) -> dict:
+def base_state_dict(model: nn.Module, keep_vars: bool = False) -> dict:
     """The state dict of the model as it was before injection: each MoLoRA layer's base
     tensors under the layer's own name (".base." dropped), its adapter tensors left out,
-    the modules_to_save at their base values."""
+    the modules_to_save at their base values. keep_vars: the parameters themselves, as
+    nn.Module.state_dict(keep_vars=True) gives them."""
     layers = molora_layers(model)
     originals = getattr(model, "molora_originals", None)
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in model.state_dict(keep_vars=keep_vars).items():
         if originals is not None and key in originals.names:
             value = originals.get(key)
         owner = next((n for n in layers if key.startswith(n + ".")), None)

@@ -6,13 +6,14 @@ wrapper, fake (meta) kernel for torch.compile / export and autograd side by side
   lora.py        lora_forward, _backward   the sparse grouped strategy
   lora_dense.py  lora_dense_forward, _backward   the dense-gated strategy;
                  lora_dense_expand, _backward    its expand alone, from a given h_all
+  autocast.py    every op's Autocast kernel: autocast off inside, inputs as given
   checks.py      the fake kernels' argument checks (those of csrc/checks.h)
   reference.py   a pure-PyTorch reference of every op (tests compare against it)
   fallback.py    PyTorch kernels for CUDA tensors when the build has no CUDA kernel
 
 Notation: docs/architecture.md#notation.
 """
-from . import fallback, reference
+from . import autocast, fallback, reference
 from .align import align
 from .common import acc_dtype
 from .lora import lora_sparse, pair_alignment

@@ -18,7 +18,8 @@ from ..hf.models import check_dtype, load_adapter_tokenizer, load_molora_model, 
 from ..molora import base_state_dict, get_molora_model, load_molora, save_molora
 from ..training import TrainConfig, TrainResult, has_checkpoint, init_distributed
 from ..utils.io import read_json, remove_stale_temporaries_in, write_json
-from ..utils.saved_folder import move_changed_files
+from ..utils.locking import folder_lock
+from ..utils.saved_folder import loading, replace_folder_files
 from . import synthetic
 from .dpo import DPOConfig, pmol_config
 from .tokenizer import word_tokenizer_from_examples
@@ -178,26 +179,26 @@ class PMoLRun:
     def save(self, directory: str) -> None:
         """directory/adapter (save_molora, with the tokenizer), metrics.json and, for the
         built-in base, directory/base_model (HF format, with the tokenizer), which the
-        adapter records as its base. Each part is written so that a killed save leaves it
-        whole: the adapter in one step (weights, then the config with their checksum), the
-        base model and the tokenizers file by file, only where the bytes changed (saving
-        the same frozen base again rewrites nothing), metrics.json atomically, last."""
+        adapter records as its base. Holds `directory`'s exclusive lock throughout (another
+        save waits, a load_pmol waits for it). Each part is written so that a killed save
+        leaves it whole: the adapter and its tokenizer in one step (saved_folder), the base
+        model file by file, only where the bytes changed (saving the same frozen base
+        again rewrites nothing), metrics.json atomically, last."""
         os.makedirs(directory, exist_ok=True)
-        remove_stale_temporaries_in(directory)
-        if self.base is None:
-            base_dir = os.path.abspath(os.path.join(directory, "base_model"))
+        with folder_lock(directory, exclusive=True):
+            remove_stale_temporaries_in(directory)
+            if self.base is None:
+                base_dir = os.path.abspath(os.path.join(directory, "base_model"))
 
-            def write_base(tmp: str) -> None:
-                type(self.model).save_pretrained(self.model, tmp,
-                                                 state_dict=base_state_dict(self.model))
-                self.tokenizer.save_pretrained(tmp)
+                def write_base(tmp: str) -> None:
+                    type(self.model).save_pretrained(self.model, tmp,
+                                                     state_dict=base_state_dict(self.model))
+                    self.tokenizer.save_pretrained(tmp)
 
-            move_changed_files(base_dir, write_base, remove_others=True)
-            self.model.config.name_or_path = base_dir
-        adapter = os.path.join(directory, "adapter")
-        move_changed_files(adapter, self.tokenizer.save_pretrained)
-        save_molora(self.model, adapter)
-        write_json(os.path.join(directory, "metrics.json"), self.metrics)
+                replace_folder_files(base_dir, write_base)
+                self.model.config.name_or_path = base_dir
+            save_molora(self.model, os.path.join(directory, "adapter"), tokenizer=self.tokenizer)
+            write_json(os.path.join(directory, "metrics.json"), self.metrics)
 
 
 def load_pmol(directory: str) -> PMoLRun:
@@ -206,6 +207,11 @@ def load_pmol(directory: str) -> PMoLRun:
     adapter = os.path.join(directory, "adapter")
     if not os.path.isdir(adapter):
         raise FileNotFoundError(f"no adapter folder in {directory!r}")
+    with loading(directory):  # not during a PMoLRun.save to the same folder
+        return _load_pmol(directory, adapter)
+
+
+def _load_pmol(directory: str, adapter: str) -> PMoLRun:
     base_dir = os.path.join(directory, "base_model")
     base = base_dir if os.path.isdir(base_dir) else None
     model = load_molora_model(adapter, base)

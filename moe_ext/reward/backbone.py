@@ -26,6 +26,7 @@ from ..molora import MoLoRAConfig, find_target_modules, get_molora_model, molora
 from ..molora.losses import router_losses
 from ..training import TrainConfig, train
 from ..utils.config import DictConfig, is_int
+from ..utils.sources import model_source
 from .fit import FitConfig, moe_loss
 from .model import RewardConfig, SparseMoERewardModel
 
@@ -80,7 +81,10 @@ def load_backbone(name_or_path: str, class_name: str = "", tokenizer_path: Optio
     ValueError naming the backbone when it cannot load."""
     import transformers
 
-    path = resolve_backbone(name_or_path)
+    try:
+        path = model_source(resolve_backbone(name_or_path), "backbone")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load backbone {name_or_path!r}: {err}") from None
     cls = getattr(transformers, class_name, None) if class_name else None
     cls = cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else transformers.AutoModel
     try:
@@ -144,6 +148,8 @@ class BackboneRewardModel(nn.Module):
         with train_backbone, fully trainable. options: BackboneRewardModel's keywords."""
         backbone, tokenizer = load_backbone(name_or_path)
         prepare_backbone(backbone, molora, train_backbone)
+        if name_or_path not in MINILM_NAMES or os.path.isdir(name_or_path):
+            name_or_path = model_source(name_or_path, "backbone")  # a folder: absolute
         return cls(backbone, num_experts, top_k, tokenizer=tokenizer, name_or_path=name_or_path,
                    **options)
 

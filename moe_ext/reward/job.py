@@ -16,6 +16,7 @@ from ..data import flatten, load_preferences
 from ..molora import MoLoRAConfig
 from ..training import TrainConfig
 from ..utils.io import read_json
+from ..utils.saved_folder import loading
 from . import synthetic
 from .adapt import METHODS, adapt, average_routing, pairwise_accuracy, purity_nmi
 from .backbone import BackboneRewardModel, text_batches, train_backbone_reward_model
@@ -218,9 +219,11 @@ def train_reward_job(job: RewardJob, data: Optional[RewardData] = None,
 
 
 def load_reward_run(directory: str) -> tuple[nn.Module, dict]:
-    """A model saved by RewardRun.save and its train_info (source, metrics)."""
-    model = load_reward_model(directory)
-    return model, read_json(os.path.join(directory, INFO_NAME))
+    """A model saved by RewardRun.save and its train_info (source, metrics), both from the
+    same save (read under the folder's shared lock: a save to it meanwhile waits)."""
+    with loading(directory):
+        model = load_reward_model(directory)
+        return model, read_json(os.path.join(directory, INFO_NAME))
 
 
 def adapt_user(directory: str, data: Optional[str] = None, synthetic_user: Optional[int] = None,

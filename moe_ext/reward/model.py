@@ -44,18 +44,19 @@ class RewardConfig(DictConfig):
         for name in ("prompt_dim", "response_dim", "num_experts"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise ValueError(f"{name} must be an int in [1, 2**31 - 1], got {value!r}")
         if not is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be an int in [1, num_experts={self.num_experts}], "
                              f"got {self.top_k!r}")
         if self.expert_hidden is not None and (not is_int(self.expert_hidden)
                                                or self.expert_hidden < 1):
-            raise ValueError(f"expert_hidden must be None or an int >= 1, got {self.expert_hidden!r}")
+            raise ValueError(f"expert_hidden must be None or an int in [1, 2**31 - 1], got "
+                             f"{self.expert_hidden!r}")
         if not (is_real(self.router_temperature) and self.router_temperature > 0):
             raise ValueError(f"router_temperature must be a finite number > 0, got "
                              f"{self.router_temperature!r}")
         if not is_int(self.num_users) or self.num_users < 0:
-            raise ValueError(f"num_users must be an int >= 0, got {self.num_users!r}")
+            raise ValueError(f"num_users must be an int in [0, 2**31 - 1], got {self.num_users!r}")
 
 
 class SparseMoERewardModel(nn.Module):

@@ -18,10 +18,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..molora import MoLoRAConfig, adapter_state_dict, base_state_dict, molora_layers
+from ..molora import (MoLoRAConfig, adapter_parameters, adapter_state_dict, base_state_dict,
+                      molora_layers)
+from ..molora.quantized import quantized_modules
+from ..utils.distributed import any_sharded, class_name, full_tensors, write_once
 from ..utils.io import write_json
-from ..utils.saved_folder import (begin_save, commit_save, move_changed_files, read_verified_config,
-                                  recorded_sha256)
+from ..utils.saved_folder import commit_save, loading, read_verified_config, recorded_sha256
 from ..utils.tensors import check_tensor, load_safetensors
 from .backbone import BackboneConfig, BackboneRewardModel, load_backbone, prepare_backbone
 from .model import RewardConfig, SparseMoERewardModel
@@ -48,11 +50,17 @@ def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[
     backbone's base weights to directory/backbone; None (default) does so only when the
     model records no backbone name or path; False never (then trained backbone weights go
     with the head). extra_json: {file name: JSON value} saved in the same step (e.g.
-    train_info.json)."""
+    train_info.json). A model sharded by FSDP2 or ZeRO-3 is saved by calling this on every
+    rank: the full tensors are gathered, rank 0 writes, the others wait
+    (moe_ext.utils.distributed).
+    A quantised backbone (QLoRA) is never written: it reloads from its name."""
     if isinstance(model, SparseMoERewardModel):
-        _commit(directory, model.state_dict(), {"class": type(model).__name__,
-                                                "config": model.config.to_dict()},
-                extra_json=extra_json)
+        state = model.state_dict(keep_vars=True)  # the parameters: ZeRO-3's attributes stay
+        sharded = any_sharded(state)
+        state = full_tensors(state)  # a collective when sharded
+        write_once(lambda: _commit(directory, state, {"class": class_name(model),
+                                                      "config": model.config.to_dict()},
+                                   extra_json=extra_json), sharded)
         return
     if not isinstance(model, BackboneRewardModel):
         raise ValueError(f"save_reward_model saves a SparseMoERewardModel or a "
@@ -61,40 +69,55 @@ def save_reward_model(model: nn.Module, directory: str, save_backbone: Optional[
     if full is False and not model.config.backbone:
         raise ValueError("save_backbone=False needs a backbone name or path to reload from, "
                          "and this model's backbone was built in memory")
-    layers = molora_layers(model.backbone)
-    state = {f"head.{k}": v for k, v in model.head.state_dict().items()}
-    state.update({f"backbone.{k}": v for k, v in adapter_state_dict(model.backbone).items()})
+    if full:
+        quantized = quantized_modules(model.backbone)
+        if quantized:
+            raise ValueError(f"save_backbone writes the backbone's base weights, but they are "
+                             f"quantised ({len(quantized)} layers, e.g. "
+                             f"{next(iter(quantized.values()))}); save with save_backbone=False "
+                             f"and a backbone name or path to reload it from")
+    # the parameters themselves (keep_vars), not detached copies: ZeRO-3's attributes stay
+    state = {f"head.{k}": v for k, v in model.head.state_dict(keep_vars=True).items()}
+    state.update({f"backbone.{k}": v for k, v in adapter_parameters(model.backbone).items()})
     trained = {} if full else _trained_backbone_tensors(model)
     state.update(trained)
-    begin_save(directory, CONFIG_NAME)
-    in_place = ()
+    base = base_state_dict(model.backbone, keep_vars=True) if full else {}
+    sharded = any_sharded(state) or any_sharded(base)
+    state, base = full_tensors(state), full_tensors(base)  # collectives when sharded
+    write_once(lambda: _write_backbone_model(model, directory, state, base, full, sorted(trained),
+                                             extra_json), sharded)
+
+
+def _write_backbone_model(model: BackboneRewardModel, directory: str, state: dict, base: dict,
+                          full: bool, trained: list, extra_json: Optional[dict]) -> None:
+    """The files of a BackboneRewardModel: backbone/ (`base`, when `full`), tokenizer/, the
+    weights (`state`) and reward_config.json, in one step (_commit)."""
+    layers = molora_layers(model.backbone)
+    folders = {}
     if full:  # files whose bytes did not change are left alone (a frozen backbone)
-        written = move_changed_files(os.path.join(directory, BACKBONE_DIR), lambda tmp: (
-            model.backbone.save_pretrained(tmp, state_dict=base_state_dict(model.backbone))),
-            remove_others=True)
-        in_place = tuple(f"{BACKBONE_DIR}/{n}" for n in written if n.endswith(".safetensors"))
+        # the class's own save_pretrained: get_molora_model's would write the adapter only
+        folders[BACKBONE_DIR] = (lambda tmp: type(model.backbone).save_pretrained(
+            model.backbone, tmp, state_dict=base), True)
     if model.tokenizer is not None:
-        move_changed_files(os.path.join(directory, TOKENIZER_DIR), model.tokenizer.save_pretrained,
-                           remove_others=True)
+        folders[TOKENIZER_DIR] = (model.tokenizer.save_pretrained, True)
     molora = getattr(model.backbone, "molora_config", None) if layers else None
     _commit(directory, state, {
         "class": "BackboneRewardModel", "config": model.config.to_dict(),
         "backbone_saved": bool(full), "molora_config": molora.to_dict() if molora is not None else None,
-        "molora_layers": sorted(layers), "trained_backbone_tensors": sorted(trained)}, in_place,
+        "molora_layers": sorted(layers), "trained_backbone_tensors": trained}, folders,
         extra_json)
 
 
-def _commit(directory: str, state: dict, meta: dict, in_place: tuple = (),
+def _commit(directory: str, state: dict, meta: dict, folders: Optional[dict] = None,
             extra_json: Optional[dict] = None) -> None:
-    """reward_model.safetensors (and the extra JSON files), then reward_config.json with
-    their checksums, in one step."""
+    """reward_model.safetensors, the extra JSON files and `folders` (commit_save's), then
+    reward_config.json with the checksums of every file, in one step."""
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    begin_save(directory, CONFIG_NAME)
     files = {WEIGHTS_NAME: lambda path: save_file(state, path)}
     for name, value in (extra_json or {}).items():
         files[name] = lambda path, value=value: write_json(path, value)
     commit_save(directory, CONFIG_NAME, {"format_version": FORMAT_VERSION, **meta}, files,
-                in_place)
+                folders)
 
 
 def read_reward_meta(directory: str) -> dict:
@@ -143,6 +166,13 @@ def _checked_state(weights: str, expected: dict, meta: dict) -> dict:
 def load_reward_model(directory: str, backbone: Optional[str] = None) -> nn.Module:
     """The model saved by save_reward_model in `directory`. backbone (backbone mode) names
     or points to the backbone to load instead of the recorded one (a moved folder)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no {CONFIG_NAME}: the reward model folder {directory!r} does not exist")
+    with loading(directory):  # every file read comes from one save
+        return _load_reward_model(directory, backbone)
+
+
+def _load_reward_model(directory: str, backbone: Optional[str]) -> nn.Module:
     meta = read_reward_meta(directory)
     path, weights = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     if meta["class"] == "SparseMoERewardModel":

@@ -22,9 +22,14 @@ class DictConfig:
         return cls(**data)
 
 
+MAX_INT = 2 ** 31 - 1  # every int field of a config is a size, a count or an index
+
+
 def is_int(value) -> bool:
-    """An int read from JSON or given in code (not a bool, not a float, not a string)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int read from JSON or given in code (not a bool, not a float, not a string), of
+    magnitude at most MAX_INT: a size of 10**100 in a config is refused by name, not an
+    overflow deep inside torch."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
 
 
 def is_real(value) -> bool:

@@ -22,7 +22,8 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,36 +65,48 @@ def remove_stale_temporaries_in(folder: str, suffix: str = "") -> None:
         if not (entry.startswith(_TMP) and entry.endswith(suffix)):
             continue
         pid = entry[len(_TMP):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             remove_path(os.path.join(folder, entry))
 
 
-def _umask() -> int:
+def umask_mode() -> int:
+    """The mode a new file gets from the process's umask (0o666 & ~umask): saved files
+    follow it, whatever mode the library that wrote them chose (mkstemp: 0600)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def atomic_write(path: str, write: Callable[[str], object]) -> None:
-    """Calls write(tmp_path) on a temporary file beside `path`, flushes it to disk and
-    renames it over `path` (then flushes the folder, so the rename itself is durable)."""
+    """Calls write(tmp_path) on a temporary file in a private folder beside `path`
+    (.tmp-<pid>-<random>-<name>/), flushes it to disk and renames it over `path` (then
+    flushes the folder, so the rename itself is durable). The private folder catches the
+    writing library's own temporaries too (safetensors' .tmpXXXXXX): a killed write
+    leaves one folder, which the next write removes."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_TMP}{os.getpid()}-",
+    private = tempfile.mkdtemp(dir=folder, prefix=f"{_TMP}{os.getpid()}-",
                                suffix="-" + os.path.basename(path))
-    os.close(fd)
+    tmp = os.path.join(private, os.path.basename(path))
     try:
         write(tmp)
-        if os.path.isfile(tmp):  # mkstemp makes it owner-only; a saved file follows the umask
-            os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, umask_mode())  # libraries write owner-only files; a save follows the umask
         fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    finally:
+        remove_path(private)
     fsync_path(folder)
+
+
+def writes_into(path: str, folder: str) -> bool:
+    """Whether writing the file `path` (and files beside it) writes into the existing
+    folder `folder` or a folder under it (symbolic links resolved)."""
+    if not os.path.isdir(folder):
+        return False
+    where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    root = os.path.realpath(folder)
+    return where == root or where.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def sha256_file(path: str) -> str:
@@ -128,6 +141,8 @@ def read_json(path: str):
         raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
+    except RecursionError:  # arrays or objects nested thousands deep: no config is
+        raise ValueError(f"{path}: JSON nested too deeply to be a config") from None
 
 
 MAX_JSONL_LINE = 16 << 20  # bytes; one preference row is far smaller
@@ -154,6 +169,9 @@ def read_jsonl(path: str, max_line_bytes: int = MAX_JSONL_LINE) -> Iterator[tupl
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{lineno}: JSON nested too deeply to be a row") from None
+            yield lineno, value

@@ -211,7 +211,7 @@ def test_pmol_generate_applies_only_its_flags_like_the_graph(graphs, tokenizer):
     try:
         text = pmol.generate(model, tokenizer, PROMPTS[1], options)
         assert model.generation_config is config  # put back after the call
-        assert text == generate_onnx(lm.path, tokenizer, PROMPTS[1], options, {})
+        assert text == generate_onnx(lm.path, tokenizer, PROMPTS[1], options, {}, runtime="ort")["text"]
         ids = tokenizer(PROMPTS[1], return_tensors="pt")
         with torch.no_grad():  # transformers applies the model's config: another text
             inherited = model.generate(**ids, **options.generate_kwargs(tokenizer))

@@ -101,3 +101,45 @@ def test_generate_with_steering(hf_models):
     sampled = [pmol.generate(model, tok, "explain", pmol.GenerationOptions(
         max_new_tokens=6, do_sample=True, top_k=50, top_p=0.9, temperature=1.5, seed=s)) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]
+
+
+def test_relative_base_is_recorded_absolute_and_missing_folders_are_named(hf_models, tmp_path,
+                                                                          monkeypatch):
+    """A base loaded by a relative path is recorded as an absolute folder, so the adapter
+    loads from any working directory (it was recorded as typed, and read from elsewhere
+    went to the Hub); a path that is no folder is named as a missing folder at once."""
+    import shutil
+    from moe_ext.hf import load_pretrained
+
+    shutil.copytree(hf_models["llama"], tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = molora(load_pretrained("base"))
+    want = model(input_ids=IDS).logits
+    moe_ext.save_molora(model, "adapter")
+    meta = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    assert meta["base_model_name_or_path"] == str(tmp_path / "base")
+    assert meta["base_model_source"] == "folder"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    torch.testing.assert_close(load_molora_model("../adapter")(input_ids=IDS).logits, want)
+    for missing in ("./nope", "../nope", "a/b/c", str(tmp_path / "nope")):
+        with pytest.raises(FileNotFoundError, match="folder .* does not exist"):
+            load_pretrained(missing)
+
+
+def test_a_copied_train_pmol_output_loads_its_own_base_model(hf_models, tmp_path):
+    """The adapter of a train-pmol output records its base_model/ by absolute path; a copy
+    of the output (the original gone) loads the copy's base_model/."""
+    import shutil
+    from moe_ext.export.from_adapter import resolve_adapter, resolve_base
+
+    original = tmp_path / "run"
+    shutil.copytree(hf_models["llama"], original / "base_model")
+    model = molora(transformers.AutoModelForCausalLM.from_pretrained(str(original / "base_model")))
+    want = model(input_ids=IDS).logits
+    moe_ext.save_molora(model, str(original / "adapter"))
+    shutil.copytree(original, tmp_path / "copy")
+    shutil.rmtree(original)
+    copy = str(tmp_path / "copy" / "adapter")
+    torch.testing.assert_close(load_molora_model(copy)(input_ids=IDS).logits, want)
+    assert resolve_base(*resolve_adapter(copy), None) == str(tmp_path / "copy" / "base_model")

@@ -156,3 +156,31 @@ def test_gpt2_conv1d_layer_matches_base_shape():
                                                  target_modules=["c_attn"]))
     layer = model.transformer.h[0].attn.c_attn
     assert isinstance(layer, MoLoRALinear) and layer.in_features == 32 and layer.out_features == 96
+
+
+def test_plain_sequential_runs_disables_and_round_trips(tmp_path):
+    """get_molora_model on an nn.Sequential (which calls every child as a layer): it still
+    runs forward, with modules_to_save too; adapters off is exactly the base; save/load
+    round-trips (issue 30: the internal originals were a child and broke forward)."""
+    torch.manual_seed(0)
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+    base = make()
+    x = torch.randn(3, 8)
+    want = base(x)
+    config = MoLoRAConfig(r=2, num_experts=2, top_k=1, target_modules=["0"], modules_to_save=["2"])
+    model = moe_ext.get_molora_model(make(), config)
+    assert [n for n, _ in model.named_children()] == ["0", "1", "2"]
+    randomize_b(model)
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    out = model(x)
+    assert out.shape == (3, 4) and not torch.allclose(out, want)
+    with moe_ext.disable_adapters(model):
+        torch.testing.assert_close(model(x), want)
+    moe_ext.save_molora(model, str(tmp_path))
+    again = moe_ext.load_molora(make(), str(tmp_path))
+    torch.testing.assert_close(again(x), out)

@@ -1,6 +1,8 @@
 """Backbone mode all the way through: text and token inputs, pooling on both padding sides,
 adapt and accuracy, the loss with the MoLoRA router losses counted, save and load (backbone
 saved, or reloaded from its path with the trained tensors), the real all-MiniLM-L6-v2."""
+import os
+
 import pytest
 import torch
 
@@ -153,3 +155,51 @@ def test_real_minilm_backbone_matches_the_sentence_encoder():
     mine = torch.nn.functional.normalize(model.embed(PROMPTS), dim=-1)
     torch.testing.assert_close(mine, minilm_embed(PROMPTS), atol=1e-5, rtol=1e-4)
     assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_backbone_save_interrupted_at_each_rename_loads_old_or_new(tmp_path, make_bert,
+                                                                    minilm_tokenizer, monkeypatch):
+    """A reward model saved with its fine-tuned backbone (backbone/, tokenizer/ and the
+    head in one step): a save stopped before any of its renames, whichever, leaves a folder
+    that loads as the old or the new model, never neither (issue 30, finding 6)."""
+    import shutil
+    from moe_ext.utils import saved_folder
+
+    old = perturbed(BackboneRewardModel(make_bert(), num_experts=2, tokenizer=minilm_tokenizer))
+    new = perturbed(BackboneRewardModel(make_bert(), num_experts=2, tokenizer=minilm_tokenizer), seed=2)
+    with torch.no_grad():
+        new.backbone.embeddings.word_embeddings.weight.mul_(1.5)  # the backbone trained
+    scores = [m.score(PROMPTS, CHOSEN) for m in (old, new)]
+    pristine = tmp_path / "old"
+    reward.save_reward_model(old, str(pristine), save_backbone=True)
+    real_replace, calls = os.replace, []
+
+    def counting(src, dst):
+        calls.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(saved_folder.os, "replace", counting)
+    shutil.copytree(pristine, tmp_path / "count")  # files that did not change are not renamed
+    reward.save_reward_model(new, str(tmp_path / "count"), save_backbone=True)
+    total = len(calls)
+    seen = set()
+    for stop in range(total):
+        folder = tmp_path / f"stop{stop}"
+        shutil.copytree(pristine, folder)
+        calls.clear()
+
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) > stop:
+                raise KeyboardInterrupt("killed")
+            real_replace(src, dst)
+
+        monkeypatch.setattr(saved_folder.os, "replace", replace)
+        with pytest.raises(KeyboardInterrupt):
+            reward.save_reward_model(new, str(folder), save_backbone=True)
+        monkeypatch.setattr(saved_folder.os, "replace", real_replace)
+        got = reward.load_reward_model(str(folder)).score(PROMPTS, CHOSEN)
+        which = [i for i, s in enumerate(scores) if torch.allclose(got, s)]
+        assert which, f"stopped before rename {stop} of {total}: neither the old nor the new model"
+        seen.add(which[0])
+    assert seen == {0, 1}

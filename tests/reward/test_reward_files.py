@@ -43,6 +43,8 @@ def test_round_trip_records_checksums_of_weights_and_extra_files(saved):
     ("top_k", True, "top_k must be an int"),
     ("router_temperature", float("nan"), "router_temperature"),
     ("expert_hidden", 0, "expert_hidden"),
+    ("prompt_dim", 10**100, "prompt_dim must be an int"),  # was a TypeError inside torch
+    ("num_users", -(10**30), "num_users must be an int"),
 ])
 def test_bad_config_is_refused_naming_file_and_field(saved, field, value, match):
     folder, _ = saved
@@ -71,4 +73,12 @@ def test_a_config_that_is_not_an_object_is_named(saved):
     folder, _ = saved
     (folder / "reward_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a JSON object"):
+        reward.load_reward_model(str(folder))
+
+
+def test_deeply_nested_config_is_a_value_error_naming_the_file(saved):
+    """JSON nested 100,000 deep raised RecursionError (issue 30)."""
+    folder, _ = saved
+    (folder / "reward_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="reward_config.json: JSON nested too deeply"):
         reward.load_reward_model(str(folder))

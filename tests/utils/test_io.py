@@ -66,3 +66,17 @@ def test_written_files_follow_the_umask_not_owner_only(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o644
+
+
+def test_deeply_nested_json_and_rows_are_value_errors_naming_the_file(tmp_path):
+    from moe_ext.data import load_preferences
+
+    deep = "[" * 100_000 + "]" * 100_000
+    for name in ("a.json", "rows.jsonl"):
+        (tmp_path / name).write_text(deep + "\n")
+    with pytest.raises(ValueError, match="a.json: JSON nested too deeply"):
+        read_json(str(tmp_path / "a.json"))
+    with pytest.raises(ValueError, match="rows.jsonl:1: JSON nested too deeply"):
+        list(read_jsonl(str(tmp_path / "rows.jsonl")))
+    with pytest.raises(ValueError, match="a.json: JSON nested too deeply"):
+        load_preferences(str(tmp_path / "a.json"))
