@@ -131,7 +131,7 @@ def register(sub) -> None:
                        description="Load a MoLoRA / PMoL adapter on its base model (the one "
                                    "the adapter records, or --base) and print the text it "
                                    "generates for --prompt; greedy unless --do-sample; "
-                                   "--mix (or --steer) dials the preference mix. With --onnx, the same "
+                                   "--mix or --steer dials the preference mix (--onnx: --steer only). With --onnx, the same "
                                    "from a folder of `moe-ext export --adapter` on "
                                    "onnxruntime-genai (or onnxruntime).")
     source = p.add_mutually_exclusive_group(required=True)
