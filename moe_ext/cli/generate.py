@@ -35,7 +35,8 @@ def parse_mix(values) -> dict[str, float]:
     or weights that are all zero. Unknown groups are named once the model is loaded."""
     items = [part for value in values or [] for part in value.split(",") if part]
     mix = {}
-    for group, weight in parse_assignments(items, "--mix", "GROUP=WEIGHT, e.g. concise=0.3,verbose=0.7").items():
+    form = "GROUP=WEIGHT, e.g. concise=0.3,verbose=0.7"
+    for group, weight in parse_assignments(items, "--mix", form).items():
         try:
             mix[group] = float(weight)
         except ValueError:
@@ -131,7 +132,8 @@ def register(sub) -> None:
                        description="Load a MoLoRA / PMoL adapter on its base model (the one "
                                    "the adapter records, or --base) and print the text it "
                                    "generates for --prompt; greedy unless --do-sample; "
-                                   "--mix or --steer dials the preference mix (--onnx: --steer only). With --onnx, the same "
+                                   "--mix or --steer dials the preference mix (--onnx: "
+                                   "--steer only). With --onnx, the same "
                                    "from a folder of `moe-ext export --adapter` on "
                                    "onnxruntime-genai (or onnxruntime).")
     source = p.add_mutually_exclusive_group(required=True)
