@@ -5,6 +5,13 @@ skipped with --sft-steps 0), then each method trains its adapter with DPO + RPO 
 PMoL job API (moe_ext.pmol.run_pmol_job) under the same step budget:
 
   PMoL                     4 groups x 2 experts + 1 null expert, group soft loss
+  PMoL, steerable          the same, but its routers take the preference mix lambda as an
+    (λ-trained)            input and it trains over lambda ~ Dirichlet(--mix-alpha), one per
+                           pair, on the lambda-weighted DPO + RPO (each pair weighted by its
+                           own preference's lambda); a share of steps without a mix
+  PMoL, steerable,         the same on data relabelled with a label per preference by the
+    relabelled             world's scorers (moe_ext.pmol.relabel): every pair teaches every
+                           preference it separates
   PMoL, no null expert     the same without the null expert
   MixLoRA-style mixture    the same experts and routers, no group loss
   single LoRA              one LoRA with the experts' total rank, on the mixed data
@@ -14,11 +21,13 @@ PMoL job API (moe_ext.pmol.run_pmol_job) under the same step budget:
 Each model then samples replies, scored by moe_ext.pmol.scorers: (1) to held-out prompts
 that carry a preference's marker (conditioned), (2) to neutral prompts while the mix of a
 conflicting pair is swept (group biases for the mixtures, interpolation weights for the
-soups), giving each method's Pareto front and hypervolume per pair. Means over seeds.
+soups, the mix as the routers' input for the steerable PMoL), giving each method's Pareto
+front, hypervolume, steering ranges and per-seed monotonicity per pair. Means over seeds.
 
 Run: .venv/bin/python experiments/pmol_mixing.py        (about 3 min on 2 shared cores, longer under load)
      .venv/bin/python experiments/pmol_mixing.py --model FOLDER   (a local HF causal LM)
      .venv/bin/python experiments/pmol_mixing.py --replot         (md + plots from the json)
+     .venv/bin/python experiments/pmol_mixing.py --seeds 3 4 5 --out DIR   (more seeds)
 Writes experiments/results/pmol_mixing.{md,json}, pmol_mixing_fronts.png (neutral prompts)
 and pmol_mixing_fronts_marked.png (the pair's own prompts).
 """
@@ -50,6 +59,12 @@ MIXTURES = {
     "PMoL": {},
     "PMoL, no null expert": {"null_experts": 0},
     "MixLoRA-style, no group loss": {"group_loss_coef": 0.0},
+}
+# name -> (PMoLJob overrides beyond mix_alpha, relabel the data with the scorers); steered by
+# the mix as the routers' input (pmol.mix_sweep)
+STEERABLE = {
+    "PMoL, steerable (λ-trained)": ({}, False),
+    "PMoL, steerable (λ-trained), relabelled": ({}, True),
 }
 
 
@@ -132,7 +147,12 @@ def run_seed(args, seed: int, log) -> list[dict]:
         log(f"seed {seed} {name}: {rows[-1]['seconds']} s, conditioned "
             + " ".join(f"{g} {v:.2f}" for g, v in rows[-1]["conditioned"].items()))
 
+    def wanted(name):
+        return not args.methods or any(name.startswith(m) for m in args.methods)
+
     for name, overrides in MIXTURES.items():
+        if not wanted(name):
+            continue
         job = job_for(args, seed, **overrides)
         t = time.time()
         run = pmol.run_pmol_job(job, prepared=prepared,
@@ -143,11 +163,26 @@ def run_seed(args, seed: int, log) -> list[dict]:
                    run.metrics["eval"],
                    lambda pair, qs: pmol.steering_sweep(run.model, tok, qs, pair, args.points,
                                                         options, strength))
-    t = time.time()
-    run = pmol.run_pmol_job(job_for(args, seed), prepared=prepared,
-                            model=single_lora(base, args.rank * EXPERTS_PER_GROUP * len(GROUPS), seed))
-    finish("single LoRA", run.model, time.time() - t, run.metrics["eval"],
-           unsteered(run.model, tok, options))
+    relabelled = pmol.PMoLData(pmol.relabel(train, {g: pmol.SCORERS[g] for g in GROUPS}),
+                               held, tok, GROUPS)
+    for name, (overrides, relabel) in STEERABLE.items():
+        if not wanted(name):
+            continue
+        job = job_for(args, seed, mix_alpha=args.mix_alpha, mix_none_prob=args.mix_none_prob,
+                      **overrides)
+        t = time.time()
+        run = pmol.run_pmol_job(job, prepared=relabelled if relabel else prepared,
+                                model=adapted(base, job.molora_config(GROUPS), seed))
+        finish(name, run.model, time.time() - t, run.metrics["eval"],
+               lambda pair, qs: pmol.mix_sweep(run.model, tok, qs, pair, args.points, options))
+    if wanted("single LoRA"):
+        t = time.time()
+        run = pmol.run_pmol_job(job_for(args, seed), prepared=prepared,
+                                model=single_lora(base, args.rank * EXPERTS_PER_GROUP * len(GROUPS), seed))
+        finish("single LoRA", run.model, time.time() - t, run.metrics["eval"],
+               unsteered(run.model, tok, options))
+    if not wanted("Rewarded Soups"):
+        return rows
     t, states = time.time(), {}
     soup = single_lora(base, args.rank * EXPERTS_PER_GROUP, seed)
     for g in GROUPS:  # Rewarded Soups: one LoRA per preference from one shared init, same total steps
@@ -166,7 +201,10 @@ def run_seed(args, seed: int, log) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds (the committed results: 0 1 2; e.g. --seeds 3 4 5 --out DIR for more)")
+    parser.add_argument("--methods", nargs="+", help="only the methods whose names start with these "
+                        "(development runs; the SFT base always runs)")
     parser.add_argument("--model", help="a local Hugging Face causal LM folder (default: the built-in tiny Llama)")
     parser.add_argument("--hidden", type=int, default=64, help="built-in base width")
     parser.add_argument("--layers", type=int, default=2, help="built-in base depth")
@@ -184,6 +222,10 @@ def main(argv=None):
     parser.add_argument("--points", type=int, default=5, help="mixes per sweep")
     parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 3.0],
                         help="steering strengths of the mixtures: group bias = strength * log(weight)")
+    parser.add_argument("--mix-alpha", type=float, default=0.25,
+                        help="Dirichlet concentration of the steerable PMoL's training mixes")
+    parser.add_argument("--mix-none-prob", type=float, default=0.25,
+                        help="share of the steerable PMoL's steps without a mix")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)

@@ -45,7 +45,10 @@ def markdown(rows, facts, groups, pairs) -> str:
         f"pairs per preference ({', '.join(groups)}). Base: {base}, then SFT on both responses for "
         f"{a['sft_steps']} steps. Every method: DPO (beta {a['beta']}) + RPO (alpha {a['rpo_alpha']}), "
         f"AdamW lr {a['lr']}, batch {a['batch_size']}, {a['steps']} steps (Rewarded Soups: "
-        f"{a['steps'] // len(groups)} per preference LoRA), expert rank {a['rank']}. Replies sampled "
+        f"{a['steps'] // len(groups)} per preference LoRA), expert rank {a['rank']}"
+        + (f"; steerable PMoL: mixes ~ Dirichlet({a['mix_alpha']}) per pair, "
+           f"{a['mix_none_prob']:.0%} of the pairs without a mix" if "mix_alpha" in a else "")
+        + ". Replies sampled "
         f"at temperature {a['temperature']}, at most {a['max_new_tokens']} tokens, scored by "
         "moe_ext.pmol.scorers. Mean ± std over seeds " + ", ".join(map(str, seeds)) + ".", "",
         "## Conditioned: held-out prompts carrying a preference's marker", "",
@@ -72,10 +75,13 @@ def markdown(rows, facts, groups, pairs) -> str:
     lines += ["", "## Steered: neutral prompts, the mix of a conflicting pair swept", "",
               f"{a['points']} mixes from all-first to all-second (mixtures: group bias "
               "strength * log(weight), strength 1 unless the row says `bias xS`, other groups at "
-              "weight 0.001, the null expert unbiased; Rewarded Soups: "
+              "weight 0.001, the null expert unbiased; steerable PMoL: the mix is the routers' "
+              "input, other groups at weight 0; Rewarded Soups: "
               "interpolation weights of the two preferences' LoRAs; single LoRA and SFT base: "
               "one unsteered point). Hypervolume of the seed's sweep above (0, 0); steering "
-              "range: a preference's score at its own end minus at the other end.", ""]
+              "range: a preference's score at its own end minus at the other end; monotone "
+              "seeds: on how many seeds each score never moved against the sweep from one mix "
+              "to the next.", ""]
     lines += sweep_tables(rows, pairs, "sweeps")
     lines += ["## Steered: the pair's own held-out prompts, which carry their markers", "",
               "The same sweeps on the held-out prompts of the two preferences (half of each): "
@@ -96,17 +102,27 @@ def sweep_tables(rows, pairs, sweeps: str) -> list[str]:
     for pair in pairs:
         key = "/".join(pair)
         lines += [f"### {pair[0]} vs {pair[1]}", "",
-                  f"| method | hypervolume | range {pair[0]} | range {pair[1]} | mean points "
-                  f"({pair[0]}, {pair[1]}), all-{pair[0]} first |", "|---|---|---|---|---|"]
+                  f"| method | hypervolume | range {pair[0]} | range {pair[1]} | monotone seeds "
+                  f"{pair[0]}, {pair[1]} | mean points ({pair[0]}, {pair[1]}), all-{pair[0]} first |",
+                  "|---|---|---|---|---|---|"]
         for m in methods(rows):
             rs = _of(rows, m)
             sw = [r[sweeps][key] for r in rs]
             pts = " ".join(f"({x:.2f}, {y:.2f})" for x, y in mean_points(rs, key, pair, sweeps))
             lines.append(f"| {m} | {mean_std(s['hypervolume'] for s in sw)} | "
                          f"{mean_std(s['steering_range'][pair[0]] for s in sw)} | "
-                         f"{mean_std(s['steering_range'][pair[1]] for s in sw)} | {pts} |")
+                         f"{mean_std(s['steering_range'][pair[1]] for s in sw)} | "
+                         f"{monotone(sw, pair)} | {pts} |")
         lines.append("")
     return lines
+
+
+def monotone(sweeps, pair) -> str:
+    """"k/n, k/n": on how many of the n seeds each score was monotone along the sweep
+    ("-" for summaries written before monotonicity was recorded, or one-point sweeps)."""
+    if "monotone" not in sweeps[0] or len(sweeps[0]["points"]) < 2:
+        return "-"
+    return ", ".join(f"{sum(s['monotone'][p] for s in sweeps)}/{len(sweeps)}" for p in pair)
 
 
 def plot_fronts(rows, pairs, path: str, sweeps: str = "sweeps", prompts: str = "neutral prompts"):

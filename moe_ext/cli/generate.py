@@ -1,6 +1,7 @@
 """`moe-ext generate`: text from a MoLoRA adapter on its base model (PyTorch), or from a
 generation graph written by `moe-ext export --adapter` (onnxruntime, --onnx). The option
-parsing (add_generation_options, generation_options, parse_steer) is shared by both."""
+parsing (add_generation_options, generation_options, parse_steer, parse_mix) is shared by
+both."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import math
 import os
 
 from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
+from ..molora import mix_tensor
 from ..pmol.generate import GenerationOptions, generate
 from ..serve.engines import TextEngine
 from .common import (add_json, check_exists, fail, parse_assignments, positive_float, print_json,
@@ -27,6 +29,25 @@ def parse_steer(values) -> dict[str, float]:
     return steer
 
 
+def parse_mix(values) -> dict[str, float]:
+    """["concise=0.3,verbose=0.7", ...] (comma- or space-separated GROUP=WEIGHT) ->
+    {group: weight}; ValueError naming --mix for a weight that is not a finite number >= 0,
+    or weights that are all zero. Unknown groups are named once the model is loaded."""
+    items = [part for value in values or [] for part in value.split(",") if part]
+    mix = {}
+    form = "GROUP=WEIGHT, e.g. concise=0.3,verbose=0.7"
+    for group, weight in parse_assignments(items, "--mix", form).items():
+        try:
+            mix[group] = float(weight)
+        except ValueError:
+            mix[group] = math.nan
+        if not math.isfinite(mix[group]) or mix[group] < 0:
+            raise ValueError(f"--mix {group}={weight}: WEIGHT must be a finite number >= 0")
+    if mix and sum(mix.values()) <= 0:
+        raise ValueError(f"--mix {','.join(items)}: the weights must not all be zero")
+    return mix
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     """--prompt, --max-new-tokens, --steer and the decoding flags."""
     d = GenerationOptions
@@ -35,6 +56,10 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=tokens_int, default=d.max_new_tokens)
     p.add_argument("--steer", nargs="+", metavar="GROUP=BIAS",
                    help="add BIAS to the router logits of an expert group (e.g. safe=2)")
+    p.add_argument("--mix", nargs="+", metavar="GROUP=WEIGHT",
+                   help="the preference mix, e.g. concise=0.3,verbose=0.7 (normalised; groups "
+                        "left out weigh 0): the routers' input of a steerable adapter "
+                        "(train-pmol --mix-alpha), group biases log(weight) for another")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=d.temperature)
     p.add_argument("--top-k", type=tokens_int, help="sample from the k most likely tokens")
@@ -67,6 +92,12 @@ def cmd_generate(args) -> int:
     try:
         options = generation_options(args)
         steer = parse_steer(args.steer)
+        mix = parse_mix(args.mix) or None
+        if mix and steer:
+            return fail("give --mix or --steer, not both")
+        if args.onnx and mix:
+            return fail("--mix is for --adapter: generation graphs take no preference mix "
+                        "yet (steer one with --steer)")
         if args.onnx:
             if args.base:
                 return fail("--base is for --adapter; an --onnx graph holds its base")
@@ -83,12 +114,14 @@ def cmd_generate(args) -> int:
             check_exists(args.adapter, "--adapter")
             model = load_molora_model(args.adapter, args.base, args.dtype or "float32")
             tokenizer = load_adapter_tokenizer(args.adapter, args.base)
-            text = generate(model, tokenizer, args.prompt, options, steer)
+            if mix:
+                mix_tensor(model, mix, "--mix")  # unknown groups named as the option
+            text = generate(model, tokenizer, args.prompt, options, steer, mix=mix)
     except (OSError, ValueError) as err:
         return fail(str(err))
     if args.json:
         extra = {k: result[k] for k in ("runtime", "provider")} if args.onnx else {}
-        print_json({"prompt": args.prompt, "steer": steer, "text": text, **extra})
+        print_json({"prompt": args.prompt, "steer": steer, "mix": mix, "text": text, **extra})
     else:
         print(text)
     return 0
@@ -99,7 +132,8 @@ def register(sub) -> None:
                        description="Load a MoLoRA / PMoL adapter on its base model (the one "
                                    "the adapter records, or --base) and print the text it "
                                    "generates for --prompt; greedy unless --do-sample; "
-                                   "--steer dials the preference mix. With --onnx, the same "
+                                   "--mix or --steer dials the preference mix (--onnx: "
+                                   "--steer only). With --onnx, the same "
                                    "from a folder of `moe-ext export --adapter` on "
                                    "onnxruntime-genai (or onnxruntime).")
     source = p.add_mutually_exclusive_group(required=True)

@@ -17,6 +17,7 @@ from .common import (add_json, add_progress, add_source, batch_int, check_exists
                      tokens_int, width_int)
 
 label_smoothing = number_type(float, "a number in [0, 0.5)", lambda v: 0 <= v < 0.5)
+mix_none_prob = number_type(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def cmd_train_pmol(args) -> int:
@@ -107,6 +108,13 @@ def register(sub) -> None:
     p.add_argument("--rpo-alpha", type=nonnegative_float, default=d.rpo_alpha,
                    help="weight of the chosen responses' negative log-likelihood added to DPO "
                         "(RPO, as TRL's rpo_alpha); keeps small models' generations fluent")
+    p.add_argument("--mix-alpha", type=positive_float, default=d.mix_alpha,
+                   help="a steerable adapter: routers that take the preference mix (moe-ext "
+                        "generate --mix), trained over mixes ~ Dirichlet(MIX_ALPHA), one per pair "
+                        "(below 1: mostly near one or two groups); rows weighted by their own "
+                        "preference's weight, or by a label per preference (preference_labels)")
+    p.add_argument("--mix-none-prob", type=mix_none_prob, default=d.mix_none_prob,
+                   help="with --mix-alpha: the share of pairs without a mix (the prompt decides)")
     p.add_argument("--experts-per-group", type=experts_int, default=d.experts_per_group)
     p.add_argument("--null-experts", type=some_experts_int, default=d.null_experts)
     p.add_argument("--top-k", type=experts_int, default=d.top_k)

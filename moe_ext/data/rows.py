@@ -4,7 +4,10 @@ A row is standard (prompt, chosen and rejected are strings) or conversational (t
 lists of {"role", "content"} messages), with an explicit prompt or an implicit one (no
 `prompt` field: the prompt is the longest common prefix of chosen and rejected, as TRL's
 extract_prompt does). An optional label column names the row's preference (PMoL's expert
-group); a missing or null label leaves the row unlabelled.
+group); a missing or null label leaves the row unlabelled. A row may also carry a label per
+preference, `preference_labels`: {preference: 1 (chosen is better for it), -1 (rejected is
+better) or 0 (a tie, or unknown)}, for training over preference mixes
+(moe_ext.pmol.train_pmol with a mix_alpha).
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ Text = Union[str, Messages]
 @dataclass(frozen=True)
 class PreferenceExample:
     """One preference pair. prompt, chosen, rejected: strings (standard format) or lists of
-    messages (conversational format); preference: the row's label, None when unlabelled."""
+    messages (conversational format); preference: the row's label, None when unlabelled;
+    preference_labels: {preference: 1, -1 or 0} (see the module docstring), or None."""
     prompt: Text
     chosen: Text
     rejected: Text
     preference: Optional[Union[str, int]] = None
+    preference_labels: Optional[dict] = None
 
     @property
     def conversational(self) -> bool:
@@ -95,7 +100,22 @@ def parse_row(row, where: str, label_column: Optional[str] = "preference") -> Pr
     if isinstance(label, bool) or (label is not None and not isinstance(label, (str, int))):
         raise PreferenceDataError(f"{where}: field {label_column!r} must be a string, an integer "
                                   f"or null, got {type(label).__name__}")
-    return PreferenceExample(values["prompt"], values["chosen"], values["rejected"], label)
+    return PreferenceExample(values["prompt"], values["chosen"], values["rejected"], label,
+                             check_preference_labels(row.get("preference_labels"), where))
+
+
+def check_preference_labels(labels, where: str) -> Optional[dict]:
+    """A row's `preference_labels` ({name: 1, -1 or 0}, or null) checked;
+    PreferenceDataError naming `where` otherwise."""
+    if labels is None:
+        return None
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and k and not isinstance(v, bool) and v in (1, -1, 0)
+            for k, v in labels.items()):
+        raise PreferenceDataError(f"{where}: field 'preference_labels' must map preference names "
+                                  f"to 1 (chosen better), -1 (rejected better) or 0 (tie), got "
+                                  f"{labels!r}")
+    return {k: int(v) for k, v in labels.items()}
 
 
 def flatten(text: Text) -> str:

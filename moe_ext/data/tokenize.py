@@ -28,6 +28,7 @@ class EncodedExample:
     chosen_ids: list[int]
     rejected_ids: list[int]
     preference: Optional[Union[str, int]] = None
+    preference_labels: Optional[dict] = None   # {preference: 1, -1 or 0} (rows.py)
 
 
 def uses_chat_template(tokenizer, example_or_prompt, chat_template: bool = True) -> bool:
@@ -106,7 +107,8 @@ def encode_example(tokenizer, example: PreferenceExample, max_length: Optional[i
         chosen, rejected = chosen[:budget], rejected[:budget]
     if not chosen or not rejected:
         raise ValueError("a response is empty after tokenisation")
-    return EncodedExample(prompt_ids, chosen, rejected, example.preference)
+    return EncodedExample(prompt_ids, chosen, rejected, example.preference,
+                          example.preference_labels)
 
 
 def check_lengths(max_length: Optional[int], max_prompt_length: Optional[int]) -> None:

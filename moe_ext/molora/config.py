@@ -25,6 +25,9 @@ class MoLoRAConfig(DictConfig):
     router_z_loss_coef: float = 0.0
     group_loss_coef: float = 0.0         # expert-group soft loss (PMoL)
     strategy: str = "auto"               # "auto", "sparse" or "dense" (moe_ext.functional)
+    # steerable routing: every router also takes the preference mix lambda over the
+    # expert_groups (layer.py, preference_mix); False: the prompt alone decides
+    steerable: bool = False
     # modules trained and saved whole beside the experts (PEFT's modules_to_save, matched by
     # name suffix); None: the head of a sequence/token-classification model ("score",
     # "classifier"), nothing otherwise
@@ -50,6 +53,9 @@ class MoLoRAConfig(DictConfig):
         need(is_real(self.router_temperature) and self.router_temperature > 0,
              "router_temperature", "must be a finite number > 0")
         need(isinstance(self.normalize_weights, bool), "normalize_weights", "must be true or false")
+        need(isinstance(self.steerable, bool), "steerable", "must be true or false")
+        need(not self.steerable or bool(self.expert_groups), "steerable",
+             "needs expert_groups (the mix is over the groups)")
         need(self.strategy in ("auto", "sparse", "dense"), "strategy",
              "must be 'auto', 'sparse' or 'dense'")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "group_loss_coef"):

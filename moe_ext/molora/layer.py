@@ -51,6 +51,29 @@ def routing_override(row_bias: Optional[torch.Tensor] = None, record: bool = Tru
         _OVERRIDE.reset(token)
 
 
+_MIX: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar(
+    "moe_ext_preference_mix", default=None)
+
+
+@contextlib.contextmanager
+def mix_override(mix: Optional[torch.Tensor]) -> Iterator[None]:
+    """Inside the block every steerable MoLoRALinear (MoLoRAConfig.steerable) routes with the
+    preference mix `mix` (B, G) or (1, G): rows on the G-simplex over the config's
+    expert_groups in their order; a row of zeros or None: the prompt alone decides (for that
+    row, for every row). No checks here: callers
+    go through moe_ext.molora.preference_mix, which validates the mix."""
+    token = _MIX.set(mix)
+    try:
+        yield
+    finally:
+        _MIX.reset(token)
+
+
+# the mix's log-weights are floored here (a group at weight 0 gets log(G * 1e-3) ~ -5.5 for
+# G = 4: off for top-k routing, still a finite, differentiable logit)
+MIX_FLOOR = 1e-3
+
+
 def _add_row_bias(logits: torch.Tensor, row_bias: torch.Tensor) -> torch.Tensor:
     """logits (B, ..., M) + row_bias (B, M) per batch row, in at least float32 (as the route op)."""
     if row_bias.dim() != 2 or row_bias.shape[-1] != logits.shape[-1] or logits.dim() < 2:
@@ -117,7 +140,10 @@ class MoLoRALinear(nn.Module):
     Parameters: lora_A (E, R, D), lora_B
     (E, O, R) (zeros, so a fresh layer equals its base), router (nn.Linear D -> E + N, no
     bias). Buffer logit_bias (E + N,) is added to the router logits (steering; zeros by
-    default). After each forward, `last_routing` holds that call's routing.
+    default). A steerable config adds mix_scale (1,) and mix_proj (G, E + N): under a
+    preference mix lambda (B, G) (preference_mix) the router logits of batch row b get
+    mix_scale * log(G * lambda_b,g) on group g's experts plus lambda_b @ mix_proj (see
+    mix_bias). After each forward, `last_routing` holds that call's routing.
     `adapters_enabled = False` makes the layer exactly its base (see disable_adapters)."""
 
     def __init__(self, base: nn.Module, config: MoLoRAConfig):
@@ -135,6 +161,15 @@ class MoLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(E, O, R, **kw))
         self.router = nn.Linear(D, M, bias=False, **kw)
         self.register_buffer("logit_bias", torch.zeros(M, device=kw["device"]), persistent=False)
+        self.mix_scale = self.mix_proj = None
+        if config.steerable:
+            groups = list(config.expert_groups.values())
+            self.mix_scale = nn.Parameter(torch.ones(1, **kw))
+            self.mix_proj = nn.Parameter(torch.zeros(len(groups), M, **kw))
+            member = torch.zeros(len(groups), M, device=kw["device"])
+            for g, ids in enumerate(groups):
+                member[g, ids] = 1.0
+            self.register_buffer("mix_members", member, persistent=False)  # (G, E + N)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.last_routing: Optional[LastRouting] = None
         self.reset_lora_parameters()
@@ -152,6 +187,22 @@ class MoLoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
             self.lora_B.zero_()
             nn.init.normal_(self.router.weight, std=0.02)
+            if self.mix_proj is not None:  # at first the mix is a plain group bias log(G lambda_g)
+                self.mix_scale.fill_(1.0)
+                self.mix_proj.zero_()
+
+    def mix_bias(self, mix: torch.Tensor) -> torch.Tensor:
+        """Router-logit bias (B, E + N) of a preference mix (B, G) (rows on the simplex, or all
+        zero: no bias for that row):
+        mix_scale * log(G * max(lambda_g, MIX_FLOOR)) on each expert of group g (0 at the
+        uniform mix; null and shared experts get none) plus lambda @ mix_proj, a learned
+        bias per expert (the null expert's share can follow the mix), in float32."""
+        G = self.mix_members.shape[0]
+        lam = mix.to(device=self.mix_members.device, dtype=torch.float32)
+        logw = torch.log(G * lam.clamp_min(MIX_FLOOR))
+        bias = self.mix_scale.float() * (logw @ self.mix_members) + lam @ self.mix_proj.float()
+        # a row of zeros: no mix for that row (training mixes such rows into its batches)
+        return bias * (lam.sum(-1, keepdim=True) > 0).to(bias.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., O)."""
@@ -201,6 +252,9 @@ class MoLoRALinear(nn.Module):
         route_logits, bias = logits, self.logit_bias
         if override is not None and override.row_bias is not None:
             route_logits, bias = _add_row_bias(logits, override.row_bias), None
+        mix = _MIX.get()
+        if mix is not None and self.mix_proj is not None:
+            route_logits = _add_row_bias(route_logits, self.mix_bias(mix))
         route_kw = dict(temperature=c.router_temperature, logit_bias=bias)
         if h_all is not None:  # the routing keeps x's batch rows (row_bias above)
             out = molora_from_shrink(h_all, route_logits.reshape(-1, logits.shape[-1]), B, c.top_k,

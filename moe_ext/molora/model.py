@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 from typing import Iterator, Optional, Union
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import MoLoRAConfig
-from .layer import MoLoRALinear, is_conv1d, molora_layers
+from .layer import MoLoRALinear, is_conv1d, mix_override, molora_layers
 from .outputs import install_router_outputs
 
 
@@ -223,3 +224,71 @@ def set_group_bias(model: nn.Module, bias: Optional[dict[str, float]] = None) ->
         layer.logit_bias.zero_()
         for name, value in (bias or {}).items():
             layer.logit_bias[list(config.expert_groups[name])] += float(value)
+
+
+Mix = Union[dict, torch.Tensor]
+
+
+def mix_tensor(model: nn.Module, mix: Mix, name: str = "mix") -> torch.Tensor:
+    """A preference mix as rows on the simplex over the model's expert groups: a dict
+    {group: weight >= 0} (groups left out get 0) -> (1, G); a tensor (G,) or (B, G) in the
+    groups' order (MoLoRAConfig.expert_groups) -> (1, G) or (B, G); each row divided by its
+    sum. ValueError naming `name` for an unknown group, a negative, NaN or infinite weight,
+    an all-zero row, or a wrong shape."""
+    config = getattr(model, "molora_config", None)
+    if config is None or not config.expert_groups:
+        raise ValueError(f"{name}: the model has no expert groups to mix (a PMoL adapter has)")
+    groups = list(config.expert_groups)
+    if isinstance(mix, dict):
+        unknown = [g for g in mix if g not in groups]
+        if unknown:
+            raise ValueError(f"{name} names unknown groups {unknown}; groups: {groups}")
+        for g, w in mix.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"{name}: the weight of {g!r} must be a finite number, got {w!r}")
+        lam = torch.tensor([[float(mix.get(g, 0.0)) for g in groups]], dtype=torch.float32)
+    elif isinstance(mix, torch.Tensor):
+        lam = mix.detach().to(torch.float32)
+        lam = lam[None] if lam.dim() == 1 else lam
+        if lam.dim() != 2 or lam.shape[1] != len(groups):
+            raise ValueError(f"{name} must have shape ({len(groups)},) or (B, {len(groups)}) "
+                             f"(groups {groups}), got {tuple(mix.shape)}")
+        if not torch.isfinite(lam).all():
+            raise ValueError(f"{name} weights must be finite numbers, got {mix.tolist()}")
+    else:
+        raise ValueError(f"{name} must be a dict {{group: weight}} or a tensor, got "
+                         f"{type(mix).__name__}")
+    if (lam < 0).any():
+        raise ValueError(f"{name} weights must be >= 0, got {_mix_text(lam, groups)}")
+    if (lam.sum(-1) <= 0).any():
+        raise ValueError(f"{name} weights must not all be zero (groups: {groups})")
+    return lam / lam.sum(-1, keepdim=True)
+
+
+def _mix_text(lam: torch.Tensor, groups: list[str]) -> str:
+    return "; ".join(", ".join(f"{g}={w:g}" for g, w in zip(groups, row)) for row in lam.tolist())
+
+
+def is_steerable(model: nn.Module) -> bool:
+    """Whether the model's routers take a preference mix (MoLoRAConfig.steerable)."""
+    config = getattr(model, "molora_config", None)
+    return bool(config is not None and config.steerable)
+
+
+@contextlib.contextmanager
+def preference_mix(model: nn.Module, mix: Optional[Mix], name: str = "mix") -> Iterator[None]:
+    """Inside the block the steerable model (MoLoRAConfig.steerable) routes with the
+    preference mix `mix` (see mix_tensor: a dict {group: weight} or a (G,) / (B, G) tensor,
+    one row per batch row); None: the prompt alone decides, as a model that is not
+    steerable. ValueError naming `name` for a bad mix or a model that is not steerable
+    (steer that one with set_group_bias)."""
+    if mix is None:
+        with mix_override(None):
+            yield
+        return
+    if not is_steerable(model):
+        raise ValueError(f"{name}: the model's routers do not take a preference mix (its "
+                         "MoLoRAConfig.steerable is false); steer it with set_group_bias")
+    lam = mix_tensor(model, mix, name).to(next(model.parameters()).device)
+    with mix_override(lam):
+        yield

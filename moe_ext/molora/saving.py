@@ -60,13 +60,16 @@ def _save_pretrained(model, save_directory: str, state_dict: Optional[dict] = No
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The trained parameters themselves, under the model's own state-dict keys:
-    <layer>.lora_A, <layer>.lora_B, <layer>.router.weight, and every modules_to_save
-    parameter."""
+    <layer>.lora_A, <layer>.lora_B, <layer>.router.weight (a steerable config:
+    <layer>.mix_scale and <layer>.mix_proj too), and every modules_to_save parameter."""
     params = {}
     for name, layer in molora_layers(model).items():
         params[f"{name}.lora_A"] = layer.lora_A
         params[f"{name}.lora_B"] = layer.lora_B
         params[f"{name}.router.weight"] = layer.router.weight
+        if layer.mix_proj is not None:
+            params[f"{name}.mix_scale"] = layer.mix_scale
+            params[f"{name}.mix_proj"] = layer.mix_proj
     params.update(modules_to_save_parameters(model))
     return params
 
@@ -205,6 +208,9 @@ def _expected_shapes(model: nn.Module, config: MoLoRAConfig, where: str) -> dict
             E, R = config.num_experts, config.r
             shapes.update({f"{name}.lora_A": (E, R, D), f"{name}.lora_B": (E, O, R),
                            f"{name}.router.weight": (E + config.num_null_experts, D)})
+            if config.steerable:
+                shapes.update({f"{name}.mix_scale": (1,), f"{name}.mix_proj": (
+                    len(config.expert_groups), E + config.num_null_experts)})
     except ValueError as err:
         raise ValueError(f"{where} does not fit {type(model).__name__}: {err}") from None
     for name in saved:

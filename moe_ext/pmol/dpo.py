@@ -10,6 +10,19 @@ as TRL's DPOConfig.rpo_alpha computes it (RPO, Pang et al. 2024, normalises per 
 first); it keeps DPO from lowering the chosen responses'
 likelihood along with the rejected ones', which otherwise leaves small models generating
 text that is in neither (0 by default: plain DPO).
+
+Training over preference mixes (DPOConfig.mix_alpha set, a steerable model): each pair i
+draws its own mix lambda_i ~ Dirichlet(mix_alpha) over the G groups, the routers see it
+(moe_ext.molora.preference_mix), and the loss is
+
+    sum_i sum_g w_ig DPO(l_ig * margin_i)  [+ rpo_alpha * the same weights on the NLL per
+    token of the response group g prefers]  + load balance,   w_ig ~ lambda_ig |l_ig|
+
+with l_ig the pair's label for group g (1, -1, 0: data.preference_labels; a single-label
+row has 1 at its own group, so it is weighted by its own preference's lambda), w normalised
+to a weighted mean. A share mix_none_prob of the pairs draws no mix instead: the prompt
+routes them and they take the ordinary DPO + RPO and group losses (each part weighted by
+its share of the batch), so the model still routes by the prompt when no mix is given.
 """
 from __future__ import annotations
 
@@ -19,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import Optional
+
 from ..molora import MoLoRAConfig, disable_adapters
+from ..molora.layer import mix_override
 from ..molora.losses import router_losses
 
 
@@ -29,6 +45,8 @@ class DPOConfig:
     label_smoothing: float = 0.0       # conservative DPO: assumed rate of flipped labels
     count_null_in_group: bool = False  # group loss: does the null expert count for every group
     rpo_alpha: float = 0.0             # weight of the NLL of the chosen responses (RPO)
+    mix_alpha: Optional[float] = None  # Dirichlet concentration of the sampled mixes; None: no mixes
+    mix_none_prob: float = 0.25        # share of pairs without a mix (when mix_alpha is set)
 
     def __post_init__(self):
         if self.beta <= 0:
@@ -37,6 +55,12 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.rpo_alpha < 0:
             raise ValueError(f"DPOConfig.rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if self.mix_alpha is not None and not (isinstance(self.mix_alpha, (int, float))
+                                               and 0 < self.mix_alpha < float("inf")):
+            raise ValueError(f"DPOConfig.mix_alpha must be a finite number > 0 or None, got "
+                             f"{self.mix_alpha}")
+        if not 0.0 <= self.mix_none_prob < 1.0:
+            raise ValueError(f"DPOConfig.mix_none_prob must be in [0, 1), got {self.mix_none_prob}")
 
 
 def pmol_config(groups: list[str], experts_per_group: int = 2, num_null_experts: int = 1,
@@ -67,7 +91,10 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 def pmol_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfig,
               groups: list[str]):
-    """One PMoL step's loss for a collated batch (data.collate_dpo)."""
+    """One PMoL step's loss for a collated batch (data.collate_dpo); a batch holding "mix"
+    (B, G), one mix per pair, takes mix_loss instead."""
+    if batch.get("mix") is not None:
+        return mix_loss(model, raw_model, batch, dpo, groups)
     B = batch["input_ids"].shape[0] // 2
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 output_router_logits=False)  # the router losses come from router_losses below
@@ -86,3 +113,62 @@ def pmol_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfi
         loss = loss + dpo.rpo_alpha * nll
         metrics["nll"] = nll.item()
     return loss + aux["total"], metrics
+
+
+def mix_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfig,
+             groups: list[str]):
+    """The loss of a step over sampled mixes (module docstring): batch as collate_dpo gives
+    it plus "mix" (B, G), pair i's lambda_i on the simplex (the routers of its chosen and
+    rejected sequence both see it), or a row of zeros: no mix for that pair (the prompt
+    routes it, and it takes the ordinary DPO + RPO and group losses)."""
+    B = batch["input_ids"].shape[0] // 2
+    lam = batch["mix"].to(torch.float32)                          # (B, G)
+    labels = batch["labels"].to(lam.device)                       # (B, G) in {1, -1, 0}
+    mixed = lam.sum(-1) > 0                                       # (B,)
+    with mix_override(lam.repeat(2, 1)):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_router_logits=False)
+    policy = sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
+    # the group loss for the pairs without a mix only: the mix, not the prompt, routes the others
+    preference = batch["preference"].masked_fill(mixed.repeat(2).to(batch["preference"].device), -1)
+    aux = router_losses(raw_model, preference, batch["attention_mask"], groups, dpo.count_null_in_group)
+    with torch.no_grad(), disable_adapters(raw_model):
+        ref_out = raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ref = sequence_logps(ref_out.logits, batch["input_ids"], batch["response_mask"])
+    margins = dpo.beta * ((policy[:B] - ref[:B]) - (policy[B:] - ref[B:]))  # (B,)
+    # pairs without a mix: ordinary DPO, as weight 1 on label +1 of one column
+    plain = torch.zeros_like(lam)
+    plain[:, 0] = 1.0
+    weight = torch.where(mixed[:, None], lam * labels.abs().to(lam.dtype), plain)  # (B, G)
+    sign = torch.where(mixed[:, None], labels.to(lam.dtype), torch.ones_like(lam))
+    signed = sign * margins[:, None]                              # (B, G)
+    ls = dpo.label_smoothing
+    per = -(1 - ls) * F.logsigmoid(signed) - ls * F.logsigmoid(-signed)
+    total = _share_mean(weight, mixed)                            # (B, G) normalised weights
+    loss = (total * per).sum()
+    taught = weight > 0
+    metrics = {"loss": loss.item(), "dpo_acc": ((signed > 0) & taught).sum().item()
+               / max(1, int(taught.sum())), "balance": aux["load_balance"].item(),
+               "group": aux["group"].item(), "mixed": mixed.float().mean().item()}
+    if dpo.rpo_alpha > 0:
+        tokens = batch["response_mask"][:, 1:].sum(-1).clamp_min(1).to(policy.dtype)  # (2B,)
+        per_token = -policy / tokens                              # NLL per token of each sequence
+        nll_pref = torch.where(sign > 0, per_token[:B, None], per_token[B:, None])  # (B, G)
+        nll = (total * nll_pref).sum()
+        loss = loss + dpo.rpo_alpha * nll
+        metrics["nll"] = nll.item()
+    return loss + aux["total"], metrics
+
+
+def _share_mean(weight: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """weight (B, G) scaled so that the mixed pairs' part is their weighted mean times their
+    share of the batch, and the others' part their plain mean times theirs: for a mix shared
+    by the batch this is sum_g lambda_g * (mean loss of the pairs labelled for g), up to a
+    constant, whatever the share of labelled pairs."""
+    B = weight.shape[0]
+    out = torch.zeros_like(weight)
+    for rows in (mixed, ~mixed):
+        w = weight[rows]
+        if w.numel() and w.sum() > 0:
+            out[rows] = w / w.sum() * (rows.sum() / B)
+    return out

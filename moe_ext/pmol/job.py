@@ -58,6 +58,9 @@ class PMoLJob:
     beta: float = 0.5                 # DPO beta
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0            # weight of the chosen responses' NLL (RPO; TRL's rpo_alpha)
+    # steerable PMoL: routers that take a preference mix, trained over mixes ~ Dirichlet(mix_alpha)
+    mix_alpha: Optional[float] = None
+    mix_none_prob: float = 0.25       # share of steps without a mix (the prompt decides)
     checkpoint_every: int = 50
     resume: bool = False              # continue the checkpoint in output/checkpoint
     seed: int = 0
@@ -68,7 +71,8 @@ class PMoLJob:
                            lora_alpha=self.alpha, top_k=self.top_k,
                            target_modules=self.target_modules,
                            group_loss_coef=self.group_loss_coef,
-                           router_aux_loss_coef=self.aux_loss_coef)
+                           router_aux_loss_coef=self.aux_loss_coef,
+                           steerable=self.mix_alpha is not None)
 
     def validate(self, groups: list[str]) -> None:
         """ValueError naming the bad option: builds the configs, runs nothing."""
@@ -84,7 +88,8 @@ class PMoLJob:
 
     def dpo_config(self) -> DPOConfig:
         return DPOConfig(beta=self.beta, label_smoothing=self.label_smoothing,
-                         rpo_alpha=self.rpo_alpha)
+                         rpo_alpha=self.rpo_alpha, mix_alpha=self.mix_alpha,
+                         mix_none_prob=self.mix_none_prob)
 
     def train_config(self, checkpoint_dir: Optional[str] = None,
                      fingerprint: Optional[dict] = None) -> TrainConfig:

@@ -5,7 +5,6 @@ scorers) and the sweep is summarised by its Pareto front, hypervolume and how fa
 moved each score. Notation: G groups, a mix w = {group: weight >= 0}."""
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -13,31 +12,9 @@ import torch
 from torch import nn
 
 from ..data import PreferenceExample
-from .generate import GenerationOptions, generate_batch
+from .generate import GenerationOptions, generate_batch, mix_bias  # noqa: F401 (pmol.mix_bias)
 from .pareto import hypervolume, pareto_front
 from .scorers import score_replies
-
-
-def mix_bias(weights: dict[str, float], groups: Sequence[str], strength: float = 1.0,
-             floor: float = 1e-3) -> dict[str, float]:
-    """Group logit biases for a mix: bias_g = strength * log(max(w_g / sum w, floor)), so at
-    strength 1 and router temperature tau = 1 the router's softmax mass on group g is
-    multiplied by w_g (by w_g ** (strength / tau) in general: the route op divides the
-    biased logits by tau; the null experts keep bias 0); groups missing from `weights` get
-    weight 0. ValueError for weights, strength or floor that are not finite."""
-    unknown = [g for g in weights if g not in groups]
-    if unknown:
-        raise ValueError(f"mix names unknown groups {unknown}; groups: {list(groups)}")
-    if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights.values()):
-        raise ValueError(f"mix weights must be finite numbers, got {weights}")
-    if not (math.isfinite(strength) and math.isfinite(floor)):
-        raise ValueError(f"strength and floor must be finite, got {strength}, {floor}")
-    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"mix weights must be >= 0 with a positive sum, got {weights}")
-    if strength <= 0 or not 0 < floor < 1:
-        raise ValueError(f"need strength > 0 and floor in (0, 1), got {strength}, {floor}")
-    total = sum(weights.values())
-    return {g: strength * math.log(max(weights.get(g, 0.0) / total, floor)) for g in groups}
 
 
 def pair_mixes(a: str, b: str, points: int) -> list[dict[str, float]]:
@@ -47,8 +24,8 @@ def pair_mixes(a: str, b: str, points: int) -> list[dict[str, float]]:
     return [{a: 1 - i / (points - 1), b: i / (points - 1)} for i in range(points)]
 
 
-def _scored(model, tokenizer, prompts, options, steer, pair) -> dict:
-    replies = generate_batch(model, tokenizer, prompts, options, steer)
+def _scored(model, tokenizer, prompts, options, steer, pair, mix=None) -> dict:
+    replies = generate_batch(model, tokenizer, prompts, options, steer, mix=mix)
     return {"scores": score_replies(prompts, replies, pair), "example": replies[0]}
 
 
@@ -61,6 +38,15 @@ def steering_sweep(model: nn.Module, tokenizer, prompts: Sequence[str], pair: tu
     groups = list(model.molora_config.expert_groups)
     return [{"weights": mix, **_scored(model, tokenizer, prompts, options,
                                       mix_bias(mix, groups, strength), pair)}
+            for mix in pair_mixes(*pair, points)]
+
+
+def mix_sweep(model: nn.Module, tokenizer, prompts: Sequence[str], pair: tuple[str, str],
+              points: int = 5, options: Optional[GenerationOptions] = None) -> list[dict]:
+    """steering_sweep for a steerable model (MoLoRAConfig.steerable): per mix of `pair`
+    (pair_mixes; the other groups at weight 0) the routers take the mix as their input
+    (generate_batch(mix=...)). Same rows as steering_sweep."""
+    return [{"weights": mix, **_scored(model, tokenizer, prompts, options, None, pair, mix)}
             for mix in pair_mixes(*pair, points)]
 
 
@@ -95,13 +81,18 @@ def soup_sweep(model: nn.Module, states: dict[str, dict], tokenizer, prompts: Se
 
 def summarize_sweep(rows: Sequence[dict], pair: tuple[str, str],
                     reference: tuple[float, float] = (0.0, 0.0)) -> dict:
-    """The sweep's Pareto front (indices into rows), its hypervolume above `reference`, and
-    per preference how far steering moved its score: score at the all-p end minus score at
-    the other end (rows ordered from all-a to all-b, as pair_mixes gives them)."""
+    """The sweep's Pareto front (indices into rows), its hypervolume above `reference`, per
+    preference how far steering moved its score (score at the all-p end minus score at the
+    other end; rows ordered from all-a to all-b, as pair_mixes gives them) and whether the
+    score is monotone along the sweep (a's never rises from one mix to the next, b's never
+    falls; a one-point sweep counts as not monotone: nothing was steered)."""
     points = [tuple(r["scores"][p] for p in pair) for r in rows]
     a, b = pair
+    steps = list(zip(points, points[1:]))
     return {"front": pareto_front(points), "hypervolume": hypervolume(points, reference),
-            "steering_range": {a: points[0][0] - points[-1][0], b: points[-1][1] - points[0][1]}}
+            "steering_range": {a: points[0][0] - points[-1][0], b: points[-1][1] - points[0][1]},
+            "monotone": {a: bool(steps) and all(q[0] <= p[0] for p, q in steps),
+                         b: bool(steps) and all(q[1] >= p[1] for p, q in steps)}}
 
 
 def conditioned_scores(model: nn.Module, tokenizer, examples: Sequence[PreferenceExample],

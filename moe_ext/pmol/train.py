@@ -3,17 +3,19 @@ the shared training loop (moe_ext.training), and held-out DPO and routing accura
 preference."""
 from __future__ import annotations
 
+import random
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..molora import disable_adapters, molora_layers
+from ..molora import disable_adapters, is_steerable, molora_layers
 from ..training import TrainConfig, TrainResult, train
 from .data import PreferenceExample, collate_encoded, encode_examples, pad_id, random_batches
 from .dpo import DPOConfig, dpo_loss, pmol_loss, sequence_logps
 
-UNLABELLED = "unlabelled"  # the report's row for examples without a preference label
+UNLABELLED = "unlabelled"
+MIX_STREAM = 0x6D6978  # keeps the mixes' random stream apart from the batches' ("mix")  # the report's row for examples without a preference label
 
 
 def train_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
@@ -23,18 +25,54 @@ def train_pmol(model: nn.Module, examples: list[PreferenceExample], tokenizer,
     any Hugging Face tokenizer (encode_options: max_length, max_prompt_length,
     chat_template, see moe_ext.data.encode_example). Each rank draws its own batch_size
     examples per micro-step, seeded by (seed, step, micro, rank); rows without a
-    preference label skip the group loss."""
+    preference label skip the group loss. With dpo.mix_alpha (a steerable model:
+    MoLoRAConfig.steerable) each pair of a step draws its own mix lambda ~ Dirichlet(mix_alpha)
+    over the groups, seeded like the batch, and the step trains on the mix-weighted loss
+    (dpo.mix_loss); a share dpo.mix_none_prob of the pairs trains without a mix."""
     dpo = dpo or DPOConfig()
     if not molora_layers(model):
         raise ValueError("model has no MoLoRA layers: call get_molora_model first")
+    if dpo.mix_alpha is not None and not is_steerable(model):
+        raise ValueError("DPOConfig.mix_alpha needs a steerable model (MoLoRAConfig.steerable "
+                         "= True, `--steerable`): its routers must see the mix")
     if not examples:
         raise ValueError("examples is empty")
     groups = list(model.molora_config.expert_groups)
     device = next(model.parameters()).device
     encoded = encode_examples(examples, tokenizer, **encode_options)
     batch_fn = random_batches(encoded, pad_id(tokenizer), groups, train_config.seed, batch_size, device)
+    if dpo.mix_alpha is not None:
+        batch_fn = with_sampled_mixes(batch_fn, len(groups), dpo.mix_alpha, dpo.mix_none_prob,
+                                      train_config.seed, device)
     return train(model, batch_fn, lambda m, raw, b: pmol_loss(m, raw, b, dpo, groups),
                  train_config, describe="pmol")
+
+
+def sample_mixes(n: int, groups: int, alpha: float, rng: random.Random) -> torch.Tensor:
+    """(n, groups) mixes lambda ~ Dirichlet(alpha, ..., alpha): normalised Gamma(alpha, 1)
+    draws (a row whose draws all underflow to 0 becomes the uniform mix)."""
+    rows = []
+    for _ in range(n):
+        x = [rng.gammavariate(alpha, 1.0) for _ in range(groups)]
+        total = sum(x)
+        rows.append([v / total for v in x] if total > 0 else [1.0 / groups] * groups)
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def with_sampled_mixes(batch_fn, groups: int, alpha: float, none_prob: float, seed: int,
+                       device=None):
+    """batch_fn whose batches also hold "mix" (B, G): one Dirichlet(alpha) mix per pair, or
+    none (a row of zeros) for a share none_prob of the pairs; seeded by (seed, step, micro,
+    rank) as the batch, so a resumed run sees the same mixes."""
+    def fn(step, micro, rank, world):
+        batch = batch_fn(step, micro, rank, world)
+        # ints only: a str in the key would hash differently in every process
+        rng = random.Random(hash((MIX_STREAM, seed, step, micro, rank)) & 0xFFFFFFFF)
+        mix = sample_mixes(batch["labels"].shape[0], groups, alpha, rng)
+        mix[[rng.random() < none_prob for _ in range(mix.shape[0])]] = 0.0  # no mix: the prompt decides
+        return {**batch, "mix": mix.to(device) if device is not None else mix}
+
+    return fn
 
 
 @torch.no_grad()

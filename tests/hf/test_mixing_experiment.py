@@ -25,8 +25,10 @@ def test_mixing_experiment_runs(source, hf_models, tmp_path):  # noqa: F811
     pmol_mixing.main(TINY + model + ["--out", str(tmp_path)])
     md = (tmp_path / "pmol_mixing.md").read_text()
     for method in ["PMoL", "PMoL, no null expert", "MixLoRA-style, no group loss", "single LoRA",
-                   "Rewarded Soups", "SFT base (no adapter)"]:
+                   "Rewarded Soups", "SFT base (no adapter)", "PMoL, steerable (λ-trained)",
+                   "PMoL, steerable (λ-trained), relabelled"]:
         assert f"| {method} |" in md
+    assert "monotone seeds" in md and "Dirichlet(0.25)" in md
     assert "### safe vs helpful" in md and (tmp_path / "pmol_mixing.json").stat().st_size > 0
     os.remove(tmp_path / "pmol_mixing.md")
     pmol_mixing.main(["--replot", "--out", str(tmp_path)])
