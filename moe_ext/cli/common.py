@@ -13,6 +13,8 @@ import re
 import sys
 from typing import Callable, Optional, Union
 
+import torch
+
 from ..molora.targets import UnsafeRegex, check_target_regex
 from ..utils.io import writes_into
 
@@ -191,8 +193,13 @@ def quiet_transformers() -> None:
     """transformers' info logs and weight-loading progress bars off: the command's own
     output stays readable (its errors still come through). Also bitsandbytes' warnings
     (when installed, transformers imports it and on some CPUs it warns that an optional
-    kernel could not be fetched from the Hub, then works without it)."""
+    kernel could not be fetched from the Hub, then works without it) and deepspeed's."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if "deepspeed" not in sys.modules and not torch.cuda.is_available():
+        # deepspeed (transformers imports it to save a model, where installed) warns on
+        # stdout that it fell back to the CPU, which breaks --json output; naming the CPU,
+        # its own choice on a machine without CUDA, keeps it quiet
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import transformers
     except ImportError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..demo import run_demo, summary_table
-from .common import add_json, check_writable, fail, print_json
+from .common import add_json, check_writable, fail, print_json, quiet_transformers
 
 
 def cmd_demo(args) -> int:
@@ -12,6 +12,7 @@ def cmd_demo(args) -> int:
         check_writable(args.output, "--output")
     except ValueError as err:
         return fail(str(err))
+    quiet_transformers()
     log = (lambda msg: None) if args.json else (lambda msg: print(f"== {msg}", flush=True))
     summary = run_demo(args.output, quick=args.quick, progress=not args.json, log=log)
     if args.json:
