@@ -193,8 +193,11 @@ def quiet_transformers() -> None:
     """transformers' info logs and weight-loading progress bars off: the command's own
     output stays readable (its errors still come through). Also bitsandbytes' warnings
     (when installed, transformers imports it and on some CPUs it warns that an optional
-    kernel could not be fetched from the Hub, then works without it) and deepspeed's."""
+    kernel could not be fetched from the Hub, then works without it), torchao's deprecation lines and deepspeed's."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torchao (transformers imports it where installed) registers Enum pytree constants, which
+    # torch 2.14 logs as deprecated, once per enum
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     if "deepspeed" not in sys.modules and not torch.cuda.is_available():
         # deepspeed (transformers imports it to save a model, where installed) warns on
         # stdout that it fell back to the CPU, which breaks --json output; naming the CPU,
