@@ -102,11 +102,9 @@ def test_saved_weights_follow_the_umask(tmp_path):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
 
 
-def test_loads_during_a_save_read_the_old_one_then_wait_for_its_renames(tmp_path, monkeypatch):
-    """While a save stages its files a load reads the old save; while it holds the folder
-    lock for its renames a load waits (here past MOE_EXT_LOCK_TIMEOUT: a TimeoutError
-    naming the folder), then reads the new save."""
-    save(tmp_path, 1)
+def start_stalled_save(tmp_path):
+    """A thread saving value 2 that stalls while it writes its weights (still staging):
+    returns (the thread, the Event that lets it go on)."""
     inside, done = threading.Event(), threading.Event()
 
     def slow(path):
@@ -120,6 +118,15 @@ def test_loads_during_a_save_read_the_old_one_then_wait_for_its_renames(tmp_path
         {"sub": (lambda d: open(os.path.join(d, "v2"), "w").write("2"), True)}))
     writer.start()
     assert inside.wait(10)
+    return writer, done
+
+
+def test_loads_during_a_save_read_the_old_one_then_wait_for_its_renames(tmp_path, monkeypatch):
+    """While a save stages its files a load reads the old save; while it holds the folder
+    lock for its renames a load waits (here past MOE_EXT_LOCK_TIMEOUT: a TimeoutError
+    naming the folder), then reads the new save."""
+    save(tmp_path, 1)
+    writer, done = start_stalled_save(tmp_path)
     assert state(tmp_path) == (1, 1, 1, [1])  # staging: the old save, no waiting
     done.set()
     writer.join()
@@ -150,19 +157,7 @@ def test_a_save_leaves_the_staging_folder_of_a_save_still_staging(tmp_path):
     """Two saves at once: the one that renames first must not remove the other's staging
     folder (it holds that folder's lock while staging), and the last to rename wins whole."""
     save(tmp_path, 1)
-    inside, done = threading.Event(), threading.Event()
-
-    def slow(path):
-        inside.set()
-        assert done.wait(10)
-        open(path, "w").write("weights 2")
-
-    writer = threading.Thread(target=commit_save, args=(
-        str(tmp_path), "config.json", {"value": 2},
-        {"weights.bin": slow, "info.json": lambda p: open(p, "w").write('{"value": 2}')},
-        {"sub": (lambda d: open(os.path.join(d, "v2"), "w").write("2"), True)}))
-    writer.start()
-    assert inside.wait(10)
+    writer, done = start_stalled_save(tmp_path)
     save(tmp_path, 3)
     assert state(tmp_path) == (3, 3, 3, [3]) and len(hidden(tmp_path)) > 0
     done.set()
