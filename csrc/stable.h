@@ -107,11 +107,11 @@ void dispatch_floating(ScalarType t, const char* name, F&& f, bool low_precision
 // (aten::view, ...) keep argument-dependent lookup off torch::stable's namesakes. Allocation,
 // views, copies and zeroing go straight to the AOTI C shim (aoti_torch_empty_strided,
 // aoti_torch__reinterpret_tensor, aoti_torch_copy_, aoti_torch_zero_): a fraction of a
-// microsecond each, where a boxed dispatcher call costs a few. The rest (mm, reshape of a
-// non-contiguous tensor, clamp, cummax, the host copy) calls aten by name through
-// torch_call_dispatcher, in every torch >= 2.10, rather than torch::stable's C++ wrappers,
-// which appeared over several releases (permute only in 2.14's headers): these build
-// against any torch's headers >= 2.10. Views and allocations are of contiguous layouts.
+// microsecond each, where a boxed dispatcher call costs a few. The rest (mm, clamp, cummax)
+// calls aten by name through torch_call_dispatcher, in every torch >= 2.10, rather than
+// torch::stable's C++ wrappers, which appeared over several releases (permute only in 2.14's
+// headers): these build against any torch's headers >= 2.10. Allocations are contiguous;
+// reshape and view of a non-contiguous tensor copy it first (as aten's reshape would).
 
 namespace aten {
 namespace detail {
