@@ -111,7 +111,8 @@ void dispatch_floating(ScalarType t, const char* name, F&& f, bool low_precision
 // calls aten by name through torch_call_dispatcher, in every torch >= 2.10, rather than
 // torch::stable's C++ wrappers, which appeared over several releases (permute only in 2.14's
 // headers): these build against any torch's headers >= 2.10. Allocations are contiguous;
-// reshape and view of a non-contiguous tensor copy it first (as aten's reshape would).
+// reshape of a non-contiguous tensor copies it first (as aten's would); view needs a
+// contiguous one.
 
 namespace aten {
 namespace detail {
