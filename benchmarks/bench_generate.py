@@ -19,10 +19,8 @@ import tempfile
 import numpy as np
 import torch
 
-import moe_ext
-from harness import machine_facts, report
+from harness import machine_facts, pmol_llama, report
 from moe_ext.export import OrtCausalLM, export_causal_lm
-from moe_ext.pmol.dpo import pmol_config
 from moe_ext.utils.io import write_text
 from moe_ext.utils.timing import time_call
 
@@ -46,20 +44,8 @@ def parse_args():
 
 
 def build_model(args) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    heads = max(1, args.hidden // 64)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(2.6875 * args.hidden),
-        num_hidden_layers=args.layers, num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
-    moe_ext.get_molora_model(model, pmol_config(["concise", "safe", "verbose"], 2, 1, r=8,
-                                                lora_alpha=16.0, top_k=2, target_modules="all-linear"))
-    with torch.no_grad():
-        for layer in moe_ext.molora_layers(model).values():
-            layer.lora_B.normal_(0, 0.02)
+    model = pmol_llama(args.vocab, args.hidden, args.layers, int(2.6875 * args.hidden),
+                       max_positions=4096, lora_std=0.02)
     return model.to(args.device)
 
 

@@ -27,12 +27,11 @@ import numpy as np
 import torch
 
 import moe_ext
-from harness import machine_facts, report
+from harness import machine_facts, pmol_llama, report
 from moe_ext import cli
 from moe_ext.export import OrtCausalLM
 from moe_ext.export.genai import GenaiCausalLM, genai_available
 from moe_ext.export.genai_config import export_folder
-from moe_ext.pmol.dpo import pmol_config
 from moe_ext.serve.process import ServerProcess
 from moe_ext.utils.io import write_text
 
@@ -75,18 +74,8 @@ def build(args, folder: str):
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         padding_side="left")
-    torch.manual_seed(0)
-    heads = max(1, args.hidden // 64)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2), max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
-    moe_ext.get_molora_model(model, pmol_config(["concise", "safe", "verbose"], 2, 1, r=8,
-                                                lora_alpha=16.0, top_k=2, target_modules="all-linear"))
-    with torch.no_grad():
-        for layer in moe_ext.molora_layers(model).values():
-            layer.lora_B.normal_(0, 0.05)
+    model = pmol_llama(len(tokenizer), args.hidden, args.layers, 2 * args.hidden,
+                       max_positions=512, lora_std=0.05)
     export_folder(model, folder, tokenizer)
     return model, tokenizer
 

@@ -112,6 +112,31 @@ def report(name: str, rows: list[dict], facts: dict, out: str, columns: list[str
     return text
 
 
+def pmol_llama(vocab: int, hidden: int, layers: int, intermediate: int, max_positions: int,
+               lora_std: float) -> torch.nn.Module:
+    """A random-weight Llama (built from a config, no download; seed 0, eval mode) with a PMoL
+    adapter on every linear: groups concise / safe / verbose of 2 experts, a null expert,
+    rank 8, top-2, lora_B drawn from N(0, lora_std) so that the experts change the output."""
+    import transformers
+
+    import moe_ext
+    from moe_ext.pmol.dpo import pmol_config
+
+    torch.manual_seed(0)
+    heads = max(1, hidden // 64)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    moe_ext.get_molora_model(model, pmol_config(["concise", "safe", "verbose"], 2, 1, r=8,
+                                                lora_alpha=16.0, top_k=2, target_modules="all-linear"))
+    with torch.no_grad():
+        for layer in moe_ext.molora_layers(model).values():
+            layer.lora_B.normal_(0, lora_std)
+    return model
+
+
 def machine_facts() -> dict:
     """Date, commit, machine and versions of this run (moe_ext.utils.facts)."""
     return run_facts(os.path.dirname(os.path.abspath(__file__)))
