@@ -3,7 +3,9 @@ onnxruntime-genai-cuda) loads a folder written by export_causal_lm, with its gen
 "decoder" model type: the graph's file, its input and output names (past / present as
 printf patterns over the layer index), the cache layout, the token ids, the context length
 and the search defaults. onnxruntime-genai refuses keys it does not know, so moe_ext's own
-facts (steering groups, MoLoRA config) stay in the graph's metadata."""
+facts (steering groups, MoLoRA config, steerable) stay in the graph's metadata, and its
+steering inputs (group_bias, and preference_weights for a steerable adapter) are no
+config entries: genai passes them on as extra inputs, fed with generator.set_model_input."""
 from __future__ import annotations
 
 import json
@@ -12,7 +14,7 @@ from typing import Optional
 
 from moe_ext.utils.io import write_json
 
-from .causal_lm import GROUP_BIAS, export_causal_lm
+from .causal_lm import GROUP_BIAS, PREFERENCE_WEIGHTS, export_causal_lm
 
 CONFIG_NAME = "genai_config.json"
 MODEL_NAME = "model.onnx"
@@ -75,10 +77,11 @@ def genai_config(metadata: dict[str, str], filename: str, hidden_size: int,
     return {"model": model, "search": search}
 
 
-def steering_has_default(proto) -> bool:
-    """Whether the graph's group_bias input is also an initializer (an input with a default)."""
-    return (GROUP_BIAS in {i.name for i in proto.graph.input}
-            and GROUP_BIAS in {t.name for t in proto.graph.initializer})
+def steering_defaults(proto) -> list[str]:
+    """The graph's steering inputs (group_bias, preference_weights) that are also
+    initializers (inputs with a default), which onnxruntime-genai never feeds."""
+    inputs, initializers = {i.name for i in proto.graph.input}, {t.name for t in proto.graph.initializer}
+    return [n for n in (GROUP_BIAS, PREFERENCE_WEIGHTS) if n in inputs and n in initializers]
 
 
 def write_genai_config(model, onnx_path: str) -> str:
@@ -88,9 +91,10 @@ def write_genai_config(model, onnx_path: str) -> str:
 
     proto = onnx.load(onnx_path, load_external_data=False)
     metadata = {p.key: p.value for p in proto.metadata_props}
-    if steering_has_default(proto):
-        raise ValueError(f"{onnx_path}: its group_bias input has a default value, and "
-                         f"onnxruntime-genai ignores set_model_input for such inputs (steering "
+    defaulted = steering_defaults(proto)
+    if defaulted:
+        raise ValueError(f"{onnx_path}: its {' and '.join(defaulted)} input has a default value, "
+                         f"and onnxruntime-genai ignores set_model_input for such inputs (steering "
                          f"would do nothing); export with export_folder (or export_causal_lm("
                          f"..., optional_group_bias=False))")
     config = model.config.get_text_config(decoder=True)
@@ -110,8 +114,9 @@ def export_folder(model, folder: str, tokenizer=None, dtype: Optional[str] = Non
     and AutoTokenizer read. The folder is created when missing; returns the graph's path.
     A model with expert groups takes group_bias (1 or B, G) as a required input here
     (genai feeds only inputs without a default): feed zeros for no steering
-    (generator.set_model_input("group_bias", np.zeros((1, G), np.float32))); GenaiCausalLM
-    and OrtCausalLM do that themselves."""
+    (generator.set_model_input("group_bias", np.zeros((1, G), np.float32))); a steerable
+    one likewise preference_weights (1 or B, G), zeros for no mix. GenaiCausalLM and
+    OrtCausalLM do that themselves."""
     os.makedirs(folder, exist_ok=True)
     path = export_causal_lm(model, os.path.join(folder, MODEL_NAME), dtype=dtype, logits=logits,
                             optional_group_bias=False)
