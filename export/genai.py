@@ -1,9 +1,12 @@
 """GenaiCausalLM: generation from a folder written by export_causal_lm + genai_config.json
 (export_folder) on onnxruntime-genai, the ecosystem's C++ generate loop (KV cache, search,
-sampling), with the steering bias fed through generator.set_model_input.
+sampling), with the steering inputs fed through generator.set_model_input: group_bias
+(1 or B, G) and, for a steerable adapter, preference_weights (1 or B, G) (the mix, zeros for
+none), both required inputs of such a folder's graph.
 
     lm = GenaiCausalLM("deploy/pmol")                  # CUDA when onnxruntime-genai-cuda sees a GPU
     lm.generate([[1, 52, 7]], max_new_tokens=32, steer={"safe": 2.0})       # -> list of id lists
+    lm.generate([[1, 52, 7]], mix={"concise": 0.3, "verbose": 0.7})         # steerable adapters
     for ids in lm.stream([1, 52, 7], max_new_tokens=32): ...                  # one row, token by token
 
 The same decoding options as OrtCausalLM.generate: greedy unless do_sample (temperature,
@@ -17,9 +20,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .causal_lm import GROUP_BIAS
-from .generate import _check_options, steering_bias
-from .genai_config import CONFIG_NAME, steering_has_default
+from .causal_lm import GROUP_BIAS, PREFERENCE_WEIGHTS
+from .generate import _check_options, steering_inputs
+from .genai_config import CONFIG_NAME, steering_defaults
 
 
 def genai_available() -> bool:
@@ -31,13 +34,13 @@ def genai_available() -> bool:
     return True
 
 
-def _graph_facts(path: str) -> tuple[dict[str, str], bool]:
-    """(the graph's metadata (moe_ext.*), whether group_bias has a default), read without
+def _graph_facts(path: str) -> tuple[dict[str, str], list[str]]:
+    """(the graph's metadata (moe_ext.*), its steering inputs with a default), read without
     its external weights."""
     import onnx
 
     proto = onnx.load(path, load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}, steering_has_default(proto)
+    return {p.key: p.value for p in proto.metadata_props}, steering_defaults(proto)
 
 
 class GenaiCausalLM:
@@ -59,10 +62,11 @@ class GenaiCausalLM:
         self.folder, self.path = folder, os.path.join(folder, decoder["filename"])
         meta, defaulted = _graph_facts(self.path)
         if defaulted:
-            raise ValueError(f"{self.path}: group_bias has a default value, which onnxruntime-genai "
-                             f"keeps whatever set_model_input says; re-export the folder with "
-                             f"`moe-ext export` / export_folder")
+            raise ValueError(f"{self.path}: {' and '.join(defaulted)} has a default value, which "
+                             f"onnxruntime-genai keeps whatever set_model_input says; re-export "
+                             f"the folder with `moe-ext export` / export_folder")
         self.groups: list[str] = json.loads(meta.get("moe_ext.groups", "[]"))
+        self.steerable = json.loads(meta.get("moe_ext.steerable", "false"))
         self.eos_token_id = json.loads(meta.get("moe_ext.eos_token_id", "null"))
         self.vocab_size = int(meta["moe_ext.vocab_size"])
         if provider not in (None, "cpu", "cuda"):
@@ -88,16 +92,12 @@ class GenaiCausalLM:
         return og.Tokenizer(self.model)
 
     def _generator(self, rows: list[list[int]], max_new_tokens: int, do_sample: bool,
-                   temperature: float, top_k: int, top_p: float, seed: Optional[int], steer):
-        """(an og.Generator with the prompt appended, the group_bias array it reads)."""
+                   temperature: float, top_k: int, top_p: float, seed: Optional[int],
+                   bias: Optional[np.ndarray], weights: Optional[np.ndarray]):
+        """(an og.Generator with the prompt appended, the steering arrays it reads) for rows of
+        equal length and steering_inputs' (group_bias, preference_weights)."""
         import onnxruntime_genai as og
 
-        _check_options(max_new_tokens, do_sample, temperature, top_k, top_p)
-        if not rows or any(not isinstance(r, (list, tuple, np.ndarray)) or len(r) == 0 for r in rows):
-            raise ValueError("input_ids must be a non-empty list of non-empty token id lists")
-        bias = steering_bias(self.groups, steer)
-        if bias is not None and bias.shape[0] not in (1, len(rows)):
-            raise ValueError(f"steer lists {bias.shape[0]} rows for a batch of {len(rows)}")
         if len({len(r) for r in rows}) > 1:
             raise ValueError("input_ids: rows of one onnxruntime-genai batch must have equal lengths")
         length = len(rows[0])
@@ -115,36 +115,52 @@ class GenaiCausalLM:
                 options["random_seed"] = int(seed)
         params.set_search_options(**options)
         generator = og.Generator(self.model, params)
-        keep = None
-        if self.groups:  # a required input in export_folder's graphs: zeros = no steering
-            bias = np.zeros((1, len(self.groups)), np.float32) if bias is None else bias
-            # genai reads this array's memory at every step without copying it: the caller
-            # keeps it alive as long as the generator (else later steps read freed memory)
-            keep = np.ascontiguousarray(bias, np.float32)
-            generator.set_model_input(GROUP_BIAS, keep)
+        keep = []
+        # required inputs in export_folder's graphs: zeros = no steering, no mix
+        for name, given, wanted in ((GROUP_BIAS, bias, bool(self.groups)),
+                                    (PREFERENCE_WEIGHTS, weights, self.steerable)):
+            if wanted:
+                value = np.zeros((1, len(self.groups)), np.float32) if given is None else given
+                # genai reads this array's memory at every step without copying it: the caller
+                # keeps it alive as long as the generator (else later steps read freed memory)
+                keep.append(np.ascontiguousarray(value, np.float32))
+                generator.set_model_input(name, keep[-1])
         generator.append_tokens(np.asarray(rows, np.int32))
         return generator, keep
 
+    def _steering(self, rows, max_new_tokens, do_sample, temperature, top_k, top_p, steer, mix):
+        """Checks the prompt rows and options; steering_inputs' (group_bias,
+        preference_weights) for them."""
+        _check_options(max_new_tokens, do_sample, temperature, top_k, top_p)
+        if not rows or any(not isinstance(r, (list, tuple, np.ndarray)) or len(r) == 0 for r in rows):
+            raise ValueError("input_ids must be a non-empty list of non-empty token id lists")
+        return steering_inputs(self.groups, self.steerable, steer, mix, len(rows))
+
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
-                 seed: Optional[int] = None, steer=None) -> list[list[int]]:
+                 seed: Optional[int] = None, steer=None, mix=None) -> list[list[int]]:
         """input_ids: token id lists (one per row, any lengths; rows of equal length run as
         one batch) -> each row's prompt + new tokens (EOS included, nothing after it).
-        steer: {group: bias} or one dict per row."""
+        steer: {group: bias} or one dict per row. mix: for a steerable adapter, the
+        preference mix {group: weight >= 0} (normalised) or one dict per row; not with steer."""
         rows = [list(map(int, r)) for r in input_ids]
+        bias, weights = self._steering(rows, max_new_tokens, do_sample, temperature, top_k,
+                                       top_p, steer, mix)
+        search = (max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         if len({len(r) for r in rows}) > 1:
             # rows of different lengths one at a time: onnxruntime-genai 0.18's left-padded
             # batches gave other tokens than transformers (and than each row alone) for the
             # padded rows of this decoder graph, so no padding is handed to it
-            bias = steering_bias(self.groups, steer)
-            per_row = [None] * len(rows) if bias is None else \
-                [dict(zip(self.groups, bias[i % bias.shape[0]].tolist())) for i in range(len(rows))]
-            if bias is not None and bias.shape[0] not in (1, len(rows)):
-                raise ValueError(f"steer lists {bias.shape[0]} rows for a batch of {len(rows)}")
-            return [self.generate([r], max_new_tokens, do_sample, temperature, top_k, top_p,
-                                  seed, s)[0] for r, s in zip(rows, per_row)]
-        generator, _bias = self._generator(rows, max_new_tokens, do_sample, temperature, top_k,
-                                           top_p, seed, steer)
+            def row_of(a, i):
+                return None if a is None else a[i % a.shape[0]][None]
+
+            return [self._run([r], search, row_of(bias, i), row_of(weights, i))[0]
+                    for i, r in enumerate(rows)]
+        return self._run(rows, search, bias, weights)
+
+    def _run(self, rows, search, bias, weights) -> list[list[int]]:
+        """generate for rows of equal length; search: _generator's decoding arguments."""
+        generator, _keep = self._generator(rows, *search, bias, weights)
         while not generator.is_done():
             generator.generate_next_token()
         out = []
@@ -162,11 +178,14 @@ class GenaiCausalLM:
 
     def stream(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False,
                temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
-               seed: Optional[int] = None, steer=None) -> Iterator[int]:
+               seed: Optional[int] = None, steer=None, mix=None) -> Iterator[int]:
         """One prompt (a list of ids): yields each new token id as it is generated (the
-        EOS too, then stops)."""
-        generator, _bias = self._generator([list(map(int, input_ids))], max_new_tokens,
-                                           do_sample, temperature, top_k, top_p, seed, steer)
+        EOS too, then stops). steer, mix: as generate's."""
+        rows = [list(map(int, input_ids))]
+        bias, weights = self._steering(rows, max_new_tokens, do_sample, temperature, top_k,
+                                       top_p, steer, mix)
+        generator, _keep = self._generator(rows, max_new_tokens, do_sample, temperature, top_k,
+                                           top_p, seed, bias, weights)
         eos = set(np.atleast_1d(self.eos_token_id).tolist()) if self.eos_token_id is not None else set()
         while not generator.is_done():
             generator.generate_next_token()

@@ -1,14 +1,19 @@
 """The generation loop on onnxruntime, following transformers' generate for decoder-only
 models: greedy or sampling (temperature, then top-k, then top-p, as transformers' logits
 warpers), batches with left padding, EOS and max_new_tokens stopping, steering through the
-group_bias input. `OrtCausalLM.generate` is the entry point; the step function it drives is
-`OrtCausalLM.__call__` (one forward with the KV cache kept on the device)."""
+group_bias input or, for a steerable adapter, a preference mix through preference_weights
+(steering_inputs, shared with GenaiCausalLM and the serve engine). `OrtCausalLM.generate`
+is the entry point; the step function it drives is `OrtCausalLM.__call__` (one forward
+with the KV cache kept on the device)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+
+from moe_ext.molora import mix_tensor
 
 
 class GenerateOutput(NamedTuple):
@@ -18,22 +23,65 @@ class GenerateOutput(NamedTuple):
 
 def steering_bias(groups: list[str], steer) -> Optional[np.ndarray]:
     """group_bias (1 or B, G) float32 from steer: None, {group: bias}, or a list of such dicts
-    (one per batch row); G follows `groups`. ValueError names an unknown group."""
+    (one per batch row, None or {} for no steering); G follows `groups`. ValueError names an
+    unknown group."""
     if steer is None:
         return None
     if not groups:
         raise ValueError("steer: this model has no expert groups (MoLoRAConfig.expert_groups) to steer")
-    rows = [steer] if isinstance(steer, dict) else list(steer) if isinstance(steer, (list, tuple)) else None
-    if not rows or any(not isinstance(row, dict) for row in rows):
-        raise ValueError(f"steer must be a dict {{group: bias}} or a list of such dicts (one per "
-                         f"batch row), got {steer!r}")
+    rows = _rows(steer, "bias", "steer")
     bias = np.zeros((len(rows), len(groups)), np.float32)
     for i, row in enumerate(rows):
-        for name, value in row.items():
+        for name, value in (row or {}).items():
             if name not in groups:
                 raise ValueError(f"steer: unknown expert group {name!r}; groups: {groups}")
             bias[i, groups.index(name)] = float(value)
     return bias
+
+
+def _rows(value, what: str, name: str) -> list:
+    """[value] for a dict, the list of dicts (one per batch row) for a list; ValueError naming
+    `name` else. None entries stand for rows without steering."""
+    rows = [value] if isinstance(value, dict) else list(value) if isinstance(value, (list, tuple)) else None
+    if not rows or any(row is not None and not isinstance(row, dict) for row in rows):
+        raise ValueError(f"{name} must be a dict {{group: {what}}} or a list of such dicts (one "
+                         f"per batch row), got {value!r}")
+    return rows
+
+
+def mix_weights(groups: list[str], steerable: bool, mix, name: str = "mix") -> Optional[np.ndarray]:
+    """preference_weights (1 or B, G) float32 from mix: None, {group: weight >= 0} (groups
+    left out weigh 0) or a list of such dicts (one per batch row; None for a row the prompt
+    alone steers: zeros); each row normalised to sum 1, G following `groups`. ValueError
+    naming `name` (moe_ext.molora.mix_tensor's checks and wording: an unknown group, a
+    negative, NaN or infinite weight, all weights zero) or for a graph that is not steerable."""
+    if mix is None:
+        return None
+    if not steerable:
+        raise ValueError(f"{name}: this graph's routers take no preference mix (its adapter's "
+                         f"MoLoRAConfig.steerable is false); steer it with steer {{group: bias}}")
+    rows = _rows(mix, "weight", name)
+    # mix_tensor reads only molora_config.expert_groups: a stand-in with the graph's groups
+    # (sorted, the inputs' order) gives its checks and normalisation
+    model = SimpleNamespace(molora_config=SimpleNamespace(expert_groups=dict.fromkeys(groups)))
+    weights = np.zeros((len(rows), len(groups)), np.float32)
+    for i, row in enumerate(rows):
+        if row is not None:
+            weights[i] = mix_tensor(model, row, name)[0].numpy()
+    return weights
+
+
+def steering_inputs(groups: list[str], steerable: bool, steer, mix,
+                    batch: int) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(group_bias, preference_weights), each (1 or `batch`, G) float32 or None, from steer
+    (steering_bias) or mix (mix_weights), not both; ValueError naming the bad argument."""
+    if steer is not None and mix is not None:
+        raise ValueError("give mix or steer, not both")
+    bias, weights = steering_bias(groups, steer), mix_weights(groups, steerable, mix)
+    for name, rows in (("steer", bias), ("mix", weights)):
+        if rows is not None and rows.shape[0] not in (1, batch):
+            raise ValueError(f"{name} lists {rows.shape[0]} rows for a batch of {batch}")
+    return bias, weights
 
 
 def warp_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0,
@@ -100,12 +148,15 @@ def _prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
 
 def generate_steps(model, ids: np.ndarray, mask: np.ndarray, *, max_new_tokens: int,
                    do_sample: bool, temperature: float, top_k: int, top_p: float,
-                   seed: Optional[int], eos: list[int], pad: Optional[int], bias):
+                   seed: Optional[int], eos: list[int], pad: Optional[int], bias,
+                   weights=None):
     """Yields (new tokens (B,) int64, their raw logits (B, V)) once per step of the loop
-    behind OrtCausalLM.generate, from checked prompt arrays; rows that ended get `pad`.
+    behind OrtCausalLM.generate, from checked prompt arrays and steering inputs (group_bias
+    `bias`, preference_weights `weights`, see steering_inputs); rows that ended get `pad`.
     Streaming servers consume it token by token."""
     rng = np.random.default_rng(seed)
-    step = model(ids, mask, group_bias=bias)
+    steering = dict(group_bias=bias, preference_weights=weights)
+    step = model(ids, mask, **steering)
     running = np.ones(ids.shape[0], bool)
     for t in range(max_new_tokens):
         logits = step.logits[:, -1, :]
@@ -120,36 +171,35 @@ def generate_steps(model, ids: np.ndarray, mask: np.ndarray, *, max_new_tokens: 
         if not running.any() or t == max_new_tokens - 1:
             return
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        step = model(new[:, None], mask, past_key_values=step.past_key_values, group_bias=bias)
+        step = model(new[:, None], mask, past_key_values=step.past_key_values, **steering)
 
 
 def prepare(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-            top_p, eos_token_id, pad_token_id, steer):
-    """Checked (ids, mask, eos list, pad id, group_bias) for generate_steps; ValueError
-    naming a bad option or input."""
+            top_p, eos_token_id, pad_token_id, steer, mix=None):
+    """Checked (ids, mask, eos list, pad id, group_bias, preference_weights) for
+    generate_steps; ValueError naming a bad option or input."""
     _check_options(max_new_tokens, do_sample, temperature, top_k, top_p)
     ids, mask = _prompt(input_ids, attention_mask)
     eos = [] if eos_token_id is None else [int(e) for e in np.atleast_1d(eos_token_id)]
     pad = pad_token_id if pad_token_id is not None else model.pad_token_id
     pad = eos[0] if pad is None and eos else pad
-    bias = steering_bias(model.groups, steer)
-    if bias is not None and bias.shape[0] not in (1, ids.shape[0]):
-        raise ValueError(f"steer lists {bias.shape[0]} rows for a batch of {ids.shape[0]}")
-    return ids, mask, eos, pad, bias
+    bias, weights = steering_inputs(model.groups, model.steerable, steer, mix, ids.shape[0])
+    return ids, mask, eos, pad, bias, weights
 
 
 def generate_loop(model, input_ids, attention_mask, *, max_new_tokens: int, do_sample: bool,
                   temperature: float, top_k: int, top_p: float, seed: Optional[int],
-                  eos_token_id, pad_token_id: Optional[int], steer, output_logits: bool,
+                  eos_token_id, pad_token_id: Optional[int], steer, mix, output_logits: bool,
                   return_dict_in_generate: bool):
     """The loop behind OrtCausalLM.generate (see there); `model` is an OrtCausalLM."""
-    ids, mask, eos, pad, bias = prepare(model, input_ids, attention_mask, max_new_tokens,
-                                        do_sample, temperature, top_k, top_p, eos_token_id,
-                                        pad_token_id, steer)
+    ids, mask, eos, pad, bias, weights = prepare(model, input_ids, attention_mask, max_new_tokens,
+                                                 do_sample, temperature, top_k, top_p,
+                                                 eos_token_id, pad_token_id, steer, mix)
     tokens, logits_seen = [], []
     for new, logits in generate_steps(model, ids, mask, max_new_tokens=max_new_tokens,
                                       do_sample=do_sample, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, seed=seed, eos=eos, pad=pad, bias=bias):
+                                      top_p=top_p, seed=seed, eos=eos, pad=pad, bias=bias,
+                                      weights=weights):
         tokens.append(new)
         if output_logits:
             logits_seen.append(logits.copy())

@@ -4,6 +4,10 @@
     out = lm(input_ids, attention_mask)                # prefill: logits + the KV cache
     out = lm(next_ids, longer_mask, past_key_values=out.past_key_values)   # one decode step
     lm.generate(input_ids, attention_mask, max_new_tokens=32, steer={"safe": 2.0})
+    lm.generate(input_ids, attention_mask, mix={"concise": 0.3, "verbose": 0.7})  # steerable
+
+Steering inputs (export_causal_lm's module docstring): group_bias (1 or B, G) for steer,
+preference_weights (1 or B, G) for a steerable adapter's mix; both default to zeros.
 
 Every step runs through IO binding: the KV cache stays in onnxruntime values on the
 provider's device (GPU memory with the CUDA provider) from one step to the next; only the
@@ -18,8 +22,8 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 import torch
 
-from .causal_lm import GROUP_BIAS, KIND, past_names
-from .generate import generate_loop, steering_bias
+from .causal_lm import GROUP_BIAS, KIND, PREFERENCE_WEIGHTS, past_names
+from .generate import generate_loop, mix_weights, steering_bias
 from .ort import check_input, make_session
 
 _FLOAT = {"float32": np.float32, "float16": np.float16}
@@ -73,7 +77,8 @@ class OrtCausalLM:
 
     providers: None picks CUDA when onnxruntime-gpu sees a GPU, else the CPU provider.
     session_options: an onnxruntime.SessionOptions (graph optimisation level, threads).
-    Metadata read from the graph: groups (steering), cache layout, dtype, token ids."""
+    Metadata read from the graph: groups (steering, in the inputs' order), steerable (whether
+    it takes a preference mix), cache layout, dtype, token ids."""
 
     def __init__(self, path: str, providers: Optional[list[str]] = None, session_options=None):
         self.path = path
@@ -87,13 +92,17 @@ class OrtCausalLM:
         self.num_layers, self.num_kv_heads = layout["num_layers"], layout["num_kv_heads"]
         self.head_dim = layout["head_dim"]
         self.groups: list[str] = json.loads(self.metadata["moe_ext.groups"])
+        # graphs written before preference_weights existed record no moe_ext.steerable
+        self.steerable = json.loads(self.metadata.get("moe_ext.steerable", "false"))
         self.dtype = _FLOAT[self.metadata["moe_ext.dtype"]]
         self.vocab_size = int(self.metadata["moe_ext.vocab_size"])
         self.eos_token_id = json.loads(self.metadata["moe_ext.eos_token_id"])
         self.pad_token_id = json.loads(self.metadata["moe_ext.pad_token_id"])
         self.specs = {i.name: i for i in self.session.get_inputs()}
-        # export_folder's graphs take group_bias without a default (for onnxruntime-genai)
-        self.required_group_bias = GROUP_BIAS in self.specs
+        # export_folder's graphs take group_bias (and preference_weights) without a default
+        # (for onnxruntime-genai): zeros are fed when not steering
+        self.required = [n for n in (GROUP_BIAS, PREFERENCE_WEIGHTS) if n in self.specs]
+        self.required_group_bias = GROUP_BIAS in self.required
         self.specs.update({i.name: i for i in self.session.get_overridable_initializers()})
         self.past_names = past_names(self.num_layers)
         self.present_names = past_names(self.num_layers, "present")
@@ -149,13 +158,33 @@ class OrtCausalLM:
         per batch row; ValueError for unknown groups or a model without expert groups."""
         return steering_bias(self.groups, steer)
 
+    def preference_weights(self, mix) -> Optional[np.ndarray]:
+        """The preference_weights input (1 or B, G) for `mix`: None, {group: weight} or one
+        such dict per batch row (see export.generate.mix_weights); ValueError naming `mix`."""
+        return mix_weights(self.groups, self.steerable, mix)
+
+    def _row_input(self, name: str, value, batch: int) -> np.ndarray:
+        """A steering input (G,) or (1 or B, G) as float32 (1 or B, G); ValueError naming it."""
+        if name not in self.specs:
+            raise ValueError(f"{self.path} takes no {name} input (its adapter has no expert "
+                             f"groups{'' if name == GROUP_BIAS else ' or is not steerable'})")
+        rows = _array(value, name).astype(np.float32)
+        rows = rows[None] if rows.ndim == 1 else rows
+        G = len(self.groups)
+        if rows.ndim != 2 or rows.shape[1] != G or rows.shape[0] not in (1, batch):
+            raise ValueError(f"{name} must have shape ({G},) or (1 or {batch}, {G}) for groups "
+                             f"{self.groups}, got {np.shape(value)}")
+        return rows
+
     def __call__(self, input_ids, attention_mask=None, position_ids=None,
                  past_key_values: Union[KVCache, tuple, None] = None,
-                 group_bias=None) -> CausalLMStep:
+                 group_bias=None, preference_weights=None) -> CausalLMStep:
         """One forward step. input_ids (B, S) int; attention_mask (B, P + S) int (default all
         ones); position_ids (B, S) (default from the mask); past_key_values a KVCache from this
         model or (key, value) pairs (B, H, P, Dh), None for the prefill; group_bias (G,) or
-        (1 or B, G) float, None for no steering."""
+        (1 or B, G) float, None for no steering; preference_weights (G,) or (1 or B, G) float,
+        the mix per row as given (rows on the simplex, or zeros: no mix; see
+        preference_weights()), None for no mix (steerable graphs only)."""
         ids = _array(input_ids, "input_ids")
         check_input("input_ids", ids, self.specs["input_ids"])
         B, S = ids.shape
@@ -174,25 +203,18 @@ class OrtCausalLM:
             raise ValueError(f"position_ids must have shape {(B, S)} like input_ids, got {positions.shape}")
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
                  "position_ids": positions.astype(np.int64)}
-        if group_bias is None and self.required_group_bias:
-            group_bias = np.zeros((1, len(self.groups)), np.float32)  # no steering
-        if group_bias is not None:
-            if GROUP_BIAS not in self.specs:
-                raise ValueError(f"{self.path} has no expert groups, so no group_bias input")
-            bias = _array(group_bias, GROUP_BIAS).astype(np.float32)
-            bias = bias[None] if bias.ndim == 1 else bias
-            if bias.ndim != 2 or bias.shape[1] != len(self.groups) or bias.shape[0] not in (1, B):
-                raise ValueError(f"group_bias must have shape ({len(self.groups)},) or (1 or "
-                                 f"{B}, {len(self.groups)}) for groups {self.groups}, got "
-                                 f"{np.shape(group_bias)}")
-            feeds[GROUP_BIAS] = bias
+        for name, value in ((GROUP_BIAS, group_bias), (PREFERENCE_WEIGHTS, preference_weights)):
+            if value is None and name in self.required:
+                value = np.zeros((1, len(self.groups)), np.float32)  # no steering, no mix
+            if value is not None:
+                feeds[name] = self._row_input(name, value, B)
         return self._run(feeds, cache)
 
     def _run(self, feeds: dict, cache: KVCache) -> CausalLMStep:
         import onnxruntime as ort
 
         binding = self.session.io_binding()
-        for name, array in feeds.items():  # as values, which also binds the optional group_bias
+        for name, array in feeds.items():  # as values, which also binds the optional inputs
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
                 np.ascontiguousarray(array), self.device, 0))
         for name, value in zip(self.past_names, cache.values):
@@ -208,14 +230,17 @@ class OrtCausalLM:
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 50,
                  top_p: float = 1.0, seed: Optional[int] = None, eos_token_id=None,
-                 pad_token_id: Optional[int] = None, steer=None, output_logits: bool = False,
-                 return_dict_in_generate: bool = False):
+                 pad_token_id: Optional[int] = None, steer=None, mix=None,
+                 output_logits: bool = False, return_dict_in_generate: bool = False):
         """Like transformers' model.generate for decoder-only models: input_ids (B, S) with
         left padding marked by attention_mask -> sequences (B, S + new) (prompt included,
         pad_token_id after a row's EOS; stops when every row has ended or after
         max_new_tokens). Greedy unless do_sample (temperature, top_k (0: off), top_p, seed).
         eos_token_id (int or list) and pad_token_id default to the exported model's.
         steer: {group: bias} (moe_ext.set_group_bias's argument), or one dict per row.
+        mix: for a steerable graph, the preference mix {group: weight >= 0} (normalised,
+        groups left out weigh 0; moe_ext.preference_mix's argument), or one dict per row
+        (None for a row without a mix); not with steer.
         Returns numpy, or torch when input_ids is a torch tensor; with
         return_dict_in_generate, a GenerateOutput (sequences, logits: per new token the
         raw (B, V) float32 logits when output_logits)."""
@@ -223,5 +248,5 @@ class OrtCausalLM:
             self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
             eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=pad_token_id, steer=steer, output_logits=output_logits,
+            pad_token_id=pad_token_id, steer=steer, mix=mix, output_logits=output_logits,
             return_dict_in_generate=return_dict_in_generate)
