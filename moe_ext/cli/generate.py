@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from typing import Optional
 
 from ..hf.models import DTYPES, load_adapter_tokenizer, load_molora_model
 from ..molora import mix_tensor
@@ -59,7 +60,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix", nargs="+", metavar="GROUP=WEIGHT",
                    help="the preference mix, e.g. concise=0.3,verbose=0.7 (normalised; groups "
                         "left out weigh 0): the routers' input of a steerable adapter "
-                        "(train-pmol --mix-alpha), group biases log(weight) for another")
+                        "(train-pmol --mix-alpha; with --onnx, its export's "
+                        "preference_weights input), group biases log(weight) for another "
+                        "(--adapter only)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=d.temperature)
     p.add_argument("--top-k", type=tokens_int, help="sample from the k most likely tokens")
@@ -76,14 +79,19 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
 
 
 def generate_onnx(path: str, tokenizer, prompt, options: GenerationOptions,
-                  steer: dict[str, float], provider=None, runtime: str = "auto") -> dict:
+                  steer: dict[str, float], provider=None, runtime: str = "auto",
+                  mix: Optional[dict[str, float]] = None) -> dict:
     """{"text", "new_tokens", "runtime", "provider"}: what the exported folder or graph at
     `path` generates after `prompt`, on onnxruntime-genai (runtime "genai", the default
     where it is installed and the folder has genai_config.json) or on OrtCausalLM ("ort"),
     with the same prompt encoding and decoding flags as generate(). tokenizer: a tokenizer,
-    a hub id or folder, or None (the export's folder)."""
+    a hub id or folder, or None (the export's folder). mix: a steerable graph's preference
+    mix {group: weight}; ValueError naming --mix for a bad one."""
+    from ..export.generate import mix_weights
+
     engine = TextEngine(path, runtime, provider, tokenizer)
-    out = engine.generate(prompt, options, steer or None)
+    mix_weights(engine.groups, engine.lm.steerable, mix, "--mix")  # named as the option
+    out = engine.generate(prompt, options, steer or None, mix)
     return {**out, "runtime": engine.runtime, "provider": engine.provider}
 
 
@@ -95,9 +103,6 @@ def cmd_generate(args) -> int:
         mix = parse_mix(args.mix) or None
         if mix and steer:
             return fail("give --mix or --steer, not both")
-        if args.onnx and mix:
-            return fail("--mix is for --adapter: generation graphs take no preference mix "
-                        "yet (steer one with --steer)")
         if args.onnx:
             if args.base:
                 return fail("--base is for --adapter; an --onnx graph holds its base")
@@ -106,7 +111,7 @@ def cmd_generate(args) -> int:
             if not os.path.exists(args.onnx):
                 raise ValueError(f"--onnx {args.onnx!r}: no such folder or file")
             result = generate_onnx(args.onnx, args.tokenizer, args.prompt, options, steer,
-                                   args.provider, args.runtime)
+                                   args.provider, args.runtime, mix)
             text = result["text"]
         else:
             if args.tokenizer or args.provider or args.runtime != "auto":
@@ -133,7 +138,8 @@ def register(sub) -> None:
                                    "the adapter records, or --base) and print the text it "
                                    "generates for --prompt; greedy unless --do-sample; "
                                    "--mix or --steer dials the preference mix (--onnx: "
-                                   "--steer only). With --onnx, the same "
+                                   "--mix needs a steerable adapter's export). With --onnx, "
+                                   "the same "
                                    "from a folder of `moe-ext export --adapter` on "
                                    "onnxruntime-genai (or onnxruntime).")
     source = p.add_mutually_exclusive_group(required=True)

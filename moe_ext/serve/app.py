@@ -1,8 +1,9 @@
 """The HTTP API of `moe-ext serve` (FastAPI, run by uvicorn).
 
   GET  /health                 status, versions, what is loaded (runtime, provider, groups, experts)
-  POST /generate               {prompt, max_new_tokens, steer {group: bias}, do_sample,
-                               temperature, top_k, top_p, seed, chat_template, stream}
+  POST /generate               {prompt, max_new_tokens, steer {group: bias} or mix
+                               {group: weight} (a steerable adapter's preference mix),
+                               do_sample, temperature, top_k, top_p, seed, chat_template, stream}
                                -> {text, new_tokens, runtime, provider}; with stream: true,
                                Server-Sent Events `data: {"text": piece}` then `data: [DONE]`
   POST /score                  {prompt, responses [..], user_id?} -> {rewards [..], personalized}
@@ -11,7 +12,8 @@
 
 Request bodies are validated (unknown fields, wrong types, non-finite numbers: 422 naming
 the field); other bad requests (an unknown steering group, too many tokens, no model
-loaded for the endpoint) get 400 or 404 with a message. The blocking work runs in the
+loaded for the endpoint) get 400 or 404 with a message; so does a bad mix (a negative or
+all-zero weight, an unknown group, a mix for a model that is not steerable or with a steer). The blocking work runs in the
 server's thread pool, so requests proceed concurrently."""
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class GenerateRequest(_Body):
     prompt: str = Field(min_length=1)
     max_new_tokens: int = Field(64, ge=1)
     steer: dict[str, float] = Field(default_factory=dict)
+    mix: Optional[dict[str, float]] = None
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_k: Optional[int] = Field(None, ge=1)
@@ -116,16 +119,16 @@ def make_app(text=None, reward=None, store=None, update=None,
                                     temperature=body.temperature, top_k=body.top_k,
                                     top_p=body.top_p, seed=body.seed,
                                     chat_template=body.chat_template)
-        engine.check_steer(body.steer)
+        engine.check_steer(body.steer, body.mix)
         if body.stream:
             def events():
-                for piece in engine.stream(body.prompt, options, body.steer):
+                for piece in engine.stream(body.prompt, options, body.steer, body.mix):
                     yield f"data: {json.dumps({'text': piece})}\n\n"
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        out = engine.generate(body.prompt, options, body.steer)
+        out = engine.generate(body.prompt, options, body.steer, body.mix)
         return {**out, "runtime": engine.runtime, "provider": engine.provider}
 
     @app.post("/score")

@@ -104,15 +104,18 @@ class TextEngine:
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def check_steer(self, steer: Optional[dict]) -> None:
-        """ValueError for an unknown group (before a stream starts)."""
-        from ..export.generate import steering_bias
+    def check_steer(self, steer: Optional[dict], mix: Optional[dict] = None) -> None:
+        """ValueError for an unknown group, a bad mix, a mix for a graph that is not steerable
+        or a mix with a steer (before a stream starts)."""
+        from ..export.generate import steering_inputs
 
-        steering_bias(self.groups, steer or None)
+        steering_inputs(self.groups, self.lm.steerable, steer or None, mix, 1)
 
-    def tokens(self, ids: list[int], options, steer: Optional[dict] = None) -> Iterator[int]:
+    def tokens(self, ids: list[int], options, steer: Optional[dict] = None,
+               mix: Optional[dict] = None) -> Iterator[int]:
         """Yields the new token ids after the prompt `ids`, one at a time (the EOS, if
-        reached, last). options: a moe_ext.pmol.GenerationOptions."""
+        reached, last). options: a moe_ext.pmol.GenerationOptions; steer {group: bias} or
+        mix {group: weight} (a steerable graph's preference mix)."""
         steer = steer or None
         if self.runtime == "genai":
             top_k = options.top_k or 0  # 0: off
@@ -120,7 +123,7 @@ class TextEngine:
                                       do_sample=options.do_sample, temperature=options.temperature,
                                       top_k=top_k,
                                       top_p=options.top_p if options.top_p is not None else 1.0,
-                                      seed=options.seed, steer=steer)
+                                      seed=options.seed, steer=steer, mix=mix)
             return
         from ..export.generate import generate_steps, prepare
 
@@ -128,27 +131,30 @@ class TextEngine:
         arrays = prepare(self.lm, np.asarray([ids], np.int64), None, options.max_new_tokens,
                          options.do_sample, options.temperature, options.top_k or 0,
                          options.top_p if options.top_p is not None else 1.0,
-                         self.eos_token_id, pad, steer)
-        ids_a, mask, eos, pad, bias = arrays
+                         self.eos_token_id, pad, steer, mix)
+        ids_a, mask, eos, pad, bias, weights = arrays
         for new, _ in generate_steps(self.lm, ids_a, mask, max_new_tokens=options.max_new_tokens,
                                      do_sample=options.do_sample, temperature=options.temperature,
                                      top_k=options.top_k or 0,
                                      top_p=options.top_p if options.top_p is not None else 1.0,
-                                     seed=options.seed, eos=eos, pad=pad, bias=bias):
+                                     seed=options.seed, eos=eos, pad=pad, bias=bias,
+                                     weights=weights):
             yield int(new[0])
 
-    def generate(self, prompt, options, steer: Optional[dict] = None) -> dict:
+    def generate(self, prompt, options, steer: Optional[dict] = None,
+                 mix: Optional[dict] = None) -> dict:
         """{"text", "new_tokens"} for `prompt` (string or messages)."""
         ids = self.encode(prompt, options.chat_template)
-        new = list(self.tokens(ids, options, steer))
+        new = list(self.tokens(ids, options, steer, mix))
         return {"text": self.decode(new).strip(), "new_tokens": len(new)}
 
-    def stream(self, prompt, options, steer: Optional[dict] = None) -> Iterator[str]:
+    def stream(self, prompt, options, steer: Optional[dict] = None,
+               mix: Optional[dict] = None) -> Iterator[str]:
         """Yields the text as it grows, in pieces (a piece is held back while it ends in
         an incomplete UTF-8 character)."""
         ids = self.encode(prompt, options.chat_template)
         new, sent = [], ""
-        for token in self.tokens(ids, options, steer):
+        for token in self.tokens(ids, options, steer, mix):
             new.append(token)
             text = self.decode(new)
             if text.endswith("\ufffd"):
