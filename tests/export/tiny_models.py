@@ -17,6 +17,9 @@ SENTENCES = [
 ]
 PROMPTS = ["Hello world", "The quick brown fox jumps over", "A safe answer"]
 GROUPS = {"concise": [0, 1], "safe": [2, 3]}
+# a steerable adapter's groups, listed out of sorted order: the graphs' inputs take the
+# sorted order (concise, verbose), the routers the config's (verbose, concise)
+MIX_GROUPS = {"verbose": [0, 1], "concise": [2, 3]}
 
 
 def bpe_tokenizer():
@@ -46,24 +49,29 @@ def tiny_lm(arch: str, vocab_size: int, seed: int = 0):
                                                                   **common)).eval()
 
 
-def with_molora(model, seed: int = 0):
+def with_molora(model, seed: int = 0, steerable: bool = False):
     """PMoL-style adapter: 4 LoRA experts in 2 groups + 1 null expert, top-2, with random
-    B and router weights so that the experts change the output and routing varies."""
+    B and router weights so that the experts change the output and routing varies.
+    steerable: the routers take a preference mix over MIX_GROUPS, with random mix_scale and
+    mix_proj so that the mix changes the routing."""
     moe_ext.get_molora_model(model, MoLoRAConfig(
         r=4, target_modules="all-linear", num_experts=4, num_null_experts=1, top_k=2,
-        expert_groups=GROUPS))
+        expert_groups=MIX_GROUPS if steerable else GROUPS, steerable=steerable))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in moe_ext.molora_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
             layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=g))
+            if steerable:
+                layer.mix_scale.copy_(1.0 + torch.rand(1, generator=g))
+                layer.mix_proj.copy_(torch.randn(layer.mix_proj.shape, generator=g) * 2.0)
     return model
 
 
-def export_tiny(arch: str, folder, tokenizer, **kwargs):
+def export_tiny(arch: str, folder, tokenizer, steerable: bool = False, **kwargs):
     """(PyTorch model, path of its generation graph)."""
     from moe_ext.export import export_causal_lm
 
-    model = with_molora(tiny_lm(arch, len(tokenizer)))
+    model = with_molora(tiny_lm(arch, len(tokenizer)), steerable=steerable)
     path = export_causal_lm(model, os.path.join(str(folder), f"{arch}.onnx"), **kwargs)
     return model, path

@@ -136,6 +136,7 @@ def test_score_and_feedback_personalise_the_rewards(server, artefacts):
     ("/generate", {"prompt": "hi", "temperture": 0.5}, 422, "temperture"),
     ("/generate", {"prompt": "hi", "top_p": 1.5}, 422, "top_p"),
     ("/generate", {"prompt": "hi", "steer": {"safe": "much"}}, 422, "steer"),
+    ("/generate", {"prompt": "hi", "mix": {"safe": 1}}, 400, "take no preference mix"),
     ("/score", {"prompt": "q", "responses": []}, 422, "responses"),
     ("/score", {"prompt": "q", "responses": ["a"] * 65}, 400, "at most 64"),
     ("/feedback", {"user_id": "", "prompt": "q", "chosen": "a", "rejected": "b"}, 422, "user_id"),
