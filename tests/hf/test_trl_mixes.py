@@ -149,15 +149,13 @@ def test_preference_labels_column_round_trip(hf_models, tmp_path):
             collate([{"preference": "safe", "preference_labels": {"concise": 1}},
                      {"preference": "safe", "preference_labels": bad}])
     # through the trainer: a JSON string column is kept and collated
-    rows = [{**r, "preference_labels": None if r["preference_labels"] is None else json.dumps(r["preference_labels"])}
+    rows = [{**r, "preference_labels": r["preference_labels"] and json.dumps(r["preference_labels"])}
             for r in mix_rows()]
     trainer = trainer_for(hf_models["llama"], tmp_path, rows=rows, batch=12)
-    trainer.args.remove_unused_columns = True
-    loader = trainer.get_train_dataloader()
-    batch = next(iter(loader))
-    order = [GROUPS.index(g) for g in GROUPS]
-    expected = {json.dumps(LABELS[0]): [1, -1, 0], json.dumps(LABELS[2]): [0, 0, -1]}
-    got = sorted(batch["preference_labels"][:, order].tolist())
+    trainer.args.remove_unused_columns = True  # the column is kept all the same
+    batch = next(iter(trainer.get_train_dataloader()))
+    expected = {json.dumps(LABELS[0]): [1, -1, 0], json.dumps(LABELS[2]): [0, 0, -1]}  # GROUPS' order
+    got = sorted(batch["preference_labels"].tolist())
     want = sorted(expected.get(r["preference_labels"], [int(g == r["preference"]) for g in GROUPS])
                   for r in rows)
     assert got == want
