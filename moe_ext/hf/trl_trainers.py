@@ -24,8 +24,9 @@ come from a `preference_labels` column ({group: 1, -1 or 0} or its JSON string; 
 without one has +1 at its own `preference`). TRL 1.16 has no rpo_alpha: its RPO is
 loss_type=["sigmoid", "sft"] with loss_weights=[1, rpo_alpha], which here puts the same
 weights on the NLL per token of the response each group prefers. Logged besides TRL's
-metrics: mix/mixed (share of pairs with a mix) and mix/accuracies (share of the taught
-(pair, group) margins of the right sign).
+metrics: mix/mixed (share of pairs with a mix), mix/accuracies (share of the taught
+(pair, group) margins of the right sign) and, with RPO, mix/nll. Gradient checkpointing
+(TRL's default) needs use_reentrant=False: the recomputation is given the same mix.
 
     model = moe_ext.get_molora_model(base, pmol.pmol_config(groups, steerable=True))
     trainer = MoLoRADPOTrainer(model, args=trl.DPOConfig(output_dir="out", beta=0.1),
