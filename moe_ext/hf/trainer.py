@@ -20,9 +20,8 @@ from transformers import Trainer
 
 from ..molora import load_molora, molora_layers
 from ..molora.saving import CONFIG_NAME
-from .collator import PreferenceCollator
+from .collator import PREFERENCE, PreferenceCollator
 
-PREFERENCE = "preference"
 _UNSET = object()
 
 
@@ -50,18 +49,21 @@ def quantized_base_accepted(model) -> Iterator[None]:
 class MoLoRATrainerMixin:
     """Mix into a Trainer subclass before it (class T(MoLoRATrainerMixin, Trainer))."""
 
-    def _wrap_preference_collator(self) -> None:
+    _kept_columns: tuple[str, ...] = (PREFERENCE,)  # dataset columns the collator reads
+
+    def _wrap_preference_collator(self, multi_labels: bool = False) -> None:
         config = getattr(self.model, "molora_config", None)
         if config is None:
             raise ValueError(f"{type(self).__name__} needs a model with MoLoRA layers "
                              "(moe_ext.get_molora_model or load_molora)")
         groups = list(config.expert_groups)
-        self.data_collator = PreferenceCollator(self.data_collator, groups)
+        self.data_collator = PreferenceCollator(self.data_collator, groups, multi_labels)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if PREFERENCE not in self._signature_columns:
-            self._signature_columns = list(self._signature_columns) + [PREFERENCE]
+        missing = [c for c in self._kept_columns if c not in self._signature_columns]
+        if missing:
+            self._signature_columns = list(self._signature_columns) + missing
 
     def _is_adapter_checkpoint(self, folder) -> bool:
         return bool(folder) and bool(molora_layers(self.model)) and os.path.isfile(

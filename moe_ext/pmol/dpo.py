@@ -121,9 +121,8 @@ def mix_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfig
     it plus "mix" (B, G), pair i's lambda_i on the simplex (the routers of its chosen and
     rejected sequence both see it), or a row of zeros: no mix for that pair (the prompt
     routes it, and it takes the ordinary DPO + RPO and group losses)."""
-    B = batch["input_ids"].shape[0] // 2
     lam = batch["mix"].to(torch.float32)                          # (B, G)
-    labels = batch["labels"].to(lam.device)                       # (B, G) in {1, -1, 0}
+    labels = batch["labels"]                                      # (B, G) in {1, -1, 0}
     mixed = lam.sum(-1) > 0                                       # (B,)
     with mix_override(lam.repeat(2, 1)):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -135,29 +134,50 @@ def mix_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfig
     with torch.no_grad(), disable_adapters(raw_model):
         ref_out = raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         ref = sequence_logps(ref_out.logits, batch["input_ids"], batch["response_mask"])
-    margins = dpo.beta * ((policy[:B] - ref[:B]) - (policy[B:] - ref[B:]))  # (B,)
+    loss, parts = mix_dpo_loss(policy, ref, lam, labels, batch["response_mask"], dpo.beta,
+                               dpo.label_smoothing, dpo.rpo_alpha)
+    metrics = {"loss": parts["dpo"], "dpo_acc": parts["dpo_acc"], "balance": aux["load_balance"].item(),
+               "group": aux["group"].item(), "mixed": parts["mixed"]}
+    if "nll" in parts:
+        metrics["nll"] = parts["nll"]
+    return loss + aux["total"], metrics
+
+
+def mix_dpo_loss(policy: torch.Tensor, ref: torch.Tensor, lam: torch.Tensor, labels: torch.Tensor,
+                 response_mask: torch.Tensor, beta: float, label_smoothing: float = 0.0,
+                 rpo_alpha: float = 0.0):
+    """The preference part of mix_loss (module docstring), shared with TRL's path
+    (moe_ext.hf.trl_trainers.MoLoRADPOTrainer): policy and ref (2B,) sequence log-probs,
+    the B chosen then the B rejected; lam (B, G) each pair's mix, a row of zeros for a pair
+    without one (ordinary DPO); labels (B, G) in {1, -1, 0}; response_mask (2B, S), 1 on
+    response tokens (for the NLL per token). Returns (loss, parts): the loss tensor (DPO +
+    rpo_alpha * NLL, no router losses) and floats {"dpo", "dpo_acc", "mixed"[, "nll"]}."""
+    B = lam.shape[0]
+    lam = lam.to(torch.promote_types(policy.dtype, torch.float32))
+    labels = labels.to(lam.device)
+    mixed = lam.sum(-1) > 0                                       # (B,)
+    margins = beta * ((policy[:B] - ref[:B]) - (policy[B:] - ref[B:]))  # (B,)
     # pairs without a mix: ordinary DPO, as weight 1 on label +1 of one column
     plain = torch.zeros_like(lam)
     plain[:, 0] = 1.0
     weight = torch.where(mixed[:, None], lam * labels.abs().to(lam.dtype), plain)  # (B, G)
     sign = torch.where(mixed[:, None], labels.to(lam.dtype), torch.ones_like(lam))
     signed = sign * margins[:, None]                              # (B, G)
-    ls = dpo.label_smoothing
+    ls = label_smoothing
     per = -(1 - ls) * F.logsigmoid(signed) - ls * F.logsigmoid(-signed)
     total = _share_mean(weight, mixed)                            # (B, G) normalised weights
     loss = (total * per).sum()
     taught = weight > 0
-    metrics = {"loss": loss.item(), "dpo_acc": ((signed > 0) & taught).sum().item()
-               / max(1, int(taught.sum())), "balance": aux["load_balance"].item(),
-               "group": aux["group"].item(), "mixed": mixed.float().mean().item()}
-    if dpo.rpo_alpha > 0:
-        tokens = batch["response_mask"][:, 1:].sum(-1).clamp_min(1).to(policy.dtype)  # (2B,)
+    parts = {"dpo": loss.item(), "dpo_acc": ((signed > 0) & taught).sum().item()
+             / max(1, int(taught.sum())), "mixed": mixed.float().mean().item()}
+    if rpo_alpha > 0:
+        tokens = response_mask[:, 1:].sum(-1).clamp_min(1).to(policy.dtype)  # (2B,)
         per_token = -policy / tokens                              # NLL per token of each sequence
         nll_pref = torch.where(sign > 0, per_token[:B, None], per_token[B:, None])  # (B, G)
         nll = (total * nll_pref).sum()
-        loss = loss + dpo.rpo_alpha * nll
-        metrics["nll"] = nll.item()
-    return loss + aux["total"], metrics
+        loss = loss + rpo_alpha * nll
+        parts["nll"] = nll.item()
+    return loss, parts
 
 
 def _share_mean(weight: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
