@@ -1,8 +1,9 @@
 """A steerable adapter's preference mix through its generation graph (the preference_weights
 input, groups in sorted order while the adapter lists them otherwise): greedy tokens and one
 step's logits equal PyTorch's under preference_mix on onnxruntime (OrtCausalLM), on
-onnxruntime-genai (GenaiCausalLM) and through `moe-ext generate --onnx --mix`; no mix fed
-equals no mix; bad mixes and a mix for a graph that is not steerable are named errors."""
+onnxruntime-genai (GenaiCausalLM, the folder of `moe-ext export --adapter`) and through
+`moe-ext generate --onnx --mix`; no mix fed equals no mix; bad mixes and a mix for a graph
+that is not steerable are named errors."""
 import json
 import os
 
@@ -14,6 +15,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 pytest.importorskip("transformers")
 
+import moe_ext  # noqa: E402
 from moe_ext import cli, pmol  # noqa: E402
 from moe_ext.export import OrtCausalLM, export_causal_lm  # noqa: E402
 from moe_ext.export.genai import genai_available  # noqa: E402
@@ -39,11 +41,16 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def steerable(tmp_path_factory, tokenizer):
     """(PyTorch model, OrtCausalLM of export_causal_lm's graph (optional steering inputs),
-    export_folder's folder (required inputs, for genai)) of one steerable tiny Llama."""
+    the folder `moe-ext export --adapter` writes from its saved adapter (required inputs,
+    for genai)) of one steerable tiny Llama."""
     model = with_molora(tiny_lm("llama", len(tokenizer)), steerable=True)
     root = tmp_path_factory.mktemp("mix")
     lm = OrtCausalLM(export_causal_lm(model, str(root / "lm.onnx")))
-    export_folder(model, str(root / "folder"), tokenizer)
+    tiny_lm("llama", len(tokenizer)).save_pretrained(str(root / "base"))  # seeded: model's base
+    tokenizer.save_pretrained(str(root / "base"))
+    moe_ext.save_molora(model, str(root / "adapter"))
+    assert cli.main(["export", "--adapter", str(root / "adapter"), "--base", str(root / "base"),
+                     "--output", str(root / "folder")]) == 0
     return model, lm, str(root / "folder")
 
 
@@ -60,7 +67,7 @@ def plain(tmp_path_factory, tokenizer):
     return folder
 
 
-def torch_generate(model, prompts, mix, max_new_tokens=16, eos_token_id=None):
+def torch_generate(model, prompts, mix, max_new_tokens=12, eos_token_id=None):
     """transformers' greedy generate under the preference mix `mix`."""
     with torch.no_grad(), preference_mix(model, mix):
         return model.generate(**prompts, do_sample=False, max_new_tokens=max_new_tokens,
@@ -83,15 +90,15 @@ def test_greedy_tokens_equal_pytorch_for_each_mix_and_differ_between_mixes(steer
     outs = []
     for mix in MIXES:
         want = torch_generate(model, prompts, mix)
-        got = lm.generate(prompts["input_ids"], prompts["attention_mask"], max_new_tokens=16,
+        got = lm.generate(prompts["input_ids"], prompts["attention_mask"], max_new_tokens=12,
                           mix=mix, eos_token_id=[])
         assert torch.equal(got, want), mix
         outs.append(got)
     assert not torch.equal(outs[0], outs[2]) and not torch.equal(outs[1], outs[2])
     # the mix per row: each row as it is alone
-    rows = lm.generate(prompts["input_ids"], prompts["attention_mask"], max_new_tokens=16,
+    rows = lm.generate(prompts["input_ids"], prompts["attention_mask"], max_new_tokens=12,
                        mix=[MIXES[0], None, MIXES[2]], eos_token_id=[])
-    plain = lm.generate(prompts["input_ids"], prompts["attention_mask"], max_new_tokens=16,
+    plain = lm.generate(prompts["input_ids"], prompts["attention_mask"], max_new_tokens=12,
                         eos_token_id=[])
     assert torch.equal(rows[0], outs[0][0]) and torch.equal(rows[2], outs[2][2])
     assert torch.equal(rows[1], plain[1])
