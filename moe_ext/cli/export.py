@@ -149,8 +149,9 @@ def register(sub) -> None:
         description="Export to ONNX with standard ops only (runs on any onnxruntime "
                     "execution provider), dynamic batch and sequence length. A PMoL model "
                     "becomes a generation graph: KV cache in and out, position ids, the "
-                    "attention mask and the steering bias (group_bias, default zeros) as "
-                    "inputs; its folder also gets genai_config.json (onnxruntime-genai loads "
+                    "attention mask, the steering bias (group_bias) and, for a steerable "
+                    "adapter, its preference mix (preference_weights) as inputs (zeros: no "
+                    "steering, no mix); its folder also gets genai_config.json (onnxruntime-genai loads "
                     "it as it is) and the tokenizer.")
     ex.add_argument("--adapter", help="adapter folder (save_molora), or a train-pmol output folder")
     ex.add_argument("--base", help="base model: hub id or folder (default: the one the adapter "
