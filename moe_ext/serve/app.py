@@ -1,6 +1,7 @@
 """The HTTP API of `moe-ext serve` (FastAPI, run by uvicorn).
 
-  GET  /health                 status, versions, what is loaded (runtime, provider, groups, experts)
+  GET  /health                 status, versions, what is loaded (runtime, provider, groups,
+                               steerable: whether /generate takes a mix, experts)
   POST /generate               {prompt, max_new_tokens, steer {group: bias} or mix
                                {group: weight} (a steerable adapter's preference mix),
                                do_sample, temperature, top_k, top_p, seed, chat_template, stream}
@@ -13,8 +14,9 @@
 Request bodies are validated (unknown fields, wrong types, non-finite numbers: 422 naming
 the field); other bad requests (an unknown steering group, too many tokens, no model
 loaded for the endpoint) get 400 or 404 with a message; so does a bad mix (a negative or
-all-zero weight, an unknown group, a mix for a model that is not steerable or with a steer). The blocking work runs in the
-server's thread pool, so requests proceed concurrently."""
+all-zero weight, an unknown group, a mix for a model that is not steerable or with a
+steer). The blocking work runs in the server's thread pool, so requests proceed
+concurrently."""
 from __future__ import annotations
 
 import json
@@ -104,7 +106,8 @@ def make_app(text=None, reward=None, store=None, update=None,
         out = {"status": "ok", "version": __version__, "generation": None, "reward": None}
         if text is not None:
             out["generation"] = {"runtime": text.runtime, "provider": text.provider,
-                                 "groups": text.groups, "folder": text.folder}
+                                 "groups": text.groups, "steerable": text.lm.steerable,
+                                 "folder": text.folder}
         if reward is not None:
             out["reward"] = {"experts": reward.num_experts, "profiles": store.kind}
         return out

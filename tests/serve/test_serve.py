@@ -70,7 +70,7 @@ def test_health_says_what_runs(server):
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok"
     assert h["generation"]["runtime"] == "genai" and h["generation"]["provider"] == "cpu"
-    assert h["generation"]["groups"] == ["concise", "safe"]
+    assert h["generation"]["groups"] == ["concise", "safe"] and h["generation"]["steerable"] is False
     assert h["reward"] == {"experts": 3, "profiles": "sqlite"}
 
 

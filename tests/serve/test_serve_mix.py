@@ -39,6 +39,7 @@ def served(tmp_path_factory):
 
 def test_generate_with_a_mix_gives_the_pytorch_text_and_streams_it(served):
     model, tok, client = served
+    assert client.get("/health").json()["generation"]["steerable"] is True
     options = pmol.GenerationOptions(max_new_tokens=12, chat_template=False)
     body = {"prompt": PROMPTS[1], "max_new_tokens": 12, "chat_template": False}
     texts = {}
