@@ -42,12 +42,17 @@ def markdown(rows, facts, groups, pairs) -> str:
         f"{facts['date']}, {facts['seconds']} s in all.  ",
         "Command: `.venv/bin/python experiments/pmol_mixing.py`", "",
         f"World: moe_ext.pmol.mixing_world, {a['train_size']} training and {a['eval_size']} held-out "
-        f"pairs per preference ({', '.join(groups)}). Base: {base}, then SFT on both responses for "
+        f"pairs per preference ({', '.join(groups)})"
+        + (f", {a['unmarked']:.0%} of the training prompts without their preference's marker"
+           if a.get("unmarked") else "")
+        + f". Base: {base}, then SFT on both responses for "
         f"{a['sft_steps']} steps. Every method: DPO (beta {a['beta']}) + RPO (alpha {a['rpo_alpha']}), "
         f"AdamW lr {a['lr']}, batch {a['batch_size']}, {a['steps']} steps (Rewarded Soups: "
         f"{a['steps'] // len(groups)} per preference LoRA), expert rank {a['rank']}"
         + (f"; steerable PMoL: mixes ~ Dirichlet({a['mix_alpha']}) per pair, "
-           f"{a['mix_none_prob']:.0%} of the pairs without a mix" if "mix_alpha" in a else "")
+           f"{a['mix_none_prob']:.0%} of the pairs without a mix"
+           + "".join(f", {k.replace('_', ' ')} {v}" for k, v in facts.get("steerable_overrides", {}).items())
+           if "mix_alpha" in a else "")
         + ". Replies sampled "
         f"at temperature {a['temperature']}, at most {a['max_new_tokens']} tokens, scored by "
         "moe_ext.pmol.scorers. Mean ± std over seeds " + ", ".join(map(str, seeds)) + ".", "",

@@ -19,7 +19,8 @@ of the pairs), seeded by (args.seed, global step, micro-batch, rank) as train_pm
 policy's routers see it, and the loss is moe_ext.pmol.dpo.mix_loss's with TRL's beta and
 label_smoothing (applied as conservative DPO, as moe_ext.pmol does): per group g the DPO
 loss over the pair's margin signed by its label for g, weighted by lambda_g |label| (pairs
-without a mix: ordinary DPO and the group loss), plus the router losses. Labels per group
+without a mix: ordinary DPO; the two parts count equally), plus the router losses (the
+group loss on every pair's prompt routing). Labels per group
 come from a `preference_labels` column ({group: 1, -1 or 0} or its JSON string; a row
 without one has +1 at its own `preference`). TRL 1.16 has no rpo_alpha: its RPO is
 loss_type=["sigmoid", "sft"] with loss_weights=[1, rpo_alpha], which here puts the same
@@ -146,9 +147,6 @@ class MoLoRADPOTrainer(MoLoRATrainerMixin, DPOTrainer):
         mode = "train" if self.model.training else "eval"
         B = inputs["input_ids"].shape[0] // 2
         lam = self._next_mixes(B).to(inputs["input_ids"].device)       # (B, G)
-        mixed = lam.sum(-1) > 0
-        if PREFERENCE in inputs:  # the group loss for pairs without a mix only: the mix routes the others
-            inputs[PREFERENCE] = inputs[PREFERENCE].masked_fill(mixed.to(inputs[PREFERENCE].device), -1)
         # TRL runs the forwards (fused LM head) and logs its metrics; its DPO loss is replaced
         # by the mix loss on the same log-probs
         rows = lam.repeat(2, 1)                                          # (2B, G): chosen, rejected

@@ -141,9 +141,10 @@ class MoLoRALinear(nn.Module):
     (E, O, R) (zeros, so a fresh layer equals its base), router (nn.Linear D -> E + N, no
     bias). Buffer logit_bias (E + N,) is added to the router logits (steering; zeros by
     default). A steerable config adds mix_scale (1,) and mix_proj (G, E + N): under a
-    preference mix lambda (B, G) (preference_mix) the router logits of batch row b get
-    mix_scale * log(G * lambda_b,g) on group g's experts plus lambda_b @ mix_proj (see
-    mix_bias). After each forward, `last_routing` holds that call's routing.
+    preference mix lambda (B, G) (preference_mix) the router logits of batch row b become
+    log-shares within their groups (within_groups: the mix, not the prompt, decides between
+    groups) plus mix_scale * log(G * lambda_b,g) on group g's experts plus lambda_b @
+    mix_proj (mix_bias). After each forward, `last_routing` holds that call's routing.
     `adapters_enabled = False` makes the layer exactly its base (see disable_adapters)."""
 
     def __init__(self, base: nn.Module, config: MoLoRAConfig):
@@ -200,9 +201,29 @@ class MoLoRALinear(nn.Module):
         G = self.mix_members.shape[0]
         lam = mix.to(device=self.mix_members.device, dtype=torch.float32)
         logw = torch.log(G * lam.clamp_min(MIX_FLOOR))
-        bias = self.mix_scale.float() * (logw @ self.mix_members) + lam @ self.mix_proj.float()
+        bias = self.mix_scale.float() * (logw @ self.mix_members.float()) + lam @ self.mix_proj.float()
         # a row of zeros: no mix for that row (training mixes such rows into its batches)
         return bias * (lam.sum(-1, keepdim=True) > 0).to(bias.dtype)
+
+    def within_groups(self, logits: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """Router logits (B, ..., E + N) of the batch rows that have a mix (B or 1, G) (a row
+        not all zero) as log-shares within each group, in float32: a grouped expert's logit
+        minus the logsumexp of its group's, an expert in no group (the null expert) its logit
+        minus the logsumexp of all grouped experts'. With mix_bias added, the mix alone
+        decides how much each group gets and the router only how a group's share is split
+        between its experts (token routing inside a group) and how much goes to the null
+        expert. Why: the group loss trains the router to read the preference from the prompt;
+        left in, that reading would fight the mix (a prompt that asks for brevity pulling a
+        verbose mix back), and the mix's DPO gradient would flatten it. Rows without a mix
+        keep the router's logits."""
+        member = self.mix_members.to(torch.bool)                      # (G, E + N)
+        L = logits.float()
+        grouped = member.any(0)                                       # (E + N,)
+        group_lse = torch.logsumexp(L.unsqueeze(-2).masked_fill(~member, float("-inf")), -1)
+        all_lse = torch.logsumexp(L.masked_fill(~grouped, float("-inf")), -1, keepdim=True)
+        own = group_lse @ self.mix_members.float() + all_lse * (~grouped).float()  # (B, ..., E + N)
+        has = (mix.sum(-1) > 0).to(L.device).reshape(-1, *([1] * (L.dim() - 1)))
+        return torch.where(has, L - own, L)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., O)."""
@@ -254,7 +275,7 @@ class MoLoRALinear(nn.Module):
             route_logits, bias = _add_row_bias(logits, override.row_bias), None
         mix = _MIX.get()
         if mix is not None and self.mix_proj is not None:
-            route_logits = _add_row_bias(route_logits, self.mix_bias(mix))
+            route_logits = _add_row_bias(self.within_groups(route_logits, mix), self.mix_bias(mix))
         route_kw = dict(temperature=c.router_temperature, logit_bias=bias)
         if h_all is not None:  # the routing keeps x's batch rows (row_bias above)
             out = molora_from_shrink(h_all, route_logits.reshape(-1, logits.shape[-1]), B, c.top_k,

@@ -98,6 +98,16 @@ def _warn_if_graphless(model: nn.Module, layers: list) -> None:
             f"docs/guide-hf.md", RouterLossGradientWarning, stacklevel=3)
 
 
+def _prompt_routing(r, config: MoLoRAConfig) -> torch.Tensor:
+    """The routing probabilities the group loss trains: the layer's own, or for a steerable
+    config the routing the prompt alone gives (softmax of the router logits before any bias
+    or mix), so that every pair, whether a mix routed it or not, teaches the router to read
+    the preference from the prompt (what routes it when no mix is given)."""
+    if not config.steerable:
+        return r.probs
+    return torch.softmax(r.logits.float() / config.router_temperature, dim=-1)
+
+
 def router_losses(model: nn.Module, preference: Optional[torch.Tensor] = None,
                   token_mask: Optional[torch.Tensor] = None, groups: Optional[list[str]] = None,
                   count_null_in_group: bool = False) -> dict[str, torch.Tensor]:
@@ -129,7 +139,7 @@ def router_losses(model: nn.Module, preference: Optional[torch.Tensor] = None,
         lb = lb + load_balance_loss(r.probs, r.experts, mask)
         zl = zl + router_z_loss(r.logits, mask)
         if token_pref is not None:
-            gl = gl + group_soft_loss(r.probs, token_pref, masks, mask)
+            gl = gl + group_soft_loss(_prompt_routing(r, config), token_pref, masks, mask)
     n = len(layers)
     out = {"load_balance": lb / n, "z_loss": zl / n, "group": gl / n}
     out["total"] = (config.router_aux_loss_coef * out["load_balance"]

@@ -21,8 +21,10 @@ draws its own mix lambda_i ~ Dirichlet(mix_alpha) over the G groups, the routers
 with l_ig the pair's label for group g (1, -1, 0: data.preference_labels; a single-label
 row has 1 at its own group, so it is weighted by its own preference's lambda), w normalised
 to a weighted mean. A share mix_none_prob of the pairs draws no mix instead: the prompt
-routes them and they take the ordinary DPO + RPO and group losses (each part weighted by
-its share of the batch), so the model still routes by the prompt when no mix is given.
+routes them and they take the ordinary DPO + RPO (the two parts count equally, whatever
+their shares), so the model still follows the prompt when no mix is given. Under a mix the
+mix alone decides between the groups (MoLoRALinear.within_groups), and the group loss
+trains, on every pair, the routing the prompt alone gives (molora.losses._prompt_routing).
 """
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ def mix_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfig
     """The loss of a step over sampled mixes (module docstring): batch as collate_dpo gives
     it plus "mix" (B, G), pair i's lambda_i on the simplex (the routers of its chosen and
     rejected sequence both see it), or a row of zeros: no mix for that pair (the prompt
-    routes it, and it takes the ordinary DPO + RPO and group losses)."""
+    routes it, and it takes the ordinary DPO + RPO); the group loss covers every pair."""
     lam = batch["mix"].to(torch.float32)                          # (B, G)
     labels = batch["labels"]                                      # (B, G) in {1, -1, 0}
     mixed = lam.sum(-1) > 0                                       # (B,)
@@ -128,9 +130,9 @@ def mix_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfig
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_router_logits=False)
     policy = sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
-    # the group loss for the pairs without a mix only: the mix, not the prompt, routes the others
-    preference = batch["preference"].masked_fill(mixed.repeat(2).to(batch["preference"].device), -1)
-    aux = router_losses(raw_model, preference, batch["attention_mask"], groups, dpo.count_null_in_group)
+    # the group loss for every pair, on the routing its prompt alone gives (losses._prompt_routing)
+    aux = router_losses(raw_model, batch["preference"], batch["attention_mask"], groups,
+                        dpo.count_null_in_group)
     with torch.no_grad(), disable_adapters(raw_model):
         ref_out = raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         ref = sequence_logps(ref_out.logits, batch["input_ids"], batch["response_mask"])
@@ -181,14 +183,13 @@ def mix_dpo_loss(policy: torch.Tensor, ref: torch.Tensor, lam: torch.Tensor, lab
 
 
 def _share_mean(weight: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-    """weight (B, G) scaled so that the mixed pairs' part is their weighted mean times their
-    share of the batch, and the others' part their plain mean times theirs: for a mix shared
-    by the batch this is sum_g lambda_g * (mean loss of the pairs labelled for g), up to a
-    constant, whatever the share of labelled pairs."""
-    B = weight.shape[0]
+    """weight (B, G) scaled so that the mixed pairs' part is their weighted mean and the
+    others' part their plain mean, the two parts counting equally when the batch holds both:
+    following the mix and following the prompt are two tasks of equal weight however the
+    pairs are shared between them (mix_none_prob sets only how many pairs each gets; a
+    smaller share weighted by its size left the prompt's routing undertrained)."""
     out = torch.zeros_like(weight)
-    for rows in (mixed, ~mixed):
-        w = weight[rows]
-        if w.numel() and w.sum() > 0:
-            out[rows] = w / w.sum() * (rows.sum() / B)
+    parts = [rows for rows in (mixed, ~mixed) if bool(rows.any()) and weight[rows].sum() > 0]
+    for rows in parts:
+        out[rows] = weight[rows] / weight[rows].sum() / len(parts)
     return out

@@ -60,6 +60,23 @@ def test_world_pairs_agree_with_the_scorers():
         world.markers("funny")
 
 
+def test_world_answers_lead_with_the_asked_word_and_some_prompts_are_unmarked():
+    rows = pmol.mixing_preference_data(200, seed=4, unmarked=0.25)
+    marker_words = {m for g in GROUPS for m in world.markers(g)}
+    for r in rows:  # an answering reply is a direct answer: the asked-for word first
+        asked = world.asked_word(r.prompt)
+        for reply in (r.chosen, r.rejected):
+            words = reply.split()
+            words = words[3:] if words[:3] == world.COMPLIANCE else words
+            assert [i for i, w in enumerate(words) if w == asked] in ([], [0])
+    unmarked = sum(not set(r.prompt.split()) & marker_words for r in rows) / len(rows)
+    assert 0.18 < unmarked < 0.32
+    assert pmol.mixing_preference_data(5, seed=4) == pmol.mixing_preference_data(5, seed=4, unmarked=0.0)
+    assert all(set(r.prompt.split()) & marker_words for r in pmol.mixing_preference_data(50, seed=4))
+    with pytest.raises(ValueError, match="unmarked"):
+        pmol.mixing_preference_data(2, unmarked=1.5)
+
+
 def _union_volume(points, ref):
     """Inclusion-exclusion over all subsets: the independent reference for hypervolume."""
     total = 0.0
