@@ -7,13 +7,12 @@ is the entry point; the step function it drives is `OrtCausalLM.__call__` (one f
 with the KV cache kept on the device)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from moe_ext.molora import mix_tensor
+from moe_ext.molora.model import mix_rows
 
 
 class GenerateOutput(NamedTuple):
@@ -61,13 +60,10 @@ def mix_weights(groups: list[str], steerable: bool, mix, name: str = "mix") -> O
         raise ValueError(f"{name}: this graph's routers take no preference mix (its adapter's "
                          f"MoLoRAConfig.steerable is false); steer it with steer {{group: bias}}")
     rows = _rows(mix, "weight", name)
-    # mix_tensor reads only molora_config.expert_groups: a stand-in with the graph's groups
-    # (sorted, the inputs' order) gives its checks and normalisation
-    model = SimpleNamespace(molora_config=SimpleNamespace(expert_groups=dict.fromkeys(groups)))
     weights = np.zeros((len(rows), len(groups)), np.float32)
     for i, row in enumerate(rows):
-        if row is not None:
-            weights[i] = mix_tensor(model, row, name)[0].numpy()
+        if row is not None:  # groups: the graph's, sorted (the inputs' order)
+            weights[i] = mix_rows(groups, row, name)[0].numpy()
     return weights
 
 

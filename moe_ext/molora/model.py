@@ -238,7 +238,12 @@ def mix_tensor(model: nn.Module, mix: Mix, name: str = "mix") -> torch.Tensor:
     config = getattr(model, "molora_config", None)
     if config is None or not config.expert_groups:
         raise ValueError(f"{name}: the model has no expert groups to mix (a PMoL adapter has)")
-    groups = list(config.expert_groups)
+    return mix_rows(list(config.expert_groups), mix, name)
+
+
+def mix_rows(groups: list[str], mix: Mix, name: str = "mix") -> torch.Tensor:
+    """mix_tensor for a list of group names (G): (1, G) or (B, G) float32 rows on the
+    simplex in the order of `groups`, with mix_tensor's checks and errors."""
     if isinstance(mix, dict):
         unknown = [g for g in mix if g not in groups]
         if unknown:
