@@ -151,9 +151,10 @@ class TextEngine:
     def stream(self, prompt, options, steer: Optional[dict] = None,
                mix: Optional[dict] = None) -> Iterator[str]:
         """Yields the text as it grows, in pieces (a piece is held back while it ends in
-        an incomplete UTF-8 character)."""
+        an incomplete UTF-8 character; what is still held at the end is sent as decoded,
+        so the pieces add up to generate's text)."""
         ids = self.encode(prompt, options.chat_template)
-        new, sent = [], ""
+        new, sent, text = [], "", ""
         for token in self.tokens(ids, options, steer, mix):
             new.append(token)
             text = self.decode(new)
@@ -162,6 +163,8 @@ class TextEngine:
             if len(text) > len(sent) and text.startswith(sent):
                 yield text[len(sent):]
                 sent = text
+        if len(text) > len(sent) and text.startswith(sent):  # ended inside a character
+            yield text[len(sent):]
 
 
 class RewardEngine:
