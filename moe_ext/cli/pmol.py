@@ -112,7 +112,9 @@ def register(sub) -> None:
                    help="a steerable adapter: routers that take the preference mix (moe-ext "
                         "generate --mix), trained over mixes ~ Dirichlet(MIX_ALPHA), one per pair "
                         "(below 1: mostly near one or two groups); rows weighted by their own "
-                        "preference's weight, or by a label per preference (preference_labels)")
+                        "preference's weight, or by a label per preference (preference_labels, "
+                        "which steered better in experiments/pmol_mixing.py, with "
+                        "--group-loss-coef 2)")
     p.add_argument("--mix-none-prob", type=mix_none_prob, default=d.mix_none_prob,
                    help="with --mix-alpha: the share of pairs without a mix (the prompt decides)")
     p.add_argument("--experts-per-group", type=experts_int, default=d.experts_per_group)
@@ -123,7 +125,9 @@ def register(sub) -> None:
     p.add_argument("--target-modules", nargs="+", default=[d.target_modules],
                    help="module names (q_proj v_proj, or q_proj,v_proj), one regex over whole "
                         "names, or all-linear")
-    p.add_argument("--group-loss-coef", type=nonnegative_float, default=d.group_loss_coef)
+    p.add_argument("--group-loss-coef", type=nonnegative_float, default=d.group_loss_coef,
+                   help="weight of PMoL's group soft loss (routing each pair's prompt to its "
+                        "preference's experts)")
     p.add_argument("--aux-loss-coef", type=nonnegative_float, default=d.aux_loss_coef)
     p.add_argument("--hidden", type=width_int, default=d.hidden, help="built-in base model width")
     p.add_argument("--layers", type=layers_int, default=d.layers, help="built-in base model depth")

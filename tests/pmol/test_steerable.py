@@ -417,3 +417,16 @@ def test_the_group_loss_trains_the_prompts_routing_under_any_mix():
     routed = mean_over_layers(lambda r: r.probs)
     torch.testing.assert_close(got, prompt)
     assert got.requires_grad and abs(routed.item() - prompt.item()) > 0.1  # the mix made another routing
+
+
+def test_a_half_precision_model_takes_a_mix():
+    """model.half() casts the mix buffers too; the mix still routes in float32 (as the ONNX
+    float16 export does) and gives the float32 model's logits to half precision."""
+    model, _ = steerable_model()
+    ids = torch.randint(5, 40, (2, 6))
+    mix = {"concise": 0.7, "safe": 0.3}
+    with torch.no_grad(), pmol.preference_mix(model, mix):
+        full = model(input_ids=ids).logits
+        half = model.half()(input_ids=ids).logits
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
