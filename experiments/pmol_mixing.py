@@ -255,7 +255,7 @@ def main(argv=None):
         import transformers
         facts = {**run_facts(), "transformers": transformers.__version__,
                  "seconds": round(time.time() - t0, 1), "args": vars(args),
-                 "steerable_overrides": STEERABLE_OVERRIDES}
+                 "steerable_overrides": STEERABLE_OVERRIDES, "argv": list(argv or sys.argv[1:])}
         write_json(path, {"facts": facts, "rows": rows}, indent=1)
     write_text(os.path.join(args.out, "pmol_mixing.md"), markdown(rows, facts, GROUPS, PAIRS))
     plot_fronts(rows, PAIRS, os.path.join(args.out, "pmol_mixing_fronts.png"))

@@ -2,6 +2,7 @@
 it writes to pmol_mixing.json, so `--replot` redoes them without training)."""
 from __future__ import annotations
 
+import shlex
 import statistics
 
 from moe_ext.utils.plots import _pyplot, _save
@@ -40,7 +41,8 @@ def markdown(rows, facts, groups, pairs) -> str:
         f"{facts['torch']}" + (f", transformers {facts['transformers']}" if "transformers" in facts else "")
         + f". Commit {facts['commit']}, "
         f"{facts['date']}, {facts['seconds']} s in all.  ",
-        "Command: `.venv/bin/python experiments/pmol_mixing.py`", "",
+        "Command: `" + shlex.join([".venv/bin/python", "experiments/pmol_mixing.py"]
+                                + facts.get("argv", [])) + "`", "",
         f"World: moe_ext.pmol.mixing_world, {a['train_size']} training and {a['eval_size']} held-out "
         f"pairs per preference ({', '.join(groups)})"
         + (f", {a['unmarked']:.0%} of the training prompts without their preference's marker"
