@@ -17,20 +17,7 @@ from moe_ext.data import PreferenceExample, load_preferences  # noqa: E402
 from moe_ext.molora import MoLoRAConfig, molora_layers  # noqa: E402
 from moe_ext.training import TrainConfig  # noqa: E402
 
-GROUPS = list(pmol.MIXING_PREFERENCES)
-
-
-def steerable_model(seed=0, steerable=True, aux=0.01):
-    tok = pmol.mixing_tokenizer()
-    cfg = pmol.pmol_config(GROUPS, experts_per_group=1, num_null_experts=1, r=2, lora_alpha=4,
-                           top_k=2, target_modules="all-linear", steerable=steerable,
-                           router_aux_loss_coef=aux)
-    torch.manual_seed(seed)
-    model = moe_ext.get_molora_model(pmol.build_tiny_causal_lm(len(tok), hidden=32, seed=seed), cfg)
-    with torch.no_grad():  # experts that change the output, so routing shows in the logits
-        for layer in molora_layers(model).values():
-            layer.lora_B.normal_(std=0.5)
-    return model, tok
+from steerable_models import GROUPS, mix_batch, steerable_model  # noqa: E402
 
 
 def test_config_needs_groups_and_a_bool():
@@ -129,13 +116,6 @@ def test_generate_with_a_mix_equals_the_mix_context():
         pmol.generate(model, tok, "a", greedy, mix={"concise": 1.0}, steer={"concise": 1.0})
 
 
-def _batch(examples, tok, mix=None):
-    batch = pmol.collate_dpo(examples, tok, GROUPS)
-    if mix is not None:
-        batch["mix"] = mix
-    return batch
-
-
 def test_single_label_rows_are_weighted_by_their_own_preference():
     """mix_loss with single labels: each pair's DPO loss weighted by its own preference's λ
     (a weighted mean), as a hand computation from the same forward passes; a pair whose
@@ -144,7 +124,7 @@ def test_single_label_rows_are_weighted_by_their_own_preference():
     rows = pmol.mixing_preference_data(2, seed=3, preferences=("concise", "verbose"))
     dpo = pmol.DPOConfig(beta=0.5, mix_alpha=1.0)
     lam = torch.tensor([[0.8, 0.2, 0, 0], [0.8, 0.2, 0, 0], [0.8, 0.2, 0, 0], [0.8, 0.2, 0, 0]])
-    batch = _batch(rows, tok, lam)
+    batch = mix_batch(rows, tok, lam)
     loss, metrics = pmol.mix_loss(model, model, batch, dpo, GROUPS)
     B = len(rows)
     with torch.no_grad():
@@ -163,9 +143,9 @@ def test_single_label_rows_are_weighted_by_their_own_preference():
     # weight 0 on verbose: the verbose pairs teach nothing
     only_concise = torch.tensor([[1.0, 0, 0, 0]] * B)
     concise_rows = [r for r in rows if r.preference == "concise"]
-    l1, _ = pmol.mix_loss(model, model, _batch(rows, tok, only_concise), pmol.DPOConfig(beta=0.5), GROUPS)
+    l1, _ = pmol.mix_loss(model, model, mix_batch(rows, tok, only_concise), pmol.DPOConfig(beta=0.5), GROUPS)
     Bc = len(concise_rows)
-    l2, _ = pmol.mix_loss(model, model, _batch(concise_rows, tok, only_concise[:Bc]),
+    l2, _ = pmol.mix_loss(model, model, mix_batch(concise_rows, tok, only_concise[:Bc]),
                           pmol.DPOConfig(beta=0.5), GROUPS)
     assert 0 < Bc < B and l1.item() == pytest.approx(l2.item(), rel=1e-4)
 
@@ -176,8 +156,8 @@ def test_pairs_without_a_mix_take_the_ordinary_pmol_loss():
     model, tok = steerable_model()
     rows = pmol.mixing_preference_data(2, seed=7, preferences=("concise", "safe"))
     dpo = pmol.DPOConfig(beta=0.5, rpo_alpha=0.0)
-    plain, _ = pmol.pmol_loss(model, model, _batch(rows, tok), dpo, GROUPS)
-    none, metrics = pmol.mix_loss(model, model, _batch(rows, tok, torch.zeros(len(rows), 4)), dpo, GROUPS)
+    plain, _ = pmol.pmol_loss(model, model, mix_batch(rows, tok), dpo, GROUPS)
+    none, metrics = pmol.mix_loss(model, model, mix_batch(rows, tok, torch.zeros(len(rows), 4)), dpo, GROUPS)
     torch.testing.assert_close(none, plain, rtol=1e-5, atol=1e-6)
     assert metrics["mixed"] == 0.0
 
@@ -190,12 +170,12 @@ def test_multi_labels_flip_the_margin():
     labelled = PreferenceExample(row.prompt, row.chosen, row.rejected, None, {"verbose": -1})
     swapped = PreferenceExample(row.prompt, row.rejected, row.chosen, None, {"verbose": 1})
     dpo = pmol.DPOConfig(beta=0.5, rpo_alpha=1.0)
-    a, _ = pmol.mix_loss(model, model, _batch([labelled], tok, lam), dpo, GROUPS)
-    b, _ = pmol.mix_loss(model, model, _batch([swapped], tok, lam), dpo, GROUPS)
+    a, _ = pmol.mix_loss(model, model, mix_batch([labelled], tok, lam), dpo, GROUPS)
+    b, _ = pmol.mix_loss(model, model, mix_batch([swapped], tok, lam), dpo, GROUPS)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # its own `preference` label alone (concise) would get weight 0 under this mix
     single = PreferenceExample(row.prompt, row.chosen, row.rejected, "concise")
-    c, _ = pmol.mix_loss(model, model, _batch([single], tok, lam), dpo, GROUPS)
+    c, _ = pmol.mix_loss(model, model, mix_batch([single], tok, lam), dpo, GROUPS)
     assert c.item() == 0.0
 
 
@@ -326,107 +306,3 @@ def test_job_with_mix_alpha_trains_a_steerable_adapter_that_loads_back(tmp_path)
     assert pmol.generate(loaded.model, loaded.tokenizer, "apple river", greedy, mix=mix) == \
         pmol.generate(run.model, run.tokenizer, "apple river", greedy, mix=mix)
     assert not pmol.PMoLJob().molora_config(["a", "b"]).steerable
-
-
-def test_under_a_mix_the_mix_alone_decides_between_groups():
-    """Within_groups: however sharply the router reads the prompt, under a mix the groups'
-    shares of the grouped experts' mass are the mix's (mix_proj 0, mix_scale 1), the split
-    inside a group is the router's own softmax there, and a row without a mix keeps the
-    router's routing."""
-    tok = pmol.mixing_tokenizer()
-    cfg = pmol.pmol_config(GROUPS, experts_per_group=2, num_null_experts=1, r=2, lora_alpha=4,
-                           top_k=3, target_modules="all-linear", steerable=True)
-    torch.manual_seed(0)
-    model = moe_ext.get_molora_model(pmol.build_tiny_causal_lm(len(tok), hidden=32, seed=0), cfg)
-    layers = list(molora_layers(model).values())
-    with torch.no_grad():
-        for layer in layers:
-            layer.router.weight.mul_(200.0)  # a sharp prompt router
-    ids = torch.randint(5, 40, (2, 6))
-    lam = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
-    with torch.no_grad():
-        model(input_ids=ids)
-        plain = [layer.last_routing.probs.clone() for layer in layers]
-        with pmol.preference_mix(model, lam[:1].expand(2, 4).contiguous()):
-            model(input_ids=ids)
-        mixed = [(layer.last_routing.probs.double(), layer.last_routing.logits.double()) for layer in layers]
-        with moe_ext.molora.layer.mix_override(lam.float()):  # row 1: no mix
-            model(input_ids=ids)
-        half = [layer.last_routing.probs for layer in layers]
-    groups = [cfg.expert_groups[g] for g in GROUPS]
-    for (probs, logits), before, rows in zip(mixed, plain, half):
-        mass = torch.stack([probs[:, g].sum(-1) for g in groups], -1)           # (T, G)
-        torch.testing.assert_close(mass / mass.sum(-1, keepdim=True), lam[0].expand_as(mass),
-                                   rtol=1e-5, atol=1e-5)  # float32 routing
-        for g in groups:  # inside a group: the router's softmax over the group's experts
-            torch.testing.assert_close(probs[:, g] / probs[:, g].sum(-1, keepdim=True),
-                                       torch.softmax(logits[:, g], -1), rtol=1e-5, atol=1e-5)
-        T = rows.shape[0] // 2
-        torch.testing.assert_close(rows[T:], before[T:])                         # no mix: as before
-    sharp = torch.cat([before[:, [i for g in groups for i in g]].max(-1).values for before in plain])
-    assert (sharp > 0.9).float().mean() > 0.5  # most tokens: one expert by the prompt alone
-
-
-def test_pairs_with_and_without_a_mix_count_equally():
-    """A batch holding both: the loss is half the mixed pairs' weighted mean plus half the
-    other pairs' plain mean, whatever their numbers (here 3 against 1)."""
-    model, tok = steerable_model(aux=0.0)
-    model.molora_config.group_loss_coef = 0.0
-    rows = pmol.mixing_preference_data(2, seed=3, preferences=("concise", "verbose"))
-    lam = torch.tensor([[0.8, 0.2, 0, 0], [0.3, 0.7, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 0]])
-    batch = _batch(rows, tok, lam)
-    loss, metrics = pmol.mix_loss(model, model, batch, pmol.DPOConfig(beta=0.5), GROUPS)
-    B = len(rows)
-    with torch.no_grad():
-        with moe_ext.molora.layer.mix_override(lam.repeat(2, 1)):
-            pol = pmol.sequence_logps(model(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).logits,
-                                      batch["input_ids"], batch["response_mask"])
-        with moe_ext.disable_adapters(model):
-            ref = pmol.sequence_logps(model(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).logits,
-                                      batch["input_ids"], batch["response_mask"])
-    per = -torch.nn.functional.logsigmoid(0.5 * ((pol[:B] - ref[:B]) - (pol[B:] - ref[B:])))
-    own = torch.tensor([lam[i, GROUPS.index(r.preference)].item() for i, r in enumerate(rows)])
-    expected = 0.5 * (own[:3] * per[:3]).sum() / own[:3].sum() + 0.5 * per[3]
-    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
-    assert metrics["mixed"] == 0.75
-
-
-def test_the_group_loss_trains_the_prompts_routing_under_any_mix():
-    """A steerable model's group loss reads the routing the prompt alone gives (softmax of
-    the router logits), not the routing the mix made."""
-    from moe_ext.molora import losses
-
-    model, tok = steerable_model()
-    batch = _batch(pmol.mixing_preference_data(2, seed=5), tok)
-    with moe_ext.molora.layer.mix_override(torch.tensor([[0.0, 0.0, 1.0, 0.0]])):
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    got = losses.router_losses(model, batch["preference"], batch["attention_mask"], GROUPS)["group"]
-    layers = list(molora_layers(model).values())
-    T = layers[0].last_routing.probs.shape[0]
-    pref = batch["preference"].repeat_interleave(T // batch["preference"].shape[0])
-    masks = losses.group_masks(model.molora_config, GROUPS, False, pref.device)
-    mask = batch["attention_mask"].reshape(-1)
-
-    def mean_over_layers(probs_of):
-        return sum(losses.group_soft_loss(probs_of(l.last_routing), pref, masks, mask)
-                   for l in layers) / len(layers)
-
-    prompt = mean_over_layers(lambda r: torch.softmax(r.logits.float(), -1))
-    routed = mean_over_layers(lambda r: r.probs)
-    torch.testing.assert_close(got, prompt)
-    assert got.requires_grad and abs(routed.item() - prompt.item()) > 0.1  # the mix made another routing
-
-
-def test_a_half_precision_model_takes_a_mix():
-    """model.half() casts the mix buffers too; the mix still routes in float32 (as the ONNX
-    float16 export does) and gives the float32 model's logits to half precision."""
-    model, _ = steerable_model()
-    ids = torch.randint(5, 40, (2, 6))
-    mix = {"concise": 0.7, "safe": 0.3}
-    with torch.no_grad(), pmol.preference_mix(model, mix):
-        full = model(input_ids=ids).logits
-        half = model.half()(input_ids=ids).logits
-    assert half.dtype == torch.float16
-    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)

@@ -1,0 +1,28 @@
+"""The tiny steerable PMoL model and batches that the steerable tests share."""
+import torch
+
+import moe_ext
+from moe_ext import pmol
+from moe_ext.molora import molora_layers
+
+GROUPS = list(pmol.MIXING_PREFERENCES)
+
+
+def steerable_model(seed=0, steerable=True, aux=0.01):
+    tok = pmol.mixing_tokenizer()
+    cfg = pmol.pmol_config(GROUPS, experts_per_group=1, num_null_experts=1, r=2, lora_alpha=4,
+                           top_k=2, target_modules="all-linear", steerable=steerable,
+                           router_aux_loss_coef=aux)
+    torch.manual_seed(seed)
+    model = moe_ext.get_molora_model(pmol.build_tiny_causal_lm(len(tok), hidden=32, seed=seed), cfg)
+    with torch.no_grad():  # experts that change the output, so routing shows in the logits
+        for layer in molora_layers(model).values():
+            layer.lora_B.normal_(std=0.5)
+    return model, tok
+
+
+def mix_batch(examples, tok, mix=None):
+    batch = pmol.collate_dpo(examples, tok, GROUPS)
+    if mix is not None:
+        batch["mix"] = mix
+    return batch
