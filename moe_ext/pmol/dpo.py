@@ -82,6 +82,15 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,
     return (tok * response_mask[:, 1:].to(tok.dtype)).sum(-1)
 
 
+@torch.no_grad()
+def reference_logps(raw_model: nn.Module, batch: dict) -> torch.Tensor:
+    """(2B,) sequence log-probs of a collated batch under the reference: the same network
+    with its adapters disabled (no mix: the reference never sees one)."""
+    with disable_adapters(raw_model):
+        out = raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
+
+
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
              label_smoothing: float = 0.0):
     """DPO (Rafailov et al.) with optional label smoothing; all inputs (B,) sequence log-probs.
@@ -103,9 +112,7 @@ def pmol_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfi
     policy = sequence_logps(out.logits, batch["input_ids"], batch["response_mask"])
     aux = router_losses(raw_model, batch["preference"], batch["attention_mask"], groups,
                         dpo.count_null_in_group)
-    with torch.no_grad(), disable_adapters(raw_model):
-        ref_out = raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        ref = sequence_logps(ref_out.logits, batch["input_ids"], batch["response_mask"])
+    ref = reference_logps(raw_model, batch)
     loss, margins = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], dpo.beta, dpo.label_smoothing)
     metrics = {"loss": loss.item(), "dpo_acc": (margins > 0).float().mean().item(),
                "group": aux["group"].item(), "balance": aux["load_balance"].item()}
@@ -125,7 +132,6 @@ def mix_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfig
     routes it, and it takes the ordinary DPO + RPO); the group loss covers every pair."""
     lam = batch["mix"].to(torch.float32)                          # (B, G)
     labels = batch["labels"]                                      # (B, G) in {1, -1, 0}
-    mixed = lam.sum(-1) > 0                                       # (B,)
     with mix_override(lam.repeat(2, 1)):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_router_logits=False)
@@ -133,9 +139,7 @@ def mix_loss(model: nn.Module, raw_model: nn.Module, batch: dict, dpo: DPOConfig
     # the group loss for every pair, on the routing its prompt alone gives (losses._prompt_routing)
     aux = router_losses(raw_model, batch["preference"], batch["attention_mask"], groups,
                         dpo.count_null_in_group)
-    with torch.no_grad(), disable_adapters(raw_model):
-        ref_out = raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        ref = sequence_logps(ref_out.logits, batch["input_ids"], batch["response_mask"])
+    ref = reference_logps(raw_model, batch)
     loss, parts = mix_dpo_loss(policy, ref, lam, labels, batch["response_mask"], dpo.beta,
                                dpo.label_smoothing, dpo.rpo_alpha)
     metrics = {"loss": parts["dpo"], "dpo_acc": parts["dpo_acc"], "balance": aux["load_balance"].item(),

@@ -26,3 +26,18 @@ def mix_batch(examples, tok, mix=None):
     if mix is not None:
         batch["mix"] = mix
     return batch
+
+
+@torch.no_grad()
+def policy_and_reference(model, batch, mix):
+    """(policy, reference) (2B,) sequence log-probs of a collated batch, the policy under the
+    mix rows (B, G) (chosen and rejected alike), computed here apart from mix_loss."""
+    def logps():
+        return pmol.sequence_logps(model(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).logits,
+                                   batch["input_ids"], batch["response_mask"])
+
+    with moe_ext.molora.layer.mix_override(mix.repeat(2, 1)):
+        policy = logps()
+    with moe_ext.disable_adapters(model):
+        return policy, logps()

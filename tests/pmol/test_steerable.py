@@ -17,7 +17,7 @@ from moe_ext.data import PreferenceExample, load_preferences  # noqa: E402
 from moe_ext.molora import MoLoRAConfig, molora_layers  # noqa: E402
 from moe_ext.training import TrainConfig  # noqa: E402
 
-from steerable_models import GROUPS, mix_batch, steerable_model  # noqa: E402
+from steerable_models import GROUPS, mix_batch, policy_and_reference, steerable_model  # noqa: E402
 
 
 def test_config_needs_groups_and_a_bool():
@@ -127,15 +127,7 @@ def test_single_label_rows_are_weighted_by_their_own_preference():
     batch = mix_batch(rows, tok, lam)
     loss, metrics = pmol.mix_loss(model, model, batch, dpo, GROUPS)
     B = len(rows)
-    with torch.no_grad():
-        with pmol.preference_mix(model, lam.repeat(2, 1)):
-            pol = pmol.sequence_logps(model(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).logits,
-                                      batch["input_ids"], batch["response_mask"])
-        with moe_ext.disable_adapters(model):
-            ref = pmol.sequence_logps(model(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).logits,
-                                      batch["input_ids"], batch["response_mask"])
+    pol, ref = policy_and_reference(model, batch, lam)
     margins = 0.5 * ((pol[:B] - ref[:B]) - (pol[B:] - ref[B:]))
     own = torch.tensor([0.8 if r.preference == "concise" else 0.2 for r in rows])
     expected = (own * -torch.nn.functional.logsigmoid(margins)).sum() / own.sum()

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 import moe_ext  # noqa: E402
 from moe_ext import pmol  # noqa: E402
 from moe_ext.molora import molora_layers  # noqa: E402
-from steerable_models import GROUPS, mix_batch, steerable_model  # noqa: E402
+from steerable_models import GROUPS, mix_batch, policy_and_reference, steerable_model  # noqa: E402
 
 
 def test_under_a_mix_the_mix_alone_decides_between_groups():
@@ -61,15 +61,7 @@ def test_pairs_with_and_without_a_mix_count_equally():
     batch = mix_batch(rows, tok, lam)
     loss, metrics = pmol.mix_loss(model, model, batch, pmol.DPOConfig(beta=0.5), GROUPS)
     B = len(rows)
-    with torch.no_grad():
-        with moe_ext.molora.layer.mix_override(lam.repeat(2, 1)):
-            pol = pmol.sequence_logps(model(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).logits,
-                                      batch["input_ids"], batch["response_mask"])
-        with moe_ext.disable_adapters(model):
-            ref = pmol.sequence_logps(model(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).logits,
-                                      batch["input_ids"], batch["response_mask"])
+    pol, ref = policy_and_reference(model, batch, lam)
     per = -torch.nn.functional.logsigmoid(0.5 * ((pol[:B] - ref[:B]) - (pol[B:] - ref[B:])))
     own = torch.tensor([lam[i, GROUPS.index(r.preference)].item() for i, r in enumerate(rows)])
     expected = 0.5 * (own[:3] * per[:3]).sum() / own[:3].sum() + 0.5 * per[3]
